@@ -1,0 +1,79 @@
+//! The verified caller, extracted once per request.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use super::policy::Reach;
+use super::Role;
+use crate::app::AppState;
+use crate::domain::CarrierId;
+use crate::error::AppError;
+
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub sub: String,
+    pub role: Role,
+    /// Set for (and only for) the carrier role, from the verified token.
+    pub carrier: Option<CarrierId>,
+}
+
+impl Principal {
+    /// The carrier every storage query of this caller is confined to, if any.
+    pub fn scope(&self) -> Option<&str> {
+        self.carrier.as_ref().map(CarrierId::as_str)
+    }
+
+    fn reach(&self, target: Option<&CarrierId>) -> Reach {
+        match (&self.carrier, target) {
+            (Some(own), Some(t)) if own == t => Reach::Own,
+            // A scoped caller's listing only ever reaches its own carrier.
+            (Some(_), None) => Reach::Own,
+            _ => Reach::Any,
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| AppError::Unauthorized("missing Authorization: Bearer token".into()))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| AppError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
+        let v = state.tokens.verify(token).map_err(AppError::Unauthorized)?;
+        Ok(Self { sub: v.sub, role: v.role, carrier: v.carrier })
+    }
+}
+
+impl AppState {
+    /// May `who` perform `act` on `obj` within its own scope (listings and
+    /// reads, which storage confines to the caller's carrier)?
+    pub fn authorize(&self, who: &Principal, obj: &str, act: &str) -> Result<(), AppError> {
+        self.authorize_reach(who, who.reach(None), obj, act)
+    }
+
+    /// May `who` perform `act` on `obj` for `carrier`?
+    pub fn authorize_for(&self, who: &Principal, carrier: &CarrierId, obj: &str, act: &str) -> Result<(), AppError> {
+        self.authorize_reach(who, who.reach(Some(carrier)), obj, act)
+    }
+
+    fn authorize_reach(&self, who: &Principal, reach: Reach, obj: &str, act: &str) -> Result<(), AppError> {
+        if self.policy().allows(who.role, reach, obj, act) {
+            Ok(())
+        } else {
+            let whose = match reach {
+                Reach::Own => "its own carrier",
+                Reach::Any => "this carrier",
+            };
+            Err(AppError::Forbidden(format!("the {} role may not {act} {obj} for {whose}", who.role)))
+        }
+    }
+}

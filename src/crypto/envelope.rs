@@ -1,0 +1,101 @@
+//! Envelope encryption of one record.
+//!
+//! A record gets a random content key. The body (the payload fields that
+//! identify no one by themselves) is sealed under the content key. Each data
+//! subject of the record has a slot: the content key together with that
+//! subject's identifiers, sealed under the subject's key. Any one subject key
+//! opens the body; destroying one subject key removes that subject's
+//! identifiers and its path to the body, and leaves the other subject's slot
+//! intact. Associated data binds every ciphertext to its record (and slot),
+//! so ciphertexts moved between records fail to open.
+
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::{IntegrityError, Key, RawKey};
+
+pub struct SealedSlot {
+    pub name: &'static str,
+    pub subject_key_id: Uuid,
+    pub sealed: Vec<u8>,
+}
+
+fn body_aad(transfer_id: Uuid) -> Vec<u8> {
+    format!("tl/body/{transfer_id}").into_bytes()
+}
+
+fn slot_aad(transfer_id: Uuid, slot: &str, subject_key_id: Uuid) -> Vec<u8> {
+    format!("tl/slot/{transfer_id}/{slot}/{subject_key_id}").into_bytes()
+}
+
+/// Seals `body` and one slot per `(name, subject key id, key, fields)`.
+pub fn seal_record(
+    transfer_id: Uuid,
+    body: &Map<String, Value>,
+    slots: &[(&'static str, Uuid, &Key, &Map<String, Value>)],
+) -> (Vec<u8>, Vec<SealedSlot>) {
+    let cek_raw = Key::generate_raw();
+    let cek = Key::from_bytes(&cek_raw);
+    let body_sealed = cek.seal(&body_aad(transfer_id), &serde_json::to_vec(body).expect("JSON map"));
+    let sealed_slots = slots
+        .iter()
+        .map(|(name, key_id, key, fields)| {
+            let mut pt = zeroize::Zeroizing::new(cek_raw.to_vec());
+            serde_json::to_writer(&mut *pt, fields).expect("JSON map");
+            SealedSlot { name, subject_key_id: *key_id, sealed: key.seal(&slot_aad(transfer_id, name, *key_id), &pt) }
+        })
+        .collect();
+    (body_sealed, sealed_slots)
+}
+
+/// Opens a slot: the record's content key and the subject's fields.
+pub fn open_slot(
+    transfer_id: Uuid,
+    slot: &str,
+    subject_key_id: Uuid,
+    key: &Key,
+    sealed: &[u8],
+) -> Result<(RawKey, Map<String, Value>), IntegrityError> {
+    let pt = key.open(&slot_aad(transfer_id, slot, subject_key_id), sealed)?;
+    if pt.len() < 32 {
+        return Err(IntegrityError("slot too short"));
+    }
+    let mut cek = RawKey::default();
+    cek.copy_from_slice(&pt[..32]);
+    let fields = serde_json::from_slice(&pt[32..]).map_err(|_| IntegrityError("slot is not JSON"))?;
+    Ok((cek, fields))
+}
+
+pub fn open_body(transfer_id: Uuid, cek: &RawKey, sealed: &[u8]) -> Result<Map<String, Value>, IntegrityError> {
+    let pt = Key::from_bytes(cek).open(&body_aad(transfer_id), sealed)?;
+    serde_json::from_slice(&pt).map_err(|_| IntegrityError("body is not JSON"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn each_subject_opens_the_body_and_only_its_own_identifiers() {
+        let (a, b) = (Key::from_bytes(&Key::generate_raw()), Key::from_bytes(&Key::generate_raw()));
+        let (ida, idb, t) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let body = map(json!({"call_id": "c-1"}));
+        let (fa, fb) = (map(json!({"caller": "+14255550100"})), map(json!({"callee": "+14255550101"})));
+        let (sealed_body, slots) = seal_record(t, &body, &[("caller", ida, &a, &fa), ("callee", idb, &b, &fb)]);
+
+        let (cek_b, fields_b) = open_slot(t, "callee", idb, &b, &slots[1].sealed).unwrap();
+        assert_eq!(fields_b, fb);
+        assert_eq!(open_body(t, &cek_b, &sealed_body).unwrap(), body);
+        // B's key cannot open A's slot.
+        assert!(open_slot(t, "caller", ida, &b, &slots[0].sealed).is_err());
+        // A slot moved to another record does not open.
+        assert!(open_slot(Uuid::now_v7(), "callee", idb, &b, &slots[1].sealed).is_err());
+        // A body moved to another record does not open.
+        assert!(open_body(Uuid::now_v7(), &cek_b, &sealed_body).is_err());
+    }
+}

@@ -1,0 +1,208 @@
+//! Data-subject identifiers: phone numbers (E.164) and SIP URIs, normalized
+//! so that any spelling of the same identifier has one blind index.
+
+use std::fmt;
+
+/// A valid phone number in E.164 form (`+14255550100`).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PhoneNumber(String);
+
+impl PhoneNumber {
+    /// Accepts international formats (`+1 425-555-0100`, `tel:+1.425.555.0100`,
+    /// `0033 1 23 45 67 89`), validated against the numbering plan.
+    pub fn parse(input: &str) -> Result<Self, String> {
+        let s = input.trim();
+        let s = s.strip_prefix("tel:").unwrap_or(s);
+        let s = s.split(';').next().unwrap_or_default();
+        let s = match s.strip_prefix("00") {
+            Some(rest) => format!("+{rest}"),
+            None => s.to_string(),
+        };
+        if !s.starts_with('+') {
+            return Err("must be an international phone number starting with + (E.164)".into());
+        }
+        let n = phonenumber::parse(None, &s).map_err(|_| "is not a phone number".to_string())?;
+        if !phonenumber::is_valid(&n) {
+            return Err("is not a valid phone number in its country's numbering plan".into());
+        }
+        Ok(Self(n.format().mode(phonenumber::Mode::E164).to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A SIP URI, normalized to lower case without URI parameters or headers
+/// (`sip:+14255550100@sbc.carrier.example`). Parameters such as
+/// `;transport=tls` do not change who the URI identifies.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SipUri(String);
+
+impl SipUri {
+    pub fn parse(input: &str) -> Result<Self, String> {
+        let lower = input.trim().to_ascii_lowercase();
+        let (scheme, rest) = if let Some(r) = lower.strip_prefix("sips:") {
+            ("sips", r)
+        } else if let Some(r) = lower.strip_prefix("sip:") {
+            ("sip", r)
+        } else {
+            return Err("must be a SIP URI starting with sip: or sips:".into());
+        };
+        let rest = rest.split(['?', ';']).next().unwrap_or_default();
+        let (user, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        if let Some(u) = user {
+            let ok = !u.is_empty()
+                && u.len() <= 128
+                && u.chars().all(|c| c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,/%".contains(c));
+            if !ok {
+                return Err("has an invalid user part".into());
+            }
+        }
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (h, Some(p)),
+            _ => (hostport, None),
+        };
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || "-.[]:".contains(c))
+            && !host.starts_with(['-', '.'])
+            && !host.ends_with(['-']);
+        if !host_ok {
+            return Err("has an invalid host".into());
+        }
+        if let Some(p) = port {
+            if p.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err("has an invalid port".into());
+            }
+        }
+        Ok(Self(format!("{scheme}:{rest}")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Who a piece of personal data is about.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum SubjectId {
+    Phone(PhoneNumber),
+    Sip(SipUri),
+}
+
+impl SubjectId {
+    /// A SIP URI if it has a SIP scheme, a phone number otherwise.
+    pub fn parse(input: &str) -> Result<Self, String> {
+        let t = input.trim_start().to_ascii_lowercase();
+        if t.starts_with("sip:") || t.starts_with("sips:") {
+            SipUri::parse(input).map(Self::Sip)
+        } else {
+            PhoneNumber::parse(input).map(Self::Phone).map_err(|e| format!("{e}, or a SIP URI"))
+        }
+    }
+
+    /// The normalized value as it appears in payloads.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Phone(p) => p.as_str(),
+            Self::Sip(s) => s.as_str(),
+        }
+    }
+
+    /// The canonical bytes fed to the blind index; the kind prefix keeps a
+    /// phone number and a SIP URI from ever colliding.
+    pub fn canonical(&self) -> String {
+        match self {
+            Self::Phone(p) => format!("tel:{}", p.as_str()),
+            Self::Sip(s) => s.as_str().to_string(),
+        }
+    }
+}
+
+// Identifiers are personal data: never print them by accident.
+impl fmt::Debug for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PhoneNumber(<redacted>)")
+    }
+}
+impl fmt::Debug for SipUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SipUri(<redacted>)")
+    }
+}
+impl fmt::Debug for SubjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SubjectId(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn phone_numbers_normalize_to_e164() {
+        for input in ["+1 425-555-0100", "+14255550100", "tel:+1.425.555.0100", "001 (425) 555 0100"] {
+            assert_eq!(PhoneNumber::parse(input).unwrap().as_str(), "+14255550100", "{input}");
+        }
+        assert_eq!(PhoneNumber::parse("+33 1 23 45 67 89").unwrap().as_str(), "+33123456789");
+    }
+
+    #[test]
+    fn malformed_phone_numbers_are_refused() {
+        for input in ["4255550100", "+1 425", "+999 1234", "hello", "", "+33 1 23"] {
+            assert!(PhoneNumber::parse(input).is_err(), "{input}");
+        }
+    }
+
+    #[test]
+    fn sip_uris_normalize() {
+        let a = SipUri::parse("SIP:+14255550100@SBC.Carrier.Example;transport=tls").unwrap();
+        let b = SipUri::parse("  sip:+14255550100@sbc.carrier.example ").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), "sip:+14255550100@sbc.carrier.example");
+        assert!(SipUri::parse("sips:alice@example.com:5061").is_ok());
+    }
+
+    #[test]
+    fn malformed_sip_uris_are_refused() {
+        for input in ["http://x", "sip:", "sip:@host", "sip:a b@host", "sip:alice@", "sip:alice@host:99999"] {
+            assert!(SipUri::parse(input).is_err(), "{input}");
+        }
+    }
+
+    #[test]
+    fn phone_and_sip_never_share_a_canonical_form() {
+        let p = SubjectId::parse("+14255550100").unwrap();
+        let s = SubjectId::parse("sip:+14255550100@x.example").unwrap();
+        assert_ne!(p.canonical(), s.canonical());
+    }
+
+    #[test]
+    fn debug_output_redacts() {
+        let p = SubjectId::parse("+14255550100").unwrap();
+        assert!(!format!("{p:?}").contains("555"));
+    }
+
+    proptest! {
+        #[test]
+        fn normalization_is_idempotent(area in 201u32..989, line in 0u32..10000) {
+            let raw = format!("+1 {area} 555 {line:04}");
+            if let Ok(p) = PhoneNumber::parse(&raw) {
+                let again = PhoneNumber::parse(p.as_str()).unwrap();
+                prop_assert_eq!(p, again);
+            }
+        }
+
+        #[test]
+        fn sip_parser_never_panics(s in "\\PC{0,60}") {
+            let _ = SipUri::parse(&s);
+            let _ = SubjectId::parse(&s);
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The service's own extractors, so that every rejection is problem+json.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{header, request::Parts};
+use serde_json::Value;
+
+use crate::error::AppError;
+
+/// A JSON request body, parsed to a value for field-by-field validation.
+pub struct JsonBody(pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+        if !json {
+            return Err(AppError::BadRequest("the body must be JSON, sent with Content-Type: application/json".into()));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::PayloadTooLarge("the request body is larger than the service accepts".into())
+            } else {
+                AppError::BadRequest("the request body could not be read".into())
+            }
+        })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            // serde_json's message names the position, never the content.
+            AppError::BadRequest(format!("the body is not valid JSON: line {}, column {}", e.line(), e.column()))
+        })
+    }
+}
+
+/// `X-Access-Reason`: why a privacy officer decrypts personal data.
+pub struct AccessReason(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for AccessReason {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        match parts.headers.get("x-access-reason") {
+            None => Ok(Self(None)),
+            Some(v) => {
+                let s = v
+                    .to_str()
+                    .map_err(|_| AppError::BadRequest("X-Access-Reason must be visible ASCII text".into()))?
+                    .trim();
+                if s.is_empty() || s.len() > 500 {
+                    return Err(AppError::BadRequest("X-Access-Reason must be 1 to 500 characters".into()));
+                }
+                Ok(Self(Some(s.to_string())))
+            }
+        }
+    }
+}
+
+/// Query parameters, checked against the names a route accepts.
+pub struct Params {
+    pairs: Vec<(String, String)>,
+    errors: Vec<crate::error::FieldError>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let q = parts.uri.query().unwrap_or_default();
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
+            .map_err(|_| AppError::BadRequest("the query string is not valid URL encoding".into()))?;
+        Ok(Self { pairs, errors: Vec::new() })
+    }
+}
+
+impl Params {
+    /// Records an error for every parameter not in `allowed` or repeated.
+    pub fn allow(&mut self, allowed: &[&str]) {
+        let mut seen = std::collections::HashSet::new();
+        for (k, _) in &self.pairs {
+            if !allowed.contains(&k.as_str()) {
+                self.errors.push(crate::error::FieldError::new(k.clone(), "unknown query parameter"));
+            } else if !seen.insert(k.clone()) {
+                self.errors.push(crate::error::FieldError::new(k.clone(), "given more than once"));
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn error(&mut self, name: &str, message: impl Into<String>) {
+        self.errors.push(crate::error::FieldError::new(name, message));
+    }
+
+    /// Parses `name` with `parse`, recording its error message.
+    pub fn parse<T>(&mut self, name: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+        let v = self.get(name)?.to_string();
+        match parse(&v) {
+            Ok(t) => Some(t),
+            Err(m) => {
+                self.error(name, m);
+                None
+            }
+        }
+    }
+
+    pub fn time(&mut self, name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.parse(name, |s| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|_| "must be an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z".to_string())
+        })
+    }
+
+    /// `Err` with every recorded problem, if any.
+    pub fn finish(self) -> Result<(), AppError> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(AppError::Validation(self.errors))
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The HTTP surface: one router per resource, merged here with the layers
+//! every request passes through.
+
+mod consents;
+mod extract;
+mod health;
+mod openapi;
+mod reports;
+mod retention;
+mod transfers;
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::app::AppState;
+use crate::error::{problem_response, AppError, PROBLEM_JSON};
+
+pub use extract::{AccessReason, JsonBody};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: AppState) -> Router {
+    let timeout = if state.config.request_timeout.is_zero() { Duration::from_secs(3600) } else { state.config.request_timeout };
+    let body_limit = state.config.body_limit_bytes;
+    let v1 = Router::new()
+        .merge(transfers::router())
+        .merge(consents::router())
+        .merge(reports::router())
+        .merge(retention::router());
+    Router::new()
+        .nest("/v1", v1)
+        .merge(health::router())
+        .merge(openapi::router())
+        .fallback(|| async { AppError::NotFound("no such route".into()) })
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                    // Path only: query strings may carry a subject's identifier.
+                    let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                }))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(middleware::from_fn(crate::telemetry::scope_request_id))
+                .layer(middleware::from_fn(problem_for_every_error))
+                .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+                .layer(DefaultBodyLimit::max(body_limit)),
+        )
+        .with_state(state)
+}
+
+/// Errors produced outside the handlers (timeouts, unmatched methods, body
+/// limits) get the same problem+json shape as the handlers' own.
+async fn problem_for_every_error(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_problem = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
+    if is_problem {
+        return resp;
+    }
+    let detail = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this route",
+        StatusCode::REQUEST_TIMEOUT => "the request took too long and was abandoned",
+        StatusCode::PAYLOAD_TOO_LARGE => "the request body is larger than the service accepts",
+        StatusCode::NOT_FOUND => "no such route",
+        _ => "the request failed",
+    };
+    let kind = status.canonical_reason().unwrap_or("error").to_ascii_lowercase().replace(' ', "-");
+    let mut out = problem_response(status, &kind, Some(detail.into()), Vec::new());
+    if let Some(allow) = resp.headers().get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out.into_response()
+}

@@ -1,0 +1,103 @@
+//! `/openapi.json`, generated from the handlers and types.
+
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::app::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "transfer-ledger", description = "System of record for personal data transferred between a telecom platform and its carriers."),
+    paths(
+        super::transfers::create, super::transfers::create_batch, super::transfers::list, super::transfers::show,
+        super::consents::create, super::consents::show, super::consents::change_status,
+        super::reports::processing, super::retention::policy,
+        super::health::healthz, super::health::readyz,
+    ),
+    components(schemas(crate::error::Problem, crate::error::FieldError)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+}
+
+/// A transfer as submitted (documentation of the request body; the service
+/// validates field by field and names every bad one).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct TransferInput {
+    carrier_id: String,
+    #[schema(example = "platform_to_carrier")]
+    direction: crate::domain::Direction,
+    category: crate::domain::Category,
+    purpose: crate::domain::Purpose,
+    legal_basis: crate::domain::LegalBasis,
+    consent: Option<ConsentRefInput>,
+    #[schema(example = "FR")]
+    jurisdiction: String,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+    /// Fields per category: number_assignment {phone_number, sip_uri, customer_tenant_id, action, effective_at};
+    /// call_detail_record {call_id, caller, callee, start_time, end_time, duration_seconds, call_direction, disconnect_reason};
+    /// call_quality {call_id, caller, callee, mos, jitter_ms, packet_loss_pct, round_trip_ms, codec};
+    /// call_duration {call_id, caller, callee, start_time, duration_seconds}.
+    payload: serde_json::Value,
+    /// May shorten, never extend, the policy maximum.
+    retention_days: Option<u32>,
+    idempotency_key: Option<String>,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct ConsentRefInput {
+    reference: String,
+    granted_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct BatchInput {
+    transfers: Vec<TransferInput>,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct SubjectInput {
+    phone_number: Option<String>,
+    sip_uri: Option<String>,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct ConsentInput {
+    reference: String,
+    kind: crate::domain::consent::ConsentKind,
+    carrier_id: String,
+    /// customer_operator consents only.
+    customer_tenant_id: Option<String>,
+    /// data_subject consents only.
+    subject: Option<SubjectInput>,
+    countries: Vec<String>,
+    granted_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct StatusInput {
+    status: crate::domain::consent::ConsentStatus,
+}

@@ -1,0 +1,143 @@
+//! Registering consents, showing them, changing their status.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::domain::consent::{ConsentKind, ConsentStatus, NewConsent};
+use crate::domain::CarrierId;
+use crate::error::{AppError, Result, ResultExt};
+use crate::storage::consents::{self as store, ConsentRow};
+use crate::storage::{from_micros, micros};
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConsentView {
+    pub reference: String,
+    pub kind: String,
+    pub carrier_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer_tenant_id: Option<String>,
+    /// `{phone_number}` or `{sip_uri}` for data-subject consents; `null`
+    /// once the subject has been erased.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Value>,
+    pub countries: Vec<String>,
+    pub status: String,
+    pub granted_at: DateTime<Utc>,
+    pub status_changed_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+fn subject_aad(reference: &str, key_id: Uuid) -> Vec<u8> {
+    format!("tl/consent/{reference}/{key_id}").into_bytes()
+}
+
+pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Result<ConsentView> {
+    state.authorize_for(who, &c.carrier_id, "consents", "write")?;
+    let now = micros(Utc::now());
+    let mut tx = state.db.begin().await?;
+    let (mut subject_index, mut subject_key_id, mut subject_sealed) = (None, None, None);
+    if let Some(subject) = &c.subject {
+        let bi = state.keys.blind().of(subject);
+        let keys = crate::ledger::transfers::resolve_subject_keys(state, &mut tx, c.carrier_id.as_str(), vec![bi.clone()]).await?;
+        let (key_id, key) = &keys[&bi];
+        let field = match subject {
+            crate::domain::SubjectId::Phone(_) => "phone_number",
+            crate::domain::SubjectId::Sip(_) => "sip_uri",
+        };
+        let mut m = Map::new();
+        m.insert(field.into(), subject.as_str().into());
+        subject_sealed = Some(key.seal(&subject_aad(&c.reference, *key_id), &serde_json::to_vec(&m).expect("map")));
+        subject_index = Some(bi);
+        subject_key_id = Some(*key_id);
+    }
+    let row = ConsentRow {
+        reference: c.reference.clone(),
+        kind: c.kind.as_str().into(),
+        carrier_id: c.carrier_id.to_string(),
+        customer_tenant_id: c.customer_tenant_id,
+        subject_index,
+        subject_key_id,
+        subject_sealed,
+        countries: c.countries.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(","),
+        status: ConsentStatus::Active.as_str().into(),
+        granted_at: micros(c.granted_at),
+        status_changed_at: now,
+        created_at: now,
+        created_by: who.sub.clone(),
+    };
+    store::insert(&mut tx, &row)
+        .await
+        .on_constraint("consents_pkey|consents.reference", || {
+            AppError::Conflict(format!("consent reference {:?} is already registered", c.reference))
+        })?;
+    tx.commit().await?;
+    view(state, row).await
+}
+
+pub async fn get(state: &AppState, who: &Principal, reference: &str) -> Result<ConsentView> {
+    state.authorize(who, "consents", "read")?;
+    let row = store::get(&state.db, reference, who.scope())
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no consent {reference:?}")))?;
+    view(state, row).await
+}
+
+pub async fn set_status(state: &AppState, who: &Principal, reference: &str, to: ConsentStatus) -> Result<ConsentView> {
+    let not_found = || AppError::NotFound(format!("no consent {reference:?}"));
+    let row = store::get(&state.db, reference, who.scope()).await?.ok_or_else(not_found)?;
+    let carrier = CarrierId::parse(&row.carrier_id).map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
+    state.authorize_for(who, &carrier, "consents", "write")?;
+    let kind: ConsentKind = row.kind.parse().map_err(|_| AppError::Internal(anyhow::anyhow!("bad consent kind")))?;
+    let from: ConsentStatus = row.status.parse().map_err(|_| AppError::Internal(anyhow::anyhow!("bad consent status")))?;
+    if from == to {
+        return view(state, row).await;
+    }
+    kind.may_move(from, to).map_err(|m| AppError::Conflict(format!("consent {reference:?}: {m}")))?;
+    let mut tx = state.db.begin().await?;
+    if !store::set_status(&mut tx, reference, from.as_str(), to.as_str(), micros(Utc::now())).await? {
+        return Err(AppError::Conflict(format!("consent {reference:?} changed meanwhile; read it and retry")));
+    }
+    tx.commit().await?;
+    let row = store::get(&state.db, reference, who.scope()).await?.ok_or_else(not_found)?;
+    view(state, row).await
+}
+
+async fn view(state: &AppState, row: ConsentRow) -> Result<ConsentView> {
+    let subject = match (&row.subject_key_id, &row.subject_sealed) {
+        (Some(key_id), Some(sealed)) => {
+            Some(open_subject(state, &row, *key_id, sealed).await?)
+        }
+        (None, Some(_)) => Some(Value::Null),
+        _ => None,
+    };
+    Ok(ConsentView {
+        reference: row.reference,
+        kind: row.kind,
+        carrier_id: row.carrier_id,
+        customer_tenant_id: row.customer_tenant_id,
+        subject,
+        countries: row.countries.split(',').map(str::to_string).collect(),
+        status: row.status,
+        granted_at: from_micros(row.granted_at),
+        status_changed_at: from_micros(row.status_changed_at),
+        created_at: from_micros(row.created_at),
+    })
+}
+
+async fn open_subject(state: &AppState, row: &ConsentRow, key_id: Uuid, sealed: &[u8]) -> Result<Value> {
+    let Some(key_row) = crate::storage::keys::subject_key_by_id(&state.db, key_id).await? else {
+        return Ok(Value::Null);
+    };
+    let key = state
+        .keys
+        .subject_key(&key_row)
+        .map_err(|e| AppError::Integrity(format!("subject key {key_id}: {e}")))?;
+    let pt = key
+        .open(&subject_aad(&row.reference, key_id), sealed)
+        .map_err(|e| AppError::Integrity(format!("consent {} subject: {e}", row.reference)))?;
+    serde_json::from_slice(&pt).map_err(|_| AppError::Integrity(format!("consent {} subject is not JSON", row.reference)))
+}

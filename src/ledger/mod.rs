@@ -1,0 +1,6 @@
+//! The application services: recording, reading and reporting on the
+//! ledger, independent of HTTP so the CLI and the bench share them.
+
+pub mod consents;
+pub mod reports;
+pub mod transfers;

@@ -1,0 +1,459 @@
+//! Recording transfers and reading them back.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::crypto::{envelope, Key};
+use crate::domain::consent::{ConsentKind, ConsentStatus};
+use crate::domain::payload::Payload;
+use crate::domain::transfer::NewTransfer;
+use crate::domain::{Category, LegalBasis};
+use crate::error::{AppError, FieldError, Result, ResultExt};
+use crate::storage::consents::ConsentRow;
+use crate::storage::keys::{self, SubjectKeyRow};
+use crate::storage::transfers::{self as store, NewLookup, NewRecord, NewSlot, TransferRow};
+use crate::storage::{from_micros, micros, Tx};
+
+/// Most transfers one batch may carry.
+pub const MAX_BATCH: usize = 10_000;
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Recorded {
+    pub id: Uuid,
+    pub recorded_at: DateTime<Utc>,
+    pub retain_until: DateTime<Utc>,
+}
+
+fn at(index: Option<usize>, field: &str, message: impl Into<String>) -> FieldError {
+    FieldError { index, field: field.to_string(), message: message.into() }
+}
+
+fn prefix(index: Option<usize>) -> String {
+    index.map(|i| format!("transfers[{i}]: ")).unwrap_or_default()
+}
+
+/// Records transfers all or nothing, in one transaction. `batch` says whether
+/// errors should carry item indexes.
+pub async fn record(state: &AppState, who: &Principal, items: Vec<NewTransfer>, batch: bool) -> Result<Vec<Recorded>> {
+    let idx = |i: usize| batch.then_some(i);
+
+    // Authorization first: a caller learns nothing about data it may not write.
+    for (i, t) in items.iter().enumerate() {
+        let obj = format!("transfers/{}", t.direction);
+        state.authorize_for(who, &t.carrier_id, &obj, "write").map_err(|e| match e {
+            AppError::Forbidden(m) => AppError::Forbidden(format!("{}{m}", prefix(idx(i)))),
+            other => other,
+        })?;
+    }
+
+    let retention = state.retention();
+    let mut errors = Vec::new();
+    let mut retain = Vec::with_capacity(items.len());
+    for (i, t) in items.iter().enumerate() {
+        if t.category == Category::NumberAssignment && t.legal_basis == LegalBasis::Consent {
+            errors.push(at(
+                idx(i),
+                "legal_basis",
+                "number_assignment relies on the customer tenant's authorization of the carrier \
+                 (a customer_operator consent), not on a data subject's consent; use contract",
+            ));
+        }
+        if t.category == Category::NumberAssignment && t.consent.is_none() {
+            errors.push(at(
+                idx(i),
+                "consent",
+                "is required for number_assignment: the reference of the customer tenant's consent for this carrier",
+            ));
+        }
+        match retention.retain_until(t.category, &t.jurisdiction, t.occurred_at, t.retention_days) {
+            Ok(until) => retain.push(until),
+            Err(m) => errors.push(at(idx(i), "retention_days", m)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(AppError::Validation(errors));
+    }
+
+    // A concurrent writer may take an idempotency key between our check and
+    // our insert; the second attempt then finds and returns its record.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut tx = state.db.begin().await?;
+        match write(state, who, &items, &retain, batch, &mut tx).await {
+            Ok(out) => {
+                tx.commit().await?;
+                return Ok(out);
+            }
+            Err(AppError::Conflict(m)) if m == RETRY && attempt < 3 => continue,
+            Err(AppError::Conflict(m)) if m == RETRY => {
+                return Err(AppError::Conflict("concurrent writes with the same idempotency key; retry".into()))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+const RETRY: &str = "\u{0}retry";
+
+async fn write(
+    state: &AppState,
+    who: &Principal,
+    items: &[NewTransfer],
+    retain: &[DateTime<Utc>],
+    batch: bool,
+    tx: &mut Tx,
+) -> Result<Vec<Recorded>> {
+    let idx = |i: usize| batch.then_some(i);
+    let now = Utc::now();
+    let mut results: Vec<Option<Recorded>> = vec![None; items.len()];
+
+    // Idempotency: earlier results for these keys, and repeats within the batch.
+    let mut by_carrier: HashMap<&str, Vec<&str>> = HashMap::new();
+    for t in items {
+        if let Some(k) = &t.idempotency_key {
+            by_carrier.entry(t.carrier_id.as_str()).or_default().push(k);
+        }
+    }
+    let mut existing = HashMap::new();
+    for (carrier, keys) in &by_carrier {
+        for row in store::by_idempotency_keys(tx, carrier, keys).await? {
+            existing.insert((carrier.to_string(), row.idempotency_key.clone()), row);
+        }
+    }
+    let mut first_in_batch: HashMap<(String, String), usize> = HashMap::new();
+    let mut conflicts = Vec::new();
+    for (i, t) in items.iter().enumerate() {
+        let Some(k) = &t.idempotency_key else { continue };
+        let key = (t.carrier_id.to_string(), k.clone());
+        if let Some(row) = existing.get(&key) {
+            if row.request_hash.as_deref() != Some(&t.request_hash[..]) {
+                conflicts.push(format!(
+                    "{}idempotency_key {k:?} was already used for a different transfer",
+                    prefix(idx(i))
+                ));
+            }
+            results[i] = Some(Recorded {
+                id: row.id,
+                recorded_at: from_micros(row.recorded_at),
+                retain_until: from_micros(row.retain_until),
+            });
+        } else if let Some(&j) = first_in_batch.get(&key) {
+            if items[j].request_hash != t.request_hash {
+                conflicts.push(format!("{}idempotency_key {k:?} repeats item {j} with a different transfer", prefix(idx(i))));
+            }
+        } else {
+            first_in_batch.insert(key, i);
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(AppError::Conflict(conflicts.join("; ")));
+    }
+
+    // Everything still to write, deduplicated within the batch.
+    let fresh: Vec<usize> = (0..items.len())
+        .filter(|&i| results[i].is_none())
+        .filter(|&i| match &items[i].idempotency_key {
+            Some(k) => first_in_batch.get(&(items[i].carrier_id.to_string(), k.clone())) == Some(&i),
+            None => true,
+        })
+        .collect();
+
+    // Subject keys, per carrier: existing ones in one query, new ones in one insert.
+    let blind = state.keys.blind();
+    let mut slot_index: Vec<Vec<(Vec<u8>, Vec<Vec<u8>>)>> = Vec::with_capacity(items.len());
+    for t in items {
+        slot_index.push(
+            t.payload
+                .slots
+                .iter()
+                .map(|s| (blind.of(&s.key), s.identifiers.iter().map(|id| blind.of(id)).collect()))
+                .collect(),
+        );
+    }
+    check_consents(tx, items, &fresh, &slot_index, batch).await?;
+
+    let mut wanted: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
+    for &i in &fresh {
+        for (key_index, _) in &slot_index[i] {
+            wanted.entry(items[i].carrier_id.as_str()).or_default().push(key_index.clone());
+        }
+    }
+    let mut subject_keys: HashMap<(String, Vec<u8>), (Uuid, Key)> = HashMap::new();
+    for (carrier, indexes) in wanted {
+        for (bi, key) in resolve_subject_keys(state, tx, carrier, indexes).await? {
+            subject_keys.insert((carrier.to_string(), bi), key);
+        }
+    }
+
+    let mut records = Vec::with_capacity(fresh.len());
+    let mut slots = Vec::with_capacity(fresh.len() * 2);
+    let mut lookups = Vec::with_capacity(fresh.len() * 2);
+    for &i in &fresh {
+        let t = &items[i];
+        let id = Uuid::now_v7();
+        let carrier = t.carrier_id.to_string();
+        let mut to_seal = Vec::with_capacity(t.payload.slots.len());
+        for (slot, (key_index, identifiers)) in t.payload.slots.iter().zip(&slot_index[i]) {
+            let (key_id, key) = subject_keys.get(&(carrier.clone(), key_index.clone())).expect("resolved above");
+            to_seal.push((slot.name, *key_id, key, &slot.fields));
+            for bi in identifiers {
+                lookups.push(NewLookup { blind_index: bi.clone(), occurred_at: micros(t.occurred_at), transfer_id: id });
+            }
+        }
+        let (body, sealed_slots) = envelope::seal_record(id, &t.payload.body, &to_seal);
+        slots.extend(sealed_slots.into_iter().map(|s| NewSlot {
+            transfer_id: id,
+            slot: s.name,
+            subject_key_id: s.subject_key_id,
+            sealed: s.sealed,
+        }));
+        records.push(NewRecord {
+            id,
+            carrier_id: carrier,
+            direction: t.direction.as_str(),
+            category: t.category.as_str(),
+            purpose: t.purpose.as_str(),
+            legal_basis: t.legal_basis.as_str(),
+            jurisdiction: t.jurisdiction.to_string(),
+            consent_reference: t.consent.as_ref().map(|c| c.reference.clone()),
+            occurred_at: micros(t.occurred_at),
+            recorded_at: micros(now),
+            retain_until: micros(retain[i]),
+            recorded_by: who.sub.clone(),
+            idempotency_key: t.idempotency_key.clone(),
+            request_hash: t.request_hash.to_vec(),
+            body,
+        });
+        results[i] = Some(Recorded { id, recorded_at: from_micros(micros(now)), retain_until: from_micros(micros(retain[i])) });
+    }
+
+    store::insert_records(tx, &records)
+        .await
+        .on_constraint("transfers_idempotency|transfers.idempotency_key", || AppError::Conflict(RETRY.into()))?;
+    store::insert_slots(tx, &slots).await?;
+    store::insert_lookups(tx, &lookups).await?;
+
+    // Repeats within the batch share their first occurrence's result.
+    for i in 0..items.len() {
+        if results[i].is_none() {
+            let k = items[i].idempotency_key.clone().expect("only keyed repeats are left");
+            let j = first_in_batch[&(items[i].carrier_id.to_string(), k)];
+            results[i] = results[j].clone();
+        }
+    }
+    Ok(results.into_iter().map(|r| r.expect("every item resolved")).collect())
+}
+
+/// The subject keys of `carrier` for the given blind indexes, creating the
+/// missing ones: existing keys in one query, new ones in one insert.
+pub(crate) async fn resolve_subject_keys(
+    state: &AppState,
+    tx: &mut Tx,
+    carrier: &str,
+    mut indexes: Vec<Vec<u8>>,
+) -> Result<HashMap<Vec<u8>, (Uuid, Key)>> {
+    indexes.sort();
+    indexes.dedup();
+    let unwrap = |row: &SubjectKeyRow| {
+        state.keys.subject_key(row).map_err(|e| AppError::Integrity(format!("subject key {}: {e}", row.id)))
+    };
+    let mut out = HashMap::with_capacity(indexes.len());
+    for row in keys::subject_keys_by_index(tx, carrier, &indexes).await? {
+        let key = unwrap(&row)?;
+        out.insert(row.blind_index, (row.id, key));
+    }
+    let missing: Vec<Vec<u8>> = indexes.into_iter().filter(|bi| !out.contains_key(bi)).collect();
+    if missing.is_empty() {
+        return Ok(out);
+    }
+    let mut created: HashMap<Uuid, Key> = HashMap::with_capacity(missing.len());
+    let mut rows = Vec::with_capacity(missing.len());
+    for bi in missing {
+        let (row, key) = state.keys.new_subject_key(carrier, bi);
+        created.insert(row.id, key);
+        rows.push(row);
+    }
+    keys::insert_subject_keys(tx, &rows, micros(Utc::now())).await?;
+    // Keys a concurrent writer created first win; use theirs.
+    let indexes: Vec<Vec<u8>> = rows.into_iter().map(|r| r.blind_index).collect();
+    for row in keys::subject_keys_by_index(tx, carrier, &indexes).await? {
+        let key = match created.remove(&row.id) {
+            Some(k) => k,
+            None => unwrap(&row)?,
+        };
+        out.insert(row.blind_index, (row.id, key));
+    }
+    Ok(out)
+}
+
+/// Checks every consent the fresh transfers rely on; refuses with 409 naming
+/// each consent that is missing, not active, or does not cover the transfer.
+async fn check_consents(
+    tx: &mut Tx,
+    items: &[NewTransfer],
+    fresh: &[usize],
+    slot_index: &[Vec<(Vec<u8>, Vec<Vec<u8>>)>],
+    batch: bool,
+) -> Result<()> {
+    let mut refs: Vec<&str> = fresh.iter().filter_map(|&i| items[i].consent.as_ref().map(|c| c.reference.as_str())).collect();
+    if refs.is_empty() {
+        return Ok(());
+    }
+    refs.sort_unstable();
+    refs.dedup();
+    let rows: HashMap<String, ConsentRow> =
+        crate::storage::consents::get_many(tx, &refs).await?.into_iter().map(|r| (r.reference.clone(), r)).collect();
+    let mut problems = Vec::new();
+    for &i in fresh {
+        let t = &items[i];
+        let Some(c) = &t.consent else { continue };
+        let row = rows.get(&c.reference).filter(|r| r.carrier_id == t.carrier_id.as_str());
+        if let Err(m) = consent_covers(t, row, &slot_index[i]) {
+            problems.push(format!("{}consent {:?} {m}", prefix(batch.then_some(i)), c.reference));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(AppError::Conflict(problems.join("; ")))
+    }
+}
+
+fn consent_covers(t: &NewTransfer, row: Option<&ConsentRow>, slot_index: &[(Vec<u8>, Vec<Vec<u8>>)]) -> Result<(), String> {
+    let Some(row) = row else {
+        return Err(format!("does not exist for carrier {}", t.carrier_id));
+    };
+    if row.status != ConsentStatus::Active.as_str() {
+        return Err(format!("is {}, not active", row.status));
+    }
+    if !row.countries.split(',').any(|c| c == t.jurisdiction.as_str()) {
+        return Err(format!("does not cover jurisdiction {}", t.jurisdiction));
+    }
+    if row.granted_at > micros(t.occurred_at) {
+        return Err("was granted after the transfer occurred".into());
+    }
+    let kind: ConsentKind = row.kind.parse().map_err(|_| "has an unknown kind".to_string())?;
+    match (t.category, t.legal_basis, kind) {
+        (Category::NumberAssignment, _, ConsentKind::CustomerOperator) => {
+            let tenant = t.payload.body.get("customer_tenant_id").and_then(Value::as_str);
+            if row.customer_tenant_id.as_deref() != tenant {
+                return Err("is not the consent of this transfer's customer tenant".into());
+            }
+        }
+        (Category::NumberAssignment, _, ConsentKind::DataSubject) => {
+            return Err("is a data_subject consent; number_assignment needs the customer tenant's customer_operator consent".into())
+        }
+        (_, LegalBasis::Consent, ConsentKind::CustomerOperator) => {
+            return Err("is a customer_operator consent; legal_basis consent needs a data_subject consent".into())
+        }
+        (_, _, ConsentKind::DataSubject) => {
+            let subject = row.subject_index.as_deref();
+            let covers = slot_index.iter().any(|(_, ids)| ids.iter().any(|bi| Some(bi.as_slice()) == subject));
+            if !covers {
+                return Err("is not the consent of a data subject of this transfer".into());
+            }
+        }
+        (_, _, ConsentKind::CustomerOperator) => {}
+    }
+    Ok(())
+}
+
+/// A record as read back: metadata, and the payload when decrypted.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TransferView {
+    pub id: Uuid,
+    pub carrier_id: String,
+    pub direction: String,
+    pub category: String,
+    pub purpose: String,
+    pub legal_basis: String,
+    pub jurisdiction: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consent_reference: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+    pub retain_until: DateTime<Utc>,
+    pub recorded_by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+}
+
+impl From<TransferRow> for TransferView {
+    fn from(r: TransferRow) -> Self {
+        Self {
+            id: r.id,
+            carrier_id: r.carrier_id,
+            direction: r.direction,
+            category: r.category,
+            purpose: r.purpose,
+            legal_basis: r.legal_basis,
+            jurisdiction: r.jurisdiction,
+            consent_reference: r.consent_reference,
+            occurred_at: from_micros(r.occurred_at),
+            recorded_at: from_micros(r.recorded_at),
+            retain_until: from_micros(r.retain_until),
+            recorded_by: r.recorded_by,
+            payload: None,
+        }
+    }
+}
+
+/// Decrypts the payloads of `views` in place. Any ciphertext that fails
+/// authentication fails the whole call: never wrong or partial data.
+pub async fn decrypt(state: &AppState, views: &mut [TransferView]) -> Result<()> {
+    if views.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = views.iter().map(|v| v.id).collect();
+    let (bodies, slots) = store::sealed(&state.db, &ids).await?;
+    let bodies: HashMap<Uuid, Vec<u8>> = bodies.into_iter().map(|b| (b.id, b.body)).collect();
+    let mut by_record: HashMap<Uuid, Vec<_>> = HashMap::new();
+    for s in slots {
+        by_record.entry(s.transfer_id).or_default().push(s);
+    }
+    for v in views.iter_mut() {
+        let integrity = |what: &str, e: crate::crypto::IntegrityError| AppError::Integrity(format!("record {} {what}: {e}", v.id));
+        let category: Category = v.category.parse().map_err(|_| AppError::Integrity(format!("record {} category", v.id)))?;
+        let mut cek = None;
+        let mut opened = Vec::new();
+        for s in by_record.remove(&v.id).unwrap_or_default() {
+            let key = state
+                .keys
+                .unwrap_subject(s.subject_key_id, &s.carrier_id, s.master_version, &s.wrapped_key)
+                .map_err(|e| integrity("subject key", e))?;
+            let (k, fields) =
+                envelope::open_slot(v.id, &s.slot, s.subject_key_id, &key, &s.sealed).map_err(|e| integrity("slot", e))?;
+            if cek.as_ref().is_some_and(|c: &crate::crypto::RawKey| **c != *k) {
+                return Err(integrity("slots", crate::crypto::IntegrityError("slots disagree on the content key")));
+            }
+            cek = Some(k);
+            opened.push((s.slot, fields));
+        }
+        // No slot left means every subject of the record was erased.
+        let Some(cek) = cek else {
+            v.payload = Some(Value::Null);
+            continue;
+        };
+        let sealed_body = bodies.get(&v.id).ok_or_else(|| AppError::Integrity(format!("record {} has no body", v.id)))?;
+        let body: Map<String, Value> = envelope::open_body(v.id, &cek, sealed_body).map_err(|e| integrity("body", e))?;
+        v.payload = Some(Payload::assemble(category, body, opened));
+    }
+    Ok(())
+}
+
+pub async fn get(state: &AppState, who: &Principal, id: Uuid, with_payload: bool) -> Result<TransferView> {
+    let row = store::get(&state.db, id, who.scope()).await?.ok_or_else(|| AppError::NotFound(format!("no transfer {id}")))?;
+    let mut views = [TransferView::from(row)];
+    if with_payload {
+        decrypt(state, &mut views).await?;
+    }
+    let [v] = views;
+    Ok(v)
+}

@@ -1,0 +1,197 @@
+//! Storage on SQLite (the embedded default) or PostgreSQL (scale-out).
+//!
+//! SQL is written once wherever the dialects agree (`$N` placeholders work on
+//! both); the few places where they differ sit side by side in a `match` on
+//! the backend. `on_db!` and `on_tx!` run the same query code against
+//! whichever backend is configured.
+
+pub mod consents;
+pub mod keys;
+pub mod transfers;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, Postgres, Sqlite, SqlitePool, Transaction};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Most bind parameters one statement may carry on either backend.
+pub const MAX_BINDS: usize = 30_000;
+
+#[derive(Clone, Debug)]
+pub enum Db {
+    /// SQLite allows one writer at a time; a single-connection write pool
+    /// queues writers in the application instead of failing them with
+    /// SQLITE_BUSY, and lets readers proceed in parallel (WAL).
+    Sqlite { read: SqlitePool, write: SqlitePool },
+    Postgres(PgPool),
+}
+
+pub enum Tx {
+    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+/// Runs `$body` with `$c` bound to the read pool of whichever backend `$db` is.
+/// `$DB` (optional) names the backend's `sqlx::Database` type inside `$body`.
+macro_rules! on_db {
+    ($db:expr, $c:ident => $body:expr) => {
+        on_db!($db, $c, _DB => $body)
+    };
+    ($db:expr, $c:ident, $DB:ident => $body:expr) => {
+        match $db {
+            $crate::storage::Db::Sqlite { read, .. } => {
+                #[allow(dead_code)]
+                type $DB = sqlx::Sqlite;
+                let $c = read;
+                $body
+            }
+            $crate::storage::Db::Postgres(pool) => {
+                #[allow(dead_code)]
+                type $DB = sqlx::Postgres;
+                let $c = pool;
+                $body
+            }
+        }
+    };
+}
+
+/// Runs `$body` with `$c: &mut Connection` inside the transaction `$tx`.
+macro_rules! on_tx {
+    ($tx:expr, $c:ident => $body:expr) => {
+        on_tx!($tx, $c, _DB => $body)
+    };
+    ($tx:expr, $c:ident, $DB:ident => $body:expr) => {
+        match $tx {
+            $crate::storage::Tx::Sqlite(t) => {
+                #[allow(dead_code)]
+                type $DB = sqlx::Sqlite;
+                let $c = &mut **t;
+                $body
+            }
+            $crate::storage::Tx::Postgres(t) => {
+                #[allow(dead_code)]
+                type $DB = sqlx::Postgres;
+                let $c = &mut **t;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use {on_db, on_tx};
+
+impl Db {
+    /// Connects to `sqlite://…` or `postgres://…`.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url).context("invalid PostgreSQL URL")?;
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await
+                .context("cannot connect to PostgreSQL")?;
+            Ok(Self::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)
+                .context("invalid SQLite URL")?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(30));
+            let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+            let write = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts.clone())
+                .await
+                .context("cannot open the SQLite database")?;
+            let read = if in_memory {
+                write.clone()
+            } else {
+                SqlitePoolOptions::new().max_connections(max_connections.max(2)).connect_with(opts).await?
+            };
+            Ok(Self::Sqlite { read, write })
+        } else {
+            anyhow::bail!("LEDGER_DATABASE_URL must start with sqlite: or postgres://")
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite { .. } => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    fn migrator(&self) -> &'static Migrator {
+        match self {
+            Self::Sqlite { .. } => &SQLITE_MIGRATIONS,
+            Self::Postgres(_) => &POSTGRES_MIGRATIONS,
+        }
+    }
+
+    /// Applies pending migrations. On PostgreSQL sqlx holds an advisory lock
+    /// meanwhile, so several instances starting together are safe.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Sqlite { write, .. } => SQLITE_MIGRATIONS.run(write).await?,
+            Self::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Reachable, and every migration this binary knows is applied.
+    pub async fn ready(&self) -> anyhow::Result<()> {
+        let latest = self.migrator().iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Option<i64> = on_db!(self, c => {
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(c)
+                .await
+        })?;
+        anyhow::ensure!(applied.unwrap_or(0) >= latest, "migrations pending");
+        Ok(())
+    }
+
+    /// A write transaction.
+    pub async fn begin(&self) -> sqlx::Result<Tx> {
+        Ok(match self {
+            Self::Sqlite { write, .. } => Tx::Sqlite(write.begin().await?),
+            Self::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+        })
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite { read, write } => {
+                read.close().await;
+                write.close().await;
+            }
+            Self::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+impl Tx {
+    pub async fn commit(self) -> sqlx::Result<()> {
+        match self {
+            Self::Sqlite(t) => t.commit().await,
+            Self::Postgres(t) => t.commit().await,
+        }
+    }
+}
+
+/// Microseconds since the epoch: the one time representation in storage.
+pub fn micros(t: chrono::DateTime<chrono::Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+pub fn from_micros(us: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_micros(us).unwrap_or_default()
+}

@@ -1,0 +1,305 @@
+//! The transfer log: records, their sealed slots and the blind-index lookup.
+
+use sqlx::{FromRow, QueryBuilder};
+use uuid::Uuid;
+
+use super::{on_db, on_tx, Db, Tx, MAX_BINDS};
+
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub id: Uuid,
+    pub carrier_id: String,
+    pub direction: &'static str,
+    pub category: &'static str,
+    pub purpose: &'static str,
+    pub legal_basis: &'static str,
+    pub jurisdiction: String,
+    pub consent_reference: Option<String>,
+    pub occurred_at: i64,
+    pub recorded_at: i64,
+    pub retain_until: i64,
+    pub recorded_by: String,
+    pub idempotency_key: Option<String>,
+    pub request_hash: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+pub struct NewSlot {
+    pub transfer_id: Uuid,
+    pub slot: &'static str,
+    pub subject_key_id: Uuid,
+    pub sealed: Vec<u8>,
+}
+
+pub struct NewLookup {
+    pub blind_index: Vec<u8>,
+    pub occurred_at: i64,
+    pub transfer_id: Uuid,
+}
+
+/// Metadata of a record, without personal data.
+#[derive(Debug, Clone, FromRow)]
+pub struct TransferRow {
+    pub id: Uuid,
+    pub carrier_id: String,
+    pub direction: String,
+    pub category: String,
+    pub purpose: String,
+    pub legal_basis: String,
+    pub jurisdiction: String,
+    pub consent_reference: Option<String>,
+    pub occurred_at: i64,
+    pub recorded_at: i64,
+    pub retain_until: i64,
+    pub recorded_by: String,
+}
+
+const TRANSFER_COLUMNS: &str = "t.id, t.carrier_id, t.direction, t.category, t.purpose, t.legal_basis, \
+     t.jurisdiction, t.consent_reference, t.occurred_at, t.recorded_at, t.retain_until, t.recorded_by";
+
+/// A sealed slot with the subject key that opens it.
+#[derive(Debug, Clone, FromRow)]
+pub struct SlotRow {
+    pub transfer_id: Uuid,
+    pub slot: String,
+    pub sealed: Vec<u8>,
+    pub subject_key_id: Uuid,
+    pub carrier_id: String,
+    pub master_version: i64,
+    pub wrapped_key: Vec<u8>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct BodyRow {
+    pub id: Uuid,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct IdempotentRow {
+    pub id: Uuid,
+    pub idempotency_key: String,
+    pub request_hash: Option<Vec<u8>>,
+    pub recorded_at: i64,
+    pub retain_until: i64,
+}
+
+pub async fn insert_records(tx: &mut Tx, records: &[NewRecord]) -> sqlx::Result<()> {
+    for chunk in records.chunks(MAX_BINDS / 15) {
+        on_tx!(tx, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new(
+                "INSERT INTO transfers (id, carrier_id, direction, category, purpose, legal_basis, jurisdiction, \
+                 consent_reference, occurred_at, recorded_at, retain_until, recorded_by, idempotency_key, \
+                 request_hash, body) ",
+            );
+            qb.push_values(chunk, |mut b, r| {
+                b.push_bind(r.id)
+                    .push_bind(r.carrier_id.as_str())
+                    .push_bind(r.direction)
+                    .push_bind(r.category)
+                    .push_bind(r.purpose)
+                    .push_bind(r.legal_basis)
+                    .push_bind(r.jurisdiction.as_str())
+                    .push_bind(r.consent_reference.as_deref())
+                    .push_bind(r.occurred_at)
+                    .push_bind(r.recorded_at)
+                    .push_bind(r.retain_until)
+                    .push_bind(r.recorded_by.as_str())
+                    .push_bind(r.idempotency_key.as_deref())
+                    .push_bind(r.request_hash.as_slice())
+                    .push_bind(r.body.as_slice());
+            });
+            qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
+        })?;
+    }
+    Ok(())
+}
+
+pub async fn insert_slots(tx: &mut Tx, slots: &[NewSlot]) -> sqlx::Result<()> {
+    for chunk in slots.chunks(MAX_BINDS / 4) {
+        on_tx!(tx, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new("INSERT INTO transfer_slots (transfer_id, slot, subject_key_id, sealed) ");
+            qb.push_values(chunk, |mut b, s| {
+                b.push_bind(s.transfer_id).push_bind(s.slot).push_bind(s.subject_key_id).push_bind(s.sealed.as_slice());
+            });
+            qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
+        })?;
+    }
+    Ok(())
+}
+
+pub async fn insert_lookups(tx: &mut Tx, lookups: &[NewLookup]) -> sqlx::Result<()> {
+    for chunk in lookups.chunks(MAX_BINDS / 3) {
+        on_tx!(tx, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new("INSERT INTO subject_lookup (blind_index, occurred_at, transfer_id) ");
+            qb.push_values(chunk, |mut b, l| {
+                b.push_bind(l.blind_index.as_slice()).push_bind(l.occurred_at).push_bind(l.transfer_id);
+            });
+            qb.push(" ON CONFLICT DO NOTHING");
+            qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
+        })?;
+    }
+    Ok(())
+}
+
+/// Records of `carrier` already stored under the given idempotency keys.
+pub async fn by_idempotency_keys(tx: &mut Tx, carrier: &str, keys: &[&str]) -> sqlx::Result<Vec<IdempotentRow>> {
+    let mut out = Vec::new();
+    for chunk in keys.chunks(MAX_BINDS / 2) {
+        let rows: Vec<IdempotentRow> = on_tx!(tx, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new(
+                "SELECT id, idempotency_key, request_hash, recorded_at, retain_until FROM transfers WHERE carrier_id = ",
+            );
+            qb.push_bind(carrier).push(" AND idempotency_key IN (");
+            let mut sep = qb.separated(", ");
+            for k in chunk {
+                sep.push_bind(*k);
+            }
+            qb.push(")");
+            qb.build_query_as().fetch_all(&mut *c).await
+        })?;
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+/// One record's metadata, if it exists within `scope` (a carrier, or all).
+pub async fn get(db: &Db, id: Uuid, scope: Option<&str>) -> sqlx::Result<Option<TransferRow>> {
+    on_db!(db, c => {
+        sqlx::query_as(&format!(
+            "SELECT {TRANSFER_COLUMNS} FROM transfers t WHERE t.id = $1 AND ($2 IS NULL OR t.carrier_id = $2)"
+        ))
+        .bind(id)
+        .bind(scope)
+        .fetch_optional(c)
+        .await
+    })
+}
+
+/// Sealed bodies and slots (with their subject keys) of the given records.
+pub async fn sealed(db: &Db, ids: &[Uuid]) -> sqlx::Result<(Vec<BodyRow>, Vec<SlotRow>)> {
+    let mut bodies = Vec::with_capacity(ids.len());
+    let mut slots = Vec::with_capacity(ids.len() * 2);
+    for chunk in ids.chunks(MAX_BINDS) {
+        on_db!(db, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new("SELECT id, body FROM transfers WHERE id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+            bodies.extend(qb.build_query_as::<BodyRow>().fetch_all(c).await?);
+
+            let mut qb = QueryBuilder::<DB>::new(
+                "SELECT s.transfer_id, s.slot, s.sealed, s.subject_key_id, k.carrier_id, k.master_version, k.wrapped_key \
+                 FROM transfer_slots s JOIN subject_keys k ON k.id = s.subject_key_id WHERE s.transfer_id IN (",
+            );
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+            slots.extend(qb.build_query_as::<SlotRow>().fetch_all(c).await?);
+        });
+    }
+    Ok((bodies, slots))
+}
+
+/// Filters of the transfer log; all optional, combined with AND.
+#[derive(Debug, Default, Clone)]
+pub struct LogFilter {
+    pub scope: Option<String>,
+    pub carrier_id: Option<String>,
+    pub category: Option<&'static str>,
+    pub direction: Option<&'static str>,
+    pub purpose: Option<&'static str>,
+    pub legal_basis: Option<&'static str>,
+    pub jurisdiction: Option<String>,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub subject_index: Option<Vec<u8>>,
+    /// Keyset cursor: the `(occurred_at, id)` of the last item already seen.
+    pub after: Option<(i64, Uuid)>,
+    pub limit: i64,
+}
+
+/// A page of the log, newest first. With a subject, the walk starts from
+/// the blind-index lookup (an index range per subject), otherwise from the
+/// `(occurred_at, id)` indexes of the log.
+pub async fn list(db: &Db, f: &LogFilter) -> sqlx::Result<Vec<TransferRow>> {
+    on_db!(db, c, DB => {
+        let mut qb = QueryBuilder::<DB>::new(format!("SELECT {TRANSFER_COLUMNS} FROM "));
+        let time_col = if let Some(bi) = &f.subject_index {
+            qb.push("subject_lookup l JOIN transfers t ON t.id = l.transfer_id WHERE l.blind_index = ");
+            qb.push_bind(bi.as_slice());
+            "l"
+        } else {
+            qb.push("transfers t WHERE 1 = 1");
+            "t"
+        };
+        let id_col = if time_col == "l" { "l.transfer_id" } else { "t.id" };
+        if let Some(s) = &f.scope {
+            qb.push(" AND t.carrier_id = ").push_bind(s.as_str());
+        }
+        if let Some(v) = &f.carrier_id {
+            qb.push(" AND t.carrier_id = ").push_bind(v.as_str());
+        }
+        if let Some(v) = f.category {
+            qb.push(" AND t.category = ").push_bind(v);
+        }
+        if let Some(v) = f.direction {
+            qb.push(" AND t.direction = ").push_bind(v);
+        }
+        if let Some(v) = f.purpose {
+            qb.push(" AND t.purpose = ").push_bind(v);
+        }
+        if let Some(v) = f.legal_basis {
+            qb.push(" AND t.legal_basis = ").push_bind(v);
+        }
+        if let Some(v) = &f.jurisdiction {
+            qb.push(" AND t.jurisdiction = ").push_bind(v.as_str());
+        }
+        if let Some(v) = f.from {
+            qb.push(format!(" AND {time_col}.occurred_at >= ")).push_bind(v);
+        }
+        if let Some(v) = f.to {
+            qb.push(format!(" AND {time_col}.occurred_at < ")).push_bind(v);
+        }
+        if let Some((at, id)) = f.after {
+            qb.push(format!(" AND ({time_col}.occurred_at, {id_col}) < ("));
+            qb.push_bind(at).push(", ").push_bind(id).push(")");
+        }
+        qb.push(format!(" ORDER BY {time_col}.occurred_at DESC, {id_col} DESC LIMIT "));
+        qb.push_bind(f.limit);
+        qb.build_query_as().fetch_all(c).await
+    })
+}
+
+/// One group of the Art. 30 record of processing.
+#[derive(Debug, Clone, FromRow)]
+pub struct ProcessingGroup {
+    pub carrier_id: String,
+    pub category: String,
+    pub purpose: String,
+    pub legal_basis: String,
+    pub direction: String,
+    pub jurisdiction: String,
+    pub transfers: i64,
+}
+
+pub async fn processing_groups(db: &Db, scope: Option<&str>, from: Option<i64>, to: Option<i64>) -> sqlx::Result<Vec<ProcessingGroup>> {
+    on_db!(db, c => {
+        sqlx::query_as(
+            "SELECT carrier_id, category, purpose, legal_basis, direction, jurisdiction, COUNT(*) AS transfers
+             FROM transfers
+             WHERE ($1 IS NULL OR carrier_id = $1) AND ($2 IS NULL OR occurred_at >= $2) AND ($3 IS NULL OR occurred_at < $3)
+             GROUP BY carrier_id, category, purpose, legal_basis, direction, jurisdiction
+             ORDER BY carrier_id, category, purpose, legal_basis, direction, jurisdiction",
+        )
+        .bind(scope)
+        .bind(from)
+        .bind(to)
+        .fetch_all(c)
+        .await
+    })
+}

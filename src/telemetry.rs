@@ -1,0 +1,36 @@
+//! Logging set-up and the request id that ties a log line to a response.
+
+use axum::{extract::Request, middleware::Next, response::Response};
+use tracing_subscriber::{fmt, EnvFilter};
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being served on this task, if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.clone()).ok()
+}
+
+/// Makes the request id (set by `SetRequestIdLayer`) visible to error
+/// rendering, which has no access to the request.
+pub async fn scope_request_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    REQUEST_ID.scope(id, next.run(req)).await
+}
+
+
+/// JSON logs when `LEDGER_LOG_FORMAT=json`, human-readable otherwise;
+/// level from `RUST_LOG` (default `info`).
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let json = std::env::var("LEDGER_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}

@@ -40,12 +40,17 @@ impl AppState {
         let retention = match &policy_dir {
             Some(dir) => {
                 let path = dir.join("retention.toml");
-                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
                 RetentionPolicy::parse(&text).map_err(anyhow::Error::msg)?
             }
             None => RetentionPolicy::default_policy(),
         };
-        let tokens = TokenVerifier::hs256(&secrets.jwt_secret, &config.jwt_issuer, &config.jwt_audience);
+        let tokens = TokenVerifier::hs256(
+            &secrets.jwt_secret,
+            &config.jwt_issuer,
+            &config.jwt_audience,
+        );
         Ok(Self {
             db,
             keys: Arc::new(keys),
@@ -75,7 +80,9 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let listen = config.listen.clone();
         let state = AppState::init(config).await?;
-        let listener = TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        let listener = TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
         Ok(Self { listener, state })
     }
 
@@ -88,11 +95,16 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let addr = self.listener.local_addr()?;
         tracing::info!(%addr, backend = self.state.db.backend(), "transfer-ledger listening");
         let router = crate::http::router(self.state.clone());
-        axum::serve(self.listener, router).with_graceful_shutdown(shutdown).await?;
+        axum::serve(self.listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await?;
         self.state.db.close().await;
         tracing::info!("stopped");
         Ok(())

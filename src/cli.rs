@@ -9,7 +9,11 @@ use crate::config::Config;
 use crate::domain::CarrierId;
 
 #[derive(Parser, Debug)]
-#[command(name = "transfer-ledger", version, about = "System of record for personal data crossing between a telecom platform and its carriers")]
+#[command(
+    name = "transfer-ledger",
+    version,
+    about = "System of record for personal data crossing between a telecom platform and its carriers"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -74,17 +78,27 @@ fn issue_token(config: &Config, args: &IssueArgs) -> anyhow::Result<String> {
         .map_err(|_| anyhow::anyhow!("--role must be one of: {}", Role::expected()))?;
     let carrier = match (role, &args.carrier) {
         (Role::Carrier, None) => anyhow::bail!("--carrier is required with --role carrier"),
-        (Role::Carrier, Some(c)) => Some(CarrierId::parse(c).map_err(|e| anyhow::anyhow!("--carrier {e}"))?),
+        (Role::Carrier, Some(c)) => {
+            Some(CarrierId::parse(c).map_err(|e| anyhow::anyhow!("--carrier {e}"))?)
+        }
         (_, Some(_)) => anyhow::bail!("--carrier is only for --role carrier"),
         (_, None) => None,
     };
-    let ttl = humantime::parse_duration(&args.ttl).map_err(|_| anyhow::anyhow!("--ttl must be a duration such as 15m or 1h"))?;
-    anyhow::ensure!(!ttl.is_zero() && ttl.as_secs() <= 366 * 86400, "--ttl must be between 1s and 366 days");
+    let ttl = humantime::parse_duration(&args.ttl)
+        .map_err(|_| anyhow::anyhow!("--ttl must be a duration such as 15m or 1h"))?;
+    anyhow::ensure!(
+        !ttl.is_zero() && ttl.as_secs() <= 366 * 86400,
+        "--ttl must be between 1s and 366 days"
+    );
     let sub = args.sub.clone().unwrap_or_else(|| match &carrier {
         Some(c) => format!("{role}:{c}"),
         None => role.to_string(),
     });
     let secrets = config.secrets()?;
-    let issuer = TokenIssuer::hs256(&secrets.jwt_secret, &config.jwt_issuer, &config.jwt_audience);
+    let issuer = TokenIssuer::hs256(
+        &secrets.jwt_secret,
+        &config.jwt_issuer,
+        &config.jwt_audience,
+    );
     issuer.issue(&sub, role, carrier.as_ref().map(CarrierId::as_str), ttl)
 }

@@ -82,8 +82,10 @@ impl Config {
     pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let file: FileConfig = match var("LEDGER_CONFIG") {
             Some(path) => {
-                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read LEDGER_CONFIG {path}"))?;
-                toml::from_str(&text).with_context(|| format!("invalid configuration file {path}"))?
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read LEDGER_CONFIG {path}"))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("invalid configuration file {path}"))?
             }
             None => FileConfig::default(),
         };
@@ -93,19 +95,39 @@ impl Config {
             if v.trim() == "0" {
                 return Ok(Duration::ZERO);
             }
-            humantime::parse_duration(v.trim()).with_context(|| format!("{name} must be a duration such as 30s, 1h or 0"))
+            humantime::parse_duration(v.trim())
+                .with_context(|| format!("{name} must be a duration such as 30s, 1h or 0"))
         };
-        let policy_dir = env("LEDGER_POLICY_DIR").map(PathBuf::from).or(file.policy_dir);
+        let policy_dir = env("LEDGER_POLICY_DIR")
+            .map(PathBuf::from)
+            .or(file.policy_dir);
         Ok(Self {
-            data_dir: env("LEDGER_DATA_DIR").map(PathBuf::from).or(file.data_dir).unwrap_or_else(|| "ledger-data".into()),
+            data_dir: env("LEDGER_DATA_DIR")
+                .map(PathBuf::from)
+                .or(file.data_dir)
+                .unwrap_or_else(|| "ledger-data".into()),
             database_url: env("LEDGER_DATABASE_URL").or(file.database_url),
-            listen: env("LEDGER_LISTEN").or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".into()),
-            master_key: env("LEDGER_MASTER_KEY").or(file.master_key).map(SecretString::from),
-            master_key_file: env("LEDGER_MASTER_KEY_FILE").map(PathBuf::from).or(file.master_key_file),
-            jwt_secret: env("LEDGER_JWT_SECRET").or(file.jwt_secret).map(SecretString::from),
-            jwt_keys_file: env("LEDGER_JWT_KEYS_FILE").map(PathBuf::from).or(file.jwt_keys_file),
-            jwt_issuer: env("LEDGER_JWT_ISSUER").or(file.jwt_issuer).unwrap_or_else(|| "transfer-ledger".into()),
-            jwt_audience: env("LEDGER_JWT_AUDIENCE").or(file.jwt_audience).unwrap_or_else(|| "transfer-ledger".into()),
+            listen: env("LEDGER_LISTEN")
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:8080".into()),
+            master_key: env("LEDGER_MASTER_KEY")
+                .or(file.master_key)
+                .map(SecretString::from),
+            master_key_file: env("LEDGER_MASTER_KEY_FILE")
+                .map(PathBuf::from)
+                .or(file.master_key_file),
+            jwt_secret: env("LEDGER_JWT_SECRET")
+                .or(file.jwt_secret)
+                .map(SecretString::from),
+            jwt_keys_file: env("LEDGER_JWT_KEYS_FILE")
+                .map(PathBuf::from)
+                .or(file.jwt_keys_file),
+            jwt_issuer: env("LEDGER_JWT_ISSUER")
+                .or(file.jwt_issuer)
+                .unwrap_or_else(|| "transfer-ledger".into()),
+            jwt_audience: env("LEDGER_JWT_AUDIENCE")
+                .or(file.jwt_audience)
+                .unwrap_or_else(|| "transfer-ledger".into()),
             policy_dir,
             sweep_interval: duration(
                 "LEDGER_SWEEP_INTERVAL",
@@ -113,7 +135,9 @@ impl Config {
                 "1h",
             )?,
             db_max_connections: match env("LEDGER_DB_MAX_CONNECTIONS") {
-                Some(v) => v.parse().context("LEDGER_DB_MAX_CONNECTIONS must be a positive integer")?,
+                Some(v) => v
+                    .parse()
+                    .context("LEDGER_DB_MAX_CONNECTIONS must be a positive integer")?,
                 None => file.db_max_connections.unwrap_or(16),
             },
             request_timeout: duration(
@@ -122,7 +146,9 @@ impl Config {
                 "60s",
             )?,
             body_limit_bytes: match env("LEDGER_BODY_LIMIT_BYTES") {
-                Some(v) => v.parse().context("LEDGER_BODY_LIMIT_BYTES must be a byte count")?,
+                Some(v) => v
+                    .parse()
+                    .context("LEDGER_BODY_LIMIT_BYTES must be a byte count")?,
                 None => file.body_limit_bytes.unwrap_or(32 * 1024 * 1024),
             },
             controller: Contact {
@@ -158,30 +184,45 @@ impl Config {
     pub fn secrets(&self) -> anyhow::Result<Secrets> {
         let root_b64 = match (&self.master_key, &self.master_key_file) {
             (Some(k), _) => k.expose_secret().to_string(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read LEDGER_MASTER_KEY_FILE {}", path.display()))?,
+            (None, Some(path)) => std::fs::read_to_string(path).with_context(|| {
+                format!("cannot read LEDGER_MASTER_KEY_FILE {}", path.display())
+            })?,
             (None, None) => {
                 let path = self.data_dir.join("master.key");
-                generated_secret(&path, "master key", "LEDGER_MASTER_KEY or LEDGER_MASTER_KEY_FILE")?
+                generated_secret(
+                    &path,
+                    "master key",
+                    "LEDGER_MASTER_KEY or LEDGER_MASTER_KEY_FILE",
+                )?
             }
         };
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(root_b64.trim())
             .context("the master key must be base64")?;
         let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice()) else {
-            bail!("the master key must be 32 bytes (44 characters of base64), not {} bytes", bytes.len());
+            bail!(
+                "the master key must be 32 bytes (44 characters of base64), not {} bytes",
+                bytes.len()
+            );
         };
         let jwt_secret = match &self.jwt_secret {
             Some(s) => s.clone(),
             None => {
                 let path = self.data_dir.join("jwt.secret");
-                SecretString::from(generated_secret(&path, "JWT secret", "LEDGER_JWT_SECRET")?.trim().to_string())
+                SecretString::from(
+                    generated_secret(&path, "JWT secret", "LEDGER_JWT_SECRET")?
+                        .trim()
+                        .to_string(),
+                )
             }
         };
         if jwt_secret.expose_secret().len() < 32 {
             bail!("LEDGER_JWT_SECRET must be at least 32 bytes long");
         }
-        Ok(Secrets { root_key: zeroize::Zeroizing::new(arr), jwt_secret })
+        Ok(Secrets {
+            root_key: zeroize::Zeroizing::new(arr),
+            jwt_secret,
+        })
     }
 }
 
@@ -193,8 +234,14 @@ fn generated_secret(path: &Path, what: &str, variable: &str) -> anyhow::Result<S
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let value = base64::engine::general_purpose::STANDARD.encode(*crate::crypto::Key::generate_raw());
-    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+    let value =
+        base64::engine::general_purpose::STANDARD.encode(*crate::crypto::Key::generate_raw());
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
         Ok(mut f) => {
             f.write_all(value.as_bytes())?;
             f.sync_all()?;
@@ -206,7 +253,9 @@ fn generated_secret(path: &Path, what: &str, variable: &str) -> anyhow::Result<S
             Ok(value)
         }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(std::fs::read_to_string(path)?),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(std::fs::read_to_string(path)?)
+        }
         Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
     }
 }

@@ -17,7 +17,11 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { index: None, field: field.into(), message: message.into() }
+        Self {
+            index: None,
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -104,9 +108,12 @@ impl<T, E: Into<AppError>> ResultExt<T> for std::result::Result<T, E> {
 }
 
 fn violates(err: &dyn sqlx::error::DatabaseError, constraint: &str) -> bool {
-    let (name, columns) = constraint.split_once('|').unwrap_or((constraint, constraint));
+    let (name, columns) = constraint
+        .split_once('|')
+        .unwrap_or((constraint, constraint));
     err.constraint() == Some(name)
-        || ((err.is_unique_violation() || err.is_foreign_key_violation()) && err.message().contains(columns))
+        || ((err.is_unique_violation() || err.is_foreign_key_violation())
+            && err.message().contains(columns))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -125,7 +132,12 @@ pub struct Problem {
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-pub fn problem_response(status: StatusCode, kind: &str, detail: Option<String>, errors: Vec<FieldError>) -> Response {
+pub fn problem_response(
+    status: StatusCode,
+    kind: &str,
+    detail: Option<String>,
+    errors: Vec<FieldError>,
+) -> Response {
     let body = Problem {
         kind: format!("https://transfer-ledger.dev/problems/{kind}"),
         title: status.canonical_reason().unwrap_or("Error").to_string(),
@@ -135,9 +147,11 @@ pub fn problem_response(status: StatusCode, kind: &str, detail: Option<String>, 
         errors,
     };
     let mut resp = (status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     resp
 }
@@ -156,11 +170,20 @@ impl IntoResponse for AppError {
             | Self::Unavailable(d) => (Some(d), Vec::new()),
             Self::Validation(errors) => {
                 let n = errors.len();
-                (Some(format!("{n} invalid field{}", if n == 1 { "" } else { "s" })), errors)
+                (
+                    Some(format!(
+                        "{n} invalid field{}",
+                        if n == 1 { "" } else { "s" }
+                    )),
+                    errors,
+                )
             }
             Self::Integrity(d) => {
                 tracing::error!(detail = %d, "stored data failed its integrity check");
-                (Some("stored data failed its integrity check; it was not returned".into()), Vec::new())
+                (
+                    Some("stored data failed its integrity check; it was not returned".into()),
+                    Vec::new(),
+                )
             }
             Self::Database(e) => {
                 tracing::error!(error = %e, "database error");

@@ -47,36 +47,49 @@ impl TokenVerifier {
         validation.validate_nbf = true;
         validation.validate_exp = true;
         validation.leeway = LEEWAY_SECONDS;
-        Self { key: DecodingKey::from_secret(secret.expose_secret().as_bytes()), validation }
+        Self {
+            key: DecodingKey::from_secret(secret.expose_secret().as_bytes()),
+            validation,
+        }
     }
 
     /// Verifies signature and claims. The error is safe to show the caller.
     pub fn verify(&self, token: &str) -> Result<Verified, String> {
         use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
-            match e.kind() {
-                ErrorKind::ExpiredSignature => "token expired",
-                ErrorKind::ImmatureSignature => "token not yet valid",
-                ErrorKind::InvalidIssuer => "token issuer not accepted",
-                ErrorKind::InvalidAudience => "token audience not accepted",
-                ErrorKind::InvalidSignature => "token signature invalid",
-                ErrorKind::InvalidAlgorithm => "token algorithm not accepted",
-                ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
-                _ => "token malformed",
-            }
-            .to_string()
-        })?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => "token expired",
+                    ErrorKind::ImmatureSignature => "token not yet valid",
+                    ErrorKind::InvalidIssuer => "token issuer not accepted",
+                    ErrorKind::InvalidAudience => "token audience not accepted",
+                    ErrorKind::InvalidSignature => "token signature invalid",
+                    ErrorKind::InvalidAlgorithm => "token algorithm not accepted",
+                    ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
+                    _ => "token malformed",
+                }
+                .to_string()
+            })?;
         let c = data.claims;
-        let role: Role = c.role.parse().map_err(|_| format!("unknown role; expected one of: {}", Role::expected()))?;
+        let role: Role = c
+            .role
+            .parse()
+            .map_err(|_| format!("unknown role; expected one of: {}", Role::expected()))?;
         let carrier = match (role, c.carrier) {
-            (Role::Carrier, Some(id)) => Some(CarrierId::parse(&id).map_err(|e| format!("carrier claim {e}"))?),
+            (Role::Carrier, Some(id)) => {
+                Some(CarrierId::parse(&id).map_err(|e| format!("carrier claim {e}"))?)
+            }
             (Role::Carrier, None) => return Err("the carrier role requires a carrier claim".into()),
             (_, _) => None,
         };
         if c.sub.is_empty() || c.sub.len() > 256 {
             return Err("sub claim must be 1 to 256 characters".into());
         }
-        Ok(Verified { sub: c.sub, role, carrier })
+        Ok(Verified {
+            sub: c.sub,
+            role,
+            carrier,
+        })
     }
 }
 
@@ -96,7 +109,13 @@ impl TokenIssuer {
         }
     }
 
-    pub fn issue(&self, sub: &str, role: Role, carrier: Option<&str>, ttl: std::time::Duration) -> anyhow::Result<String> {
+    pub fn issue(
+        &self,
+        sub: &str,
+        role: Role,
+        carrier: Option<&str>,
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<String> {
         let now = Utc::now().timestamp();
         let claims = Claims {
             sub: sub.into(),
@@ -108,6 +127,10 @@ impl TokenIssuer {
             nbf: now,
             iat: now,
         };
-        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)?)
+        Ok(jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &self.key,
+        )?)
     }
 }

@@ -39,7 +39,9 @@ impl Policy {
             ),
             None => (DEFAULT_MODEL.to_string(), DEFAULT_POLICY.to_string()),
         };
-        Ok(Self { enforcer: RwLock::new(build(&model, &policy).await?) })
+        Ok(Self {
+            enforcer: RwLock::new(build(&model, &policy).await?),
+        })
     }
 
     /// Whether `role` may perform `act` on `obj` with the given reach.
@@ -60,8 +62,12 @@ impl Policy {
 }
 
 async fn build(model: &str, policy: &str) -> anyhow::Result<Enforcer> {
-    let m = DefaultModel::from_str(model).await.context("casbin model does not parse")?;
-    let mut e = Enforcer::new(m, MemoryAdapter::default()).await.context("casbin enforcer")?;
+    let m = DefaultModel::from_str(model)
+        .await
+        .context("casbin model does not parse")?;
+    let mut e = Enforcer::new(m, MemoryAdapter::default())
+        .await
+        .context("casbin enforcer")?;
     let (mut p, mut g) = (Vec::new(), Vec::new());
     for (n, line) in policy.lines().enumerate() {
         let line = line.trim();
@@ -72,7 +78,10 @@ async fn build(model: &str, policy: &str) -> anyhow::Result<Enforcer> {
         match fields.first().map(String::as_str) {
             Some("p") if fields.len() == 5 => p.push(fields[1..].to_vec()),
             Some("g") if fields.len() == 3 => g.push(fields[1..].to_vec()),
-            _ => anyhow::bail!("policy.csv line {}: expected `p, role, domain, object, action` or `g, role, role`", n + 1),
+            _ => anyhow::bail!(
+                "policy.csv line {}: expected `p, role, domain, object, action` or `g, role, role`",
+                n + 1
+            ),
         }
     }
     if !p.is_empty() {
@@ -95,8 +104,18 @@ mod tests {
         assert!(!p.allows(Role::Carrier, Reach::Any, "transfers", "read"));
         assert!(p.allows(Role::PrivacyOfficer, Reach::Any, "transfers", "read"));
         assert!(p.allows(Role::PrivacyOfficer, Reach::Own, "transfers", "read"));
-        assert!(!p.allows(Role::Carrier, Reach::Own, "transfers/platform_to_carrier", "write"));
-        assert!(p.allows(Role::Platform, Reach::Any, "transfers/platform_to_carrier", "write"));
+        assert!(!p.allows(
+            Role::Carrier,
+            Reach::Own,
+            "transfers/platform_to_carrier",
+            "write"
+        ));
+        assert!(p.allows(
+            Role::Platform,
+            Reach::Any,
+            "transfers/platform_to_carrier",
+            "write"
+        ));
         assert!(!p.allows(Role::Auditor, Reach::Any, "transfers", "decrypt"));
         assert!(!p.allows(Role::Admin, Reach::Any, "no-such-object", "read"));
     }

@@ -36,7 +36,10 @@ impl Principal {
 impl FromRequestParts<AppState> for Principal {
     type Rejection = AppError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -44,12 +47,21 @@ impl FromRequestParts<AppState> for Principal {
         let token = header
             .to_str()
             .ok()
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| AppError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
+            .ok_or_else(|| {
+                AppError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
+            })?;
         let v = state.tokens.verify(token).map_err(AppError::Unauthorized)?;
-        Ok(Self { sub: v.sub, role: v.role, carrier: v.carrier })
+        Ok(Self {
+            sub: v.sub,
+            role: v.role,
+            carrier: v.carrier,
+        })
     }
 }
 
@@ -61,11 +73,23 @@ impl AppState {
     }
 
     /// May `who` perform `act` on `obj` for `carrier`?
-    pub fn authorize_for(&self, who: &Principal, carrier: &CarrierId, obj: &str, act: &str) -> Result<(), AppError> {
+    pub fn authorize_for(
+        &self,
+        who: &Principal,
+        carrier: &CarrierId,
+        obj: &str,
+        act: &str,
+    ) -> Result<(), AppError> {
         self.authorize_reach(who, who.reach(Some(carrier)), obj, act)
     }
 
-    fn authorize_reach(&self, who: &Principal, reach: Reach, obj: &str, act: &str) -> Result<(), AppError> {
+    fn authorize_reach(
+        &self,
+        who: &Principal,
+        reach: Reach,
+        obj: &str,
+        act: &str,
+    ) -> Result<(), AppError> {
         if self.policy().allows(who.role, reach, obj, act) {
             Ok(())
         } else {
@@ -73,7 +97,10 @@ impl AppState {
                 Reach::Own => "its own carrier",
                 Reach::Any => "this carrier",
             };
-            Err(AppError::Forbidden(format!("the {} role may not {act} {obj} for {whose}", who.role)))
+            Err(AppError::Forbidden(format!(
+                "the {} role may not {act} {obj} for {whose}",
+                who.role
+            )))
         }
     }
 }

@@ -14,7 +14,9 @@ pub struct BlindIndex {
 
 impl BlindIndex {
     pub fn new(key: &[u8; 32]) -> Self {
-        Self { mac: Hmac::new_from_slice(key).expect("HMAC accepts any key length") }
+        Self {
+            mac: Hmac::new_from_slice(key).expect("HMAC accepts any key length"),
+        }
     }
 
     pub fn of(&self, subject: &SubjectId) -> Vec<u8> {

@@ -36,13 +36,20 @@ pub fn seal_record(
 ) -> (Vec<u8>, Vec<SealedSlot>) {
     let cek_raw = Key::generate_raw();
     let cek = Key::from_bytes(&cek_raw);
-    let body_sealed = cek.seal(&body_aad(transfer_id), &serde_json::to_vec(body).expect("JSON map"));
+    let body_sealed = cek.seal(
+        &body_aad(transfer_id),
+        &serde_json::to_vec(body).expect("JSON map"),
+    );
     let sealed_slots = slots
         .iter()
         .map(|(name, key_id, key, fields)| {
             let mut pt = zeroize::Zeroizing::new(cek_raw.to_vec());
             serde_json::to_writer(&mut *pt, fields).expect("JSON map");
-            SealedSlot { name, subject_key_id: *key_id, sealed: key.seal(&slot_aad(transfer_id, name, *key_id), &pt) }
+            SealedSlot {
+                name,
+                subject_key_id: *key_id,
+                sealed: key.seal(&slot_aad(transfer_id, name, *key_id), &pt),
+            }
         })
         .collect();
     (body_sealed, sealed_slots)
@@ -62,11 +69,16 @@ pub fn open_slot(
     }
     let mut cek = RawKey::default();
     cek.copy_from_slice(&pt[..32]);
-    let fields = serde_json::from_slice(&pt[32..]).map_err(|_| IntegrityError("slot is not JSON"))?;
+    let fields =
+        serde_json::from_slice(&pt[32..]).map_err(|_| IntegrityError("slot is not JSON"))?;
     Ok((cek, fields))
 }
 
-pub fn open_body(transfer_id: Uuid, cek: &RawKey, sealed: &[u8]) -> Result<Map<String, Value>, IntegrityError> {
+pub fn open_body(
+    transfer_id: Uuid,
+    cek: &RawKey,
+    sealed: &[u8],
+) -> Result<Map<String, Value>, IntegrityError> {
     let pt = Key::from_bytes(cek).open(&body_aad(transfer_id), sealed)?;
     serde_json::from_slice(&pt).map_err(|_| IntegrityError("body is not JSON"))
 }
@@ -82,11 +94,21 @@ mod tests {
 
     #[test]
     fn each_subject_opens_the_body_and_only_its_own_identifiers() {
-        let (a, b) = (Key::from_bytes(&Key::generate_raw()), Key::from_bytes(&Key::generate_raw()));
+        let (a, b) = (
+            Key::from_bytes(&Key::generate_raw()),
+            Key::from_bytes(&Key::generate_raw()),
+        );
         let (ida, idb, t) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let body = map(json!({"call_id": "c-1"}));
-        let (fa, fb) = (map(json!({"caller": "+14255550100"})), map(json!({"callee": "+14255550101"})));
-        let (sealed_body, slots) = seal_record(t, &body, &[("caller", ida, &a, &fa), ("callee", idb, &b, &fb)]);
+        let (fa, fb) = (
+            map(json!({"caller": "+14255550100"})),
+            map(json!({"callee": "+14255550101"})),
+        );
+        let (sealed_body, slots) = seal_record(
+            t,
+            &body,
+            &[("caller", ida, &a, &fa), ("callee", idb, &b, &fb)],
+        );
 
         let (cek_b, fields_b) = open_slot(t, "callee", idb, &b, &slots[1].sealed).unwrap();
         assert_eq!(fields_b, fb);

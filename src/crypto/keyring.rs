@@ -37,29 +37,50 @@ impl Keyring {
     pub async fn open(db: &Db, root: &RawKey) -> anyhow::Result<Self> {
         let root = Key::from_bytes(root);
         let mut rows = storage::keys::keyring(db).await?;
-        if !rows.iter().any(|r| r.purpose == MASTER) || !rows.iter().any(|r| r.purpose == BLIND_INDEX) {
+        if !rows.iter().any(|r| r.purpose == MASTER)
+            || !rows.iter().any(|r| r.purpose == BLIND_INDEX)
+        {
             let now = storage::micros(chrono::Utc::now());
             let mut tx = db.begin().await?;
             let master = Key::generate_raw();
-            storage::keys::insert_keyring(&mut tx, MASTER, 1, &root.wrap(&master_aad(1), &master), now).await?;
+            storage::keys::insert_keyring(
+                &mut tx,
+                MASTER,
+                1,
+                &root.wrap(&master_aad(1), &master),
+                now,
+            )
+            .await?;
             let bi = Key::generate_raw();
-            storage::keys::insert_keyring(&mut tx, BLIND_INDEX, 1, &root.wrap(b"tl/blind-index/v1", &bi), now).await?;
+            storage::keys::insert_keyring(
+                &mut tx,
+                BLIND_INDEX,
+                1,
+                &root.wrap(b"tl/blind-index/v1", &bi),
+                now,
+            )
+            .await?;
             tx.commit().await?;
             rows = storage::keys::keyring(db).await?;
         }
 
-        let wrong_root = "the master key (LEDGER_MASTER_KEY / LEDGER_MASTER_KEY_FILE) does not open this \
+        let wrong_root =
+            "the master key (LEDGER_MASTER_KEY / LEDGER_MASTER_KEY_FILE) does not open this \
                           database's keys: it is not the key the database was created with";
         let mut masters = BTreeMap::new();
         let mut blind = None;
         for r in rows {
             match r.purpose.as_str() {
                 MASTER => {
-                    let raw = root.unwrap_key(&master_aad(r.version), &r.wrapped).context(wrong_root)?;
+                    let raw = root
+                        .unwrap_key(&master_aad(r.version), &r.wrapped)
+                        .context(wrong_root)?;
                     masters.insert(r.version, Key::from_bytes(&raw));
                 }
                 BLIND_INDEX => {
-                    let raw = root.unwrap_key(b"tl/blind-index/v1", &r.wrapped).context(wrong_root)?;
+                    let raw = root
+                        .unwrap_key(b"tl/blind-index/v1", &r.wrapped)
+                        .context(wrong_root)?;
                     blind = Some(BlindIndex::new(&raw));
                 }
                 _ => {}
@@ -77,7 +98,13 @@ impl Keyring {
     }
 
     pub fn current_version(&self) -> i64 {
-        self.masters.read().expect("lock").keys().next_back().copied().unwrap_or(1)
+        self.masters
+            .read()
+            .expect("lock")
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(1)
     }
 
     /// A fresh subject key, wrapped under the current master key.
@@ -88,21 +115,40 @@ impl Keyring {
         let raw = Key::generate_raw();
         let wrapped_key = master.wrap(&subject_aad(id, carrier, version), &raw);
         let key = Key::from_bytes(&raw);
-        let row = SubjectKeyRow { id, carrier_id: carrier.to_string(), blind_index, master_version: version, wrapped_key };
+        let row = SubjectKeyRow {
+            id,
+            carrier_id: carrier.to_string(),
+            blind_index,
+            master_version: version,
+            wrapped_key,
+        };
         (row, key)
     }
 
     /// Unwraps (or finds in the cache) the key of a stored subject-key row.
     pub fn subject_key(&self, row: &SubjectKeyRow) -> Result<Key, IntegrityError> {
-        self.unwrap_subject(row.id, &row.carrier_id, row.master_version, &row.wrapped_key)
+        self.unwrap_subject(
+            row.id,
+            &row.carrier_id,
+            row.master_version,
+            &row.wrapped_key,
+        )
     }
 
-    pub fn unwrap_subject(&self, id: Uuid, carrier: &str, version: i64, wrapped: &[u8]) -> Result<Key, IntegrityError> {
+    pub fn unwrap_subject(
+        &self,
+        id: Uuid,
+        carrier: &str,
+        version: i64,
+        wrapped: &[u8],
+    ) -> Result<Key, IntegrityError> {
         if let Some(k) = self.cache.get(&id) {
             return Ok(k);
         }
         let masters = self.masters.read().expect("lock");
-        let master = masters.get(&version).ok_or(IntegrityError("unknown master key version"))?;
+        let master = masters
+            .get(&version)
+            .ok_or(IntegrityError("unknown master key version"))?;
         let raw = master.unwrap_key(&subject_aad(id, carrier, version), wrapped)?;
         let key = Key::from_bytes(&raw);
         self.cache.insert(id, key.clone());

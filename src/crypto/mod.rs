@@ -41,7 +41,9 @@ pub type RawKey = Zeroizing<[u8; 32]>;
 
 impl Key {
     pub fn from_bytes(bytes: &[u8; 32]) -> Self {
-        Self { cipher: Aes256Gcm::new(bytes.into()) }
+        Self {
+            cipher: Aes256Gcm::new(bytes.into()),
+        }
     }
 
     pub fn generate_raw() -> RawKey {
@@ -56,7 +58,13 @@ impl Key {
         rand::thread_rng().fill_bytes(&mut nonce);
         let ct = self
             .cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .expect("AES-GCM encryption of an in-memory buffer cannot fail");
         let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
         out.push(FORMAT_V1);
@@ -83,7 +91,10 @@ impl Key {
 
     pub fn unwrap_key(&self, aad: &[u8], wrapped: &[u8]) -> Result<RawKey, IntegrityError> {
         let pt = self.open(aad, wrapped)?;
-        let arr: [u8; 32] = pt.as_slice().try_into().map_err(|_| IntegrityError("wrapped key has the wrong length"))?;
+        let arr: [u8; 32] = pt
+            .as_slice()
+            .try_into()
+            .map_err(|_| IntegrityError("wrapped key has the wrong length"))?;
         Ok(Zeroizing::new(arr))
     }
 }
@@ -98,12 +109,18 @@ mod tests {
         let k = Key::from_bytes(&Key::generate_raw());
         let mut sealed = k.seal(b"record-1", b"secret payload");
         assert_eq!(&*k.open(b"record-1", &sealed).unwrap(), b"secret payload");
-        assert!(k.open(b"record-2", &sealed).is_err(), "moved to another record");
+        assert!(
+            k.open(b"record-2", &sealed).is_err(),
+            "moved to another record"
+        );
         let last = sealed.len() - 1;
         sealed[last] ^= 1;
         assert!(k.open(b"record-1", &sealed).is_err(), "flipped bit");
         let other = Key::from_bytes(&Key::generate_raw());
-        assert!(other.open(b"record-1", &k.seal(b"record-1", b"x")).is_err(), "wrong key");
+        assert!(
+            other.open(b"record-1", &k.seal(b"record-1", b"x")).is_err(),
+            "wrong key"
+        );
     }
 
     #[test]

@@ -37,7 +37,10 @@ impl ConsentKind {
             Err(format!("a {from} consent is final and cannot change"))
         } else {
             let names: Vec<_> = allowed.iter().map(|s| s.as_str()).collect();
-            Err(format!("a {self} consent that is {from} can only become: {}", names.join(", ")))
+            Err(format!(
+                "a {self} consent that is {from} can only become: {}",
+                names.join(", ")
+            ))
         }
     }
 }
@@ -66,14 +69,24 @@ impl NewConsent {
     fn parse_into(value: &Value, now: DateTime<Utc>, errs: &mut Errors) -> Option<Self> {
         let obj = Obj::new(value, "", errs)?;
         obj.deny_unknown(
-            &["reference", "kind", "carrier_id", "customer_tenant_id", "subject", "countries", "granted_at"],
+            &[
+                "reference",
+                "kind",
+                "carrier_id",
+                "customer_tenant_id",
+                "subject",
+                "countries",
+                "granted_at",
+            ],
             errs,
         );
         let reference = obj.text("reference", 128, true, errs);
         let kind: Option<ConsentKind> = obj.parse("kind", true, errs, &ConsentKind::expected());
-        let carrier_id = obj
-            .str("carrier_id", true, errs)
-            .and_then(|s| CarrierId::parse(s).map_err(|e| errs.add("carrier_id", e)).ok());
+        let carrier_id = obj.str("carrier_id", true, errs).and_then(|s| {
+            CarrierId::parse(s)
+                .map_err(|e| errs.add("carrier_id", e))
+                .ok()
+        });
         let granted_at = obj.time("granted_at", true, errs);
         if granted_at.is_some_and(|t| t > now + chrono::Duration::minutes(5)) {
             errs.add("granted_at", "must not be in the future");
@@ -91,7 +104,10 @@ impl NewConsent {
                     }
                 }
             }
-            Some(_) => errs.add("countries", "must be a non-empty array of ISO 3166-1 alpha-2 codes"),
+            Some(_) => errs.add(
+                "countries",
+                "must be a non-empty array of ISO 3166-1 alpha-2 codes",
+            ),
             None => {}
         }
 
@@ -107,7 +123,10 @@ impl NewConsent {
             Some(ConsentKind::DataSubject) => {
                 subject = parse_subject(&obj, "subject", errs);
                 if obj.get("customer_tenant_id").is_some() {
-                    errs.add("customer_tenant_id", "is only for customer_operator consents");
+                    errs.add(
+                        "customer_tenant_id",
+                        "is only for customer_operator consents",
+                    );
                 }
             }
             None => {}
@@ -141,7 +160,10 @@ pub fn parse_subject(obj: &Obj<'_>, key: &str, errs: &mut Errors) -> Option<Subj
             .map_err(|e| errs.add(s.path("sip_uri"), e))
             .ok(),
         _ => {
-            errs.add(obj.path(key), "must hold exactly one of phone_number or sip_uri");
+            errs.add(
+                obj.path(key),
+                "must hold exactly one of phone_number or sip_uri",
+            );
             None
         }
     }
@@ -154,10 +176,16 @@ mod tests {
     #[test]
     fn terminal_statuses_are_final() {
         use ConsentStatus::*;
-        assert!(ConsentKind::CustomerOperator.may_move(Active, Suspended).is_ok());
-        assert!(ConsentKind::CustomerOperator.may_move(Removed, Active).is_err());
+        assert!(ConsentKind::CustomerOperator
+            .may_move(Active, Suspended)
+            .is_ok());
+        assert!(ConsentKind::CustomerOperator
+            .may_move(Removed, Active)
+            .is_err());
         assert!(ConsentKind::DataSubject.may_move(Active, Withdrawn).is_ok());
-        assert!(ConsentKind::DataSubject.may_move(Withdrawn, Active).is_err());
+        assert!(ConsentKind::DataSubject
+            .may_move(Withdrawn, Active)
+            .is_err());
         assert!(ConsentKind::DataSubject.may_move(Active, Removed).is_err());
     }
 }

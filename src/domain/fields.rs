@@ -36,9 +36,15 @@ impl<'a> Obj<'a> {
     /// `None` (with an error recorded) when `value` is not an object.
     pub fn new(value: &'a Value, path: &str, errs: &mut Errors) -> Option<Self> {
         match value {
-            Value::Object(map) => Some(Self { map, path: path.to_string() }),
+            Value::Object(map) => Some(Self {
+                map,
+                path: path.to_string(),
+            }),
             _ => {
-                errs.add(if path.is_empty() { "body" } else { path }, "must be a JSON object");
+                errs.add(
+                    if path.is_empty() { "body" } else { path },
+                    "must be a JSON object",
+                );
                 None
             }
         }
@@ -70,7 +76,11 @@ impl<'a> Obj<'a> {
     }
 
     pub fn str(&self, key: &str, required: bool, errs: &mut Errors) -> Option<&'a str> {
-        let v = if required { self.required(key, errs)? } else { self.get(key)? };
+        let v = if required {
+            self.required(key, errs)?
+        } else {
+            self.get(key)?
+        };
         match v.as_str() {
             Some(s) => Some(s),
             None => {
@@ -81,7 +91,13 @@ impl<'a> Obj<'a> {
     }
 
     /// A string of 1..=max characters from a conservative identifier alphabet.
-    pub fn ident(&self, key: &str, max: usize, required: bool, errs: &mut Errors) -> Option<String> {
+    pub fn ident(
+        &self,
+        key: &str,
+        max: usize,
+        required: bool,
+        errs: &mut Errors,
+    ) -> Option<String> {
         let s = self.str(key, required, errs)?;
         match check_ident(s, max) {
             Ok(()) => Some(s.to_string()),
@@ -97,7 +113,10 @@ impl<'a> Obj<'a> {
         let s = self.str(key, required, errs)?;
         let len = s.chars().count();
         if len == 0 || len > max || s.chars().any(char::is_control) || s.trim().is_empty() {
-            errs.add(self.path(key), format!("must be 1 to {max} characters of text"));
+            errs.add(
+                self.path(key),
+                format!("must be 1 to {max} characters of text"),
+            );
             return None;
         }
         Some(s.to_string())
@@ -108,13 +127,22 @@ impl<'a> Obj<'a> {
         match DateTime::parse_from_rfc3339(s) {
             Ok(t) => Some(t.with_timezone(&Utc)),
             Err(_) => {
-                errs.add(self.path(key), "must be an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z");
+                errs.add(
+                    self.path(key),
+                    "must be an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z",
+                );
                 None
             }
         }
     }
 
-    pub fn parse<T: std::str::FromStr>(&self, key: &str, required: bool, errs: &mut Errors, expected: &str) -> Option<T> {
+    pub fn parse<T: std::str::FromStr>(
+        &self,
+        key: &str,
+        required: bool,
+        errs: &mut Errors,
+        expected: &str,
+    ) -> Option<T> {
         let s = self.str(key, required, errs)?;
         match s.parse() {
             Ok(v) => Some(v),
@@ -127,7 +155,11 @@ impl<'a> Obj<'a> {
 
     /// A non-negative integer no greater than `max`.
     pub fn uint(&self, key: &str, max: u64, required: bool, errs: &mut Errors) -> Option<u64> {
-        let v = if required { self.required(key, errs)? } else { self.get(key)? };
+        let v = if required {
+            self.required(key, errs)?
+        } else {
+            self.get(key)?
+        };
         match v.as_u64() {
             Some(n) if n <= max => Some(n),
             _ if v.as_i64().is_some_and(|n| n < 0) || v.as_f64().is_some_and(|n| n < 0.0) => {
@@ -135,15 +167,29 @@ impl<'a> Obj<'a> {
                 None
             }
             _ => {
-                errs.add(self.path(key), format!("must be a whole number from 0 to {max}"));
+                errs.add(
+                    self.path(key),
+                    format!("must be a whole number from 0 to {max}"),
+                );
                 None
             }
         }
     }
 
     /// A finite number within `min..=max`.
-    pub fn number(&self, key: &str, min: f64, max: f64, required: bool, errs: &mut Errors) -> Option<f64> {
-        let v = if required { self.required(key, errs)? } else { self.get(key)? };
+    pub fn number(
+        &self,
+        key: &str,
+        min: f64,
+        max: f64,
+        required: bool,
+        errs: &mut Errors,
+    ) -> Option<f64> {
+        let v = if required {
+            self.required(key, errs)?
+        } else {
+            self.get(key)?
+        };
         match v.as_f64() {
             Some(n) if n.is_finite() && n >= min && n <= max => Some(n),
             Some(n) if n < 0.0 && min >= 0.0 => {
@@ -151,14 +197,21 @@ impl<'a> Obj<'a> {
                 None
             }
             _ => {
-                errs.add(self.path(key), format!("must be a number from {min} to {max}"));
+                errs.add(
+                    self.path(key),
+                    format!("must be a number from {min} to {max}"),
+                );
                 None
             }
         }
     }
 
     pub fn object(&self, key: &str, required: bool, errs: &mut Errors) -> Option<Obj<'a>> {
-        let v = if required { self.required(key, errs)? } else { self.get(key)? };
+        let v = if required {
+            self.required(key, errs)?
+        } else {
+            self.get(key)?
+        };
         Obj::new(v, &self.path(key), errs)
     }
 }
@@ -166,10 +219,13 @@ impl<'a> Obj<'a> {
 pub fn check_ident(s: &str, max: usize) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= max
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'));
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'));
     if ok {
         Ok(())
     } else {
-        Err(format!("must be 1 to {max} characters of A-Z, a-z, 0-9, '-', '_', '.', ':' or '@'"))
+        Err(format!(
+            "must be 1 to {max} characters of A-Z, a-z, 0-9, '-', '_', '.', ':' or '@'"
+        ))
     }
 }

@@ -87,17 +87,23 @@ impl Category {
         use Purpose::*;
         match self {
             Category::NumberAssignment => (Direction::PlatformToCarrier, &[ServiceProvisioning]),
-            Category::CallDetailRecord | Category::CallQuality => {
-                (Direction::PlatformToCarrier, &[Troubleshooting, ServiceOperation])
-            }
-            Category::CallDuration => (Direction::CarrierToPlatform, &[UsageReporting, Reconciliation]),
+            Category::CallDetailRecord | Category::CallQuality => (
+                Direction::PlatformToCarrier,
+                &[Troubleshooting, ServiceOperation],
+            ),
+            Category::CallDuration => (
+                Direction::CarrierToPlatform,
+                &[UsageReporting, Reconciliation],
+            ),
         }
     }
 
     /// Categories of personal data, for the Art. 30 record.
     pub fn personal_data(self) -> &'static [&'static str] {
         match self {
-            Category::NumberAssignment => &["telephone number", "SIP URI", "customer tenant identifier"],
+            Category::NumberAssignment => {
+                &["telephone number", "SIP URI", "customer tenant identifier"]
+            }
             Category::CallDetailRecord => &[
                 "calling and called numbers or SIP URIs",
                 "call identifier",
@@ -120,7 +126,9 @@ impl Category {
     /// Categories of data subjects, for the Art. 30 record.
     pub fn data_subjects(self) -> &'static [&'static str] {
         match self {
-            Category::NumberAssignment => &["users of the customer tenant to whom a number is assigned"],
+            Category::NumberAssignment => {
+                &["users of the customer tenant to whom a number is assigned"]
+            }
             _ => &["callers and called parties of calls through the carrier"],
         }
     }

@@ -37,7 +37,13 @@ pub fn slot_fields(category: Category) -> &'static [(&'static str, &'static [&'s
     }
 }
 
-const NUMBER_ASSIGNMENT: &[&str] = &["phone_number", "sip_uri", "customer_tenant_id", "action", "effective_at"];
+const NUMBER_ASSIGNMENT: &[&str] = &[
+    "phone_number",
+    "sip_uri",
+    "customer_tenant_id",
+    "action",
+    "effective_at",
+];
 const CALL_DETAIL_RECORD: &[&str] = &[
     "call_id",
     "caller",
@@ -48,9 +54,23 @@ const CALL_DETAIL_RECORD: &[&str] = &[
     "call_direction",
     "disconnect_reason",
 ];
-const CALL_QUALITY: &[&str] =
-    &["call_id", "caller", "callee", "mos", "jitter_ms", "packet_loss_pct", "round_trip_ms", "codec"];
-const CALL_DURATION: &[&str] = &["call_id", "caller", "callee", "start_time", "duration_seconds"];
+const CALL_QUALITY: &[&str] = &[
+    "call_id",
+    "caller",
+    "callee",
+    "mos",
+    "jitter_ms",
+    "packet_loss_pct",
+    "round_trip_ms",
+    "codec",
+];
+const CALL_DURATION: &[&str] = &[
+    "call_id",
+    "caller",
+    "callee",
+    "start_time",
+    "duration_seconds",
+];
 
 /// Thirty days of call is more than any real call; it catches unit mix-ups.
 const MAX_DURATION_SECONDS: u64 = 30 * 24 * 3600;
@@ -76,9 +96,17 @@ impl Payload {
 
         match category {
             Category::NumberAssignment => {
-                let phone = subject_field(&obj, "phone_number", errs, |s| PhoneNumber::parse(s).map(SubjectId::Phone));
-                let sip = subject_field(&obj, "sip_uri", errs, |s| SipUri::parse(s).map(SubjectId::Sip));
-                put(&mut body, "customer_tenant_id", obj.ident("customer_tenant_id", 128, true, errs));
+                let phone = subject_field(&obj, "phone_number", errs, |s| {
+                    PhoneNumber::parse(s).map(SubjectId::Phone)
+                });
+                let sip = subject_field(&obj, "sip_uri", errs, |s| {
+                    SipUri::parse(s).map(SubjectId::Sip)
+                });
+                put(
+                    &mut body,
+                    "customer_tenant_id",
+                    obj.ident("customer_tenant_id", 128, true, errs),
+                );
                 let action = obj.str("action", true, errs);
                 if let Some(a) = action {
                     if a == "assigned" || a == "unassigned" {
@@ -87,12 +115,21 @@ impl Payload {
                         errs.add(obj.path("action"), "must be one of: assigned, unassigned");
                     }
                 }
-                put(&mut body, "effective_at", obj.time("effective_at", true, errs).map(rfc3339));
+                put(
+                    &mut body,
+                    "effective_at",
+                    obj.time("effective_at", true, errs).map(rfc3339),
+                );
                 if let (Some(phone), Some(sip)) = (phone, sip) {
                     let mut fields = Map::new();
                     fields.insert("phone_number".into(), phone.as_str().into());
                     fields.insert("sip_uri".into(), sip.as_str().into());
-                    slots.push(Slot { name: "subject", key: phone.clone(), identifiers: vec![phone, sip], fields });
+                    slots.push(Slot {
+                        name: "subject",
+                        key: phone.clone(),
+                        identifiers: vec![phone, sip],
+                        fields,
+                    });
                 }
             }
             Category::CallDetailRecord | Category::CallQuality | Category::CallDuration => {
@@ -103,15 +140,28 @@ impl Payload {
                     if let Some(id) = id {
                         let mut fields = Map::new();
                         fields.insert(name.into(), id.as_str().into());
-                        slots.push(Slot { name, key: id.clone(), identifiers: vec![id], fields });
+                        slots.push(Slot {
+                            name,
+                            key: id.clone(),
+                            identifiers: vec![id],
+                            fields,
+                        });
                     }
                 }
                 match category {
                     Category::CallDetailRecord => parse_cdr(&obj, &mut body, errs),
                     Category::CallQuality => parse_quality(&obj, &mut body, errs),
                     _ => {
-                        put(&mut body, "start_time", obj.time("start_time", true, errs).map(rfc3339));
-                        put(&mut body, "duration_seconds", obj.uint("duration_seconds", MAX_DURATION_SECONDS, true, errs));
+                        put(
+                            &mut body,
+                            "start_time",
+                            obj.time("start_time", true, errs).map(rfc3339),
+                        );
+                        put(
+                            &mut body,
+                            "duration_seconds",
+                            obj.uint("duration_seconds", MAX_DURATION_SECONDS, true, errs),
+                        );
                     }
                 }
             }
@@ -127,7 +177,11 @@ impl Payload {
     /// Rebuilds the payload as submitted (normalized) from its body and the
     /// slots that could be opened; fields of a missing slot (an erased
     /// subject) come back as `null`.
-    pub fn assemble(category: Category, mut body: Map<String, Value>, opened: Vec<(String, Map<String, Value>)>) -> Value {
+    pub fn assemble(
+        category: Category,
+        mut body: Map<String, Value>,
+        opened: Vec<(String, Map<String, Value>)>,
+    ) -> Value {
         for (slot, fields) in slot_fields(category) {
             match opened.iter().find(|(name, _)| name == slot) {
                 Some((_, map)) => body.extend(map.clone()),
@@ -159,12 +213,19 @@ fn parse_cdr(obj: &Obj<'_>, body: &mut Map<String, Value>, errs: &mut Errors) {
     }
     put(body, "start_time", start.map(rfc3339));
     put(body, "end_time", end.map(rfc3339));
-    put(body, "duration_seconds", obj.uint("duration_seconds", MAX_DURATION_SECONDS, true, errs));
+    put(
+        body,
+        "duration_seconds",
+        obj.uint("duration_seconds", MAX_DURATION_SECONDS, true, errs),
+    );
     match obj.str("call_direction", true, errs) {
         Some(d @ ("inbound" | "outbound")) => {
             body.insert("call_direction".into(), d.into());
         }
-        Some(_) => errs.add(obj.path("call_direction"), "must be one of: inbound, outbound"),
+        Some(_) => errs.add(
+            obj.path("call_direction"),
+            "must be one of: inbound, outbound",
+        ),
         None => {}
     }
     // A SIP status code or a platform reason phrase; both occur in practice.
@@ -172,17 +233,36 @@ fn parse_cdr(obj: &Obj<'_>, body: &mut Map<String, Value>, errs: &mut Errors) {
         Some(Value::Number(n)) if n.as_u64().is_some_and(|c| c < 1000) => {
             body.insert("disconnect_reason".into(), Value::Number(n.clone()));
         }
-        Some(Value::String(_)) => put(body, "disconnect_reason", obj.text("disconnect_reason", 128, true, errs)),
-        Some(_) => errs.add(obj.path("disconnect_reason"), "must be a SIP status code or a reason text"),
+        Some(Value::String(_)) => put(
+            body,
+            "disconnect_reason",
+            obj.text("disconnect_reason", 128, true, errs),
+        ),
+        Some(_) => errs.add(
+            obj.path("disconnect_reason"),
+            "must be a SIP status code or a reason text",
+        ),
         None => {}
     }
 }
 
 fn parse_quality(obj: &Obj<'_>, body: &mut Map<String, Value>, errs: &mut Errors) {
     put(body, "mos", obj.number("mos", 1.0, 5.0, true, errs));
-    put(body, "jitter_ms", obj.number("jitter_ms", 0.0, 60_000.0, true, errs));
-    put(body, "packet_loss_pct", obj.number("packet_loss_pct", 0.0, 100.0, true, errs));
-    put(body, "round_trip_ms", obj.number("round_trip_ms", 0.0, 60_000.0, true, errs));
+    put(
+        body,
+        "jitter_ms",
+        obj.number("jitter_ms", 0.0, 60_000.0, true, errs),
+    );
+    put(
+        body,
+        "packet_loss_pct",
+        obj.number("packet_loss_pct", 0.0, 100.0, true, errs),
+    );
+    put(
+        body,
+        "round_trip_ms",
+        obj.number("round_trip_ms", 0.0, 60_000.0, true, errs),
+    );
     put(body, "codec", obj.ident("codec", 32, true, errs));
 }
 
@@ -213,7 +293,8 @@ mod tests {
 
     fn parse(category: Category, v: Value) -> Result<Payload, Vec<String>> {
         let mut errs = Errors::default();
-        Payload::parse(category, &v, "payload", &mut errs).ok_or_else(|| errs.0.into_iter().map(|e| e.field).collect())
+        Payload::parse(category, &v, "payload", &mut errs)
+            .ok_or_else(|| errs.0.into_iter().map(|e| e.field).collect())
     }
 
     #[test]
@@ -241,8 +322,17 @@ mod tests {
                    "disconnect_reason": 200, "colour": "red"}),
         )
         .unwrap_err();
-        for f in ["payload.caller", "payload.start_time", "payload.duration_seconds", "payload.call_direction", "payload.colour"] {
-            assert!(fields.contains(&f.to_string()), "{f} missing from {fields:?}");
+        for f in [
+            "payload.caller",
+            "payload.start_time",
+            "payload.duration_seconds",
+            "payload.call_direction",
+            "payload.colour",
+        ] {
+            assert!(
+                fields.contains(&f.to_string()),
+                "{f} missing from {fields:?}"
+            );
         }
     }
 
@@ -255,7 +345,11 @@ mod tests {
         )
         .unwrap();
         let callee = p.slots[1].clone();
-        let v = Payload::assemble(Category::CallDuration, p.body.clone(), vec![("callee".into(), callee.fields)]);
+        let v = Payload::assemble(
+            Category::CallDuration,
+            p.body.clone(),
+            vec![("callee".into(), callee.fields)],
+        );
         assert_eq!(v["caller"], Value::Null);
         assert_eq!(v["callee"], "+14255550101");
         assert_eq!(v["duration_seconds"], 7);

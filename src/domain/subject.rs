@@ -57,7 +57,8 @@ impl SipUri {
         if let Some(u) = user {
             let ok = !u.is_empty()
                 && u.len() <= 128
-                && u.chars().all(|c| c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,/%".contains(c));
+                && u.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,/%".contains(c));
             if !ok {
                 return Err("has an invalid user part".into());
             }
@@ -68,7 +69,9 @@ impl SipUri {
         };
         let host_ok = !host.is_empty()
             && host.len() <= 253
-            && host.chars().all(|c| c.is_ascii_alphanumeric() || "-.[]:".contains(c))
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-.[]:".contains(c))
             && !host.starts_with(['-', '.'])
             && !host.ends_with(['-']);
         if !host_ok {
@@ -101,7 +104,9 @@ impl SubjectId {
         if t.starts_with("sip:") || t.starts_with("sips:") {
             SipUri::parse(input).map(Self::Sip)
         } else {
-            PhoneNumber::parse(input).map(Self::Phone).map_err(|e| format!("{e}, or a SIP URI"))
+            PhoneNumber::parse(input)
+                .map(Self::Phone)
+                .map_err(|e| format!("{e}, or a SIP URI"))
         }
     }
 
@@ -147,10 +152,22 @@ mod tests {
 
     #[test]
     fn phone_numbers_normalize_to_e164() {
-        for input in ["+1 425-555-0100", "+14255550100", "tel:+1.425.555.0100", "001 (425) 555 0100"] {
-            assert_eq!(PhoneNumber::parse(input).unwrap().as_str(), "+14255550100", "{input}");
+        for input in [
+            "+1 425-555-0100",
+            "+14255550100",
+            "tel:+1.425.555.0100",
+            "001 (425) 555 0100",
+        ] {
+            assert_eq!(
+                PhoneNumber::parse(input).unwrap().as_str(),
+                "+14255550100",
+                "{input}"
+            );
         }
-        assert_eq!(PhoneNumber::parse("+33 1 23 45 67 89").unwrap().as_str(), "+33123456789");
+        assert_eq!(
+            PhoneNumber::parse("+33 1 23 45 67 89").unwrap().as_str(),
+            "+33123456789"
+        );
     }
 
     #[test]
@@ -171,7 +188,14 @@ mod tests {
 
     #[test]
     fn malformed_sip_uris_are_refused() {
-        for input in ["http://x", "sip:", "sip:@host", "sip:a b@host", "sip:alice@", "sip:alice@host:99999"] {
+        for input in [
+            "http://x",
+            "sip:",
+            "sip:@host",
+            "sip:a b@host",
+            "sip:alice@",
+            "sip:alice@host:99999",
+        ] {
             assert!(SipUri::parse(input).is_err(), "{input}");
         }
     }

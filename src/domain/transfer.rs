@@ -61,25 +61,38 @@ impl NewTransfer {
         }
     }
 
-    fn parse_into(value: &Value, path: &str, now: DateTime<Utc>, errs: &mut Errors) -> Option<Self> {
+    fn parse_into(
+        value: &Value,
+        path: &str,
+        now: DateTime<Utc>,
+        errs: &mut Errors,
+    ) -> Option<Self> {
         let obj = Obj::new(value, path, errs)?;
         obj.deny_unknown(FIELDS, errs);
 
-        let carrier_id = obj
-            .str("carrier_id", true, errs)
-            .and_then(|s| CarrierId::parse(s).map_err(|e| errs.add(obj.path("carrier_id"), e)).ok());
-        let direction: Option<Direction> = obj.parse("direction", true, errs, &Direction::expected());
+        let carrier_id = obj.str("carrier_id", true, errs).and_then(|s| {
+            CarrierId::parse(s)
+                .map_err(|e| errs.add(obj.path("carrier_id"), e))
+                .ok()
+        });
+        let direction: Option<Direction> =
+            obj.parse("direction", true, errs, &Direction::expected());
         let category: Option<Category> = obj.parse("category", true, errs, &Category::expected());
         let purpose: Option<Purpose> = obj.parse("purpose", true, errs, &Purpose::expected());
-        let legal_basis: Option<LegalBasis> = obj.parse("legal_basis", true, errs, &LegalBasis::expected());
-        let jurisdiction = obj
-            .str("jurisdiction", true, errs)
-            .and_then(|s| Country::parse(s).map_err(|e| errs.add(obj.path("jurisdiction"), e)).ok());
+        let legal_basis: Option<LegalBasis> =
+            obj.parse("legal_basis", true, errs, &LegalBasis::expected());
+        let jurisdiction = obj.str("jurisdiction", true, errs).and_then(|s| {
+            Country::parse(s)
+                .map_err(|e| errs.add(obj.path("jurisdiction"), e))
+                .ok()
+        });
         let occurred_at = obj.time("occurred_at", true, errs);
         if occurred_at.is_some_and(|t| t > now + MAX_CLOCK_SKEW) {
             errs.add(obj.path("occurred_at"), "must not be in the future");
         }
-        let retention_days = obj.uint("retention_days", 36_500, false, errs).map(|d| d as u32);
+        let retention_days = obj
+            .uint("retention_days", 36_500, false, errs)
+            .map(|d| d as u32);
         if retention_days == Some(0) {
             errs.add(obj.path("retention_days"), "must be at least 1");
         }
@@ -92,10 +105,16 @@ impl NewTransfer {
             if granted_at.is_some_and(|t| t > now + MAX_CLOCK_SKEW) {
                 errs.add(c.path("granted_at"), "must not be in the future");
             }
-            reference.map(|reference| ConsentRef { reference, granted_at })
+            reference.map(|reference| ConsentRef {
+                reference,
+                granted_at,
+            })
         });
         if legal_basis == Some(LegalBasis::Consent) && obj.get("consent").is_none() {
-            errs.add(obj.path("consent"), "is required when legal_basis is consent");
+            errs.add(
+                obj.path("consent"),
+                "is required when legal_basis is consent",
+            );
         }
 
         if let (Some(category), Some(direction)) = (category, direction) {
@@ -111,7 +130,10 @@ impl NewTransfer {
                     let allowed: Vec<_> = purposes.iter().map(|p| p.as_str()).collect();
                     errs.add(
                         obj.path("purpose"),
-                        format!("{category} may only be transferred for: {}", allowed.join(", ")),
+                        format!(
+                            "{category} may only be transferred for: {}",
+                            allowed.join(", ")
+                        ),
                     );
                 }
             }
@@ -140,7 +162,12 @@ impl NewTransfer {
     }
 
     fn with_hash(mut self) -> Self {
-        let slots: Vec<_> = self.payload.slots.iter().map(|s| json!({"name": s.name, "fields": s.fields})).collect();
+        let slots: Vec<_> = self
+            .payload
+            .slots
+            .iter()
+            .map(|s| json!({"name": s.name, "fields": s.fields}))
+            .collect();
         let canonical = json!({
             "carrier_id": self.carrier_id.as_str(),
             "direction": self.direction,
@@ -175,7 +202,11 @@ mod tests {
     }
 
     fn fields(v: &Value) -> Vec<String> {
-        NewTransfer::parse(v, "", Utc::now()).unwrap_err().into_iter().map(|e| e.field).collect()
+        NewTransfer::parse(v, "", Utc::now())
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
     }
 
     #[test]

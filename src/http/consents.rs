@@ -27,16 +27,27 @@ pub fn router() -> Router<AppState> {
     responses((status = 201, body = ConsentView), (status = 409, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn create(State(state): State<AppState>, who: Principal, JsonBody(body): JsonBody) -> Result<(StatusCode, Json<ConsentView>)> {
+pub async fn create(
+    State(state): State<AppState>,
+    who: Principal,
+    JsonBody(body): JsonBody,
+) -> Result<(StatusCode, Json<ConsentView>)> {
     let c = NewConsent::parse(&body, Utc::now()).map_err(AppError::Validation)?;
-    Ok((StatusCode::CREATED, Json(ledger::register(&state, &who, c).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(ledger::register(&state, &who, c).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/consents/{reference}", tag = "consents",
     params(("reference" = String, Path)),
     responses((status = 200, body = ConsentView), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn show(State(state): State<AppState>, who: Principal, Path(reference): Path<String>) -> Result<Json<ConsentView>> {
+pub async fn show(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(reference): Path<String>,
+) -> Result<Json<ConsentView>> {
     Ok(Json(ledger::get(&state, &who, &reference).await?))
 }
 
@@ -61,5 +72,7 @@ pub async fn change_status(
         Some(s) if errs.is_empty() => s,
         _ => return Err(AppError::Validation(errs.0)),
     };
-    Ok(Json(ledger::set_status(&state, &who, &reference, status).await?))
+    Ok(Json(
+        ledger::set_status(&state, &who, &reference, status).await?,
+    ))
 }

@@ -18,20 +18,32 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+            .is_some_and(|ct| {
+                ct.split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
         if !json {
-            return Err(AppError::BadRequest("the body must be JSON, sent with Content-Type: application/json".into()));
+            return Err(AppError::BadRequest(
+                "the body must be JSON, sent with Content-Type: application/json".into(),
+            ));
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::PayloadTooLarge("the request body is larger than the service accepts".into())
+                AppError::PayloadTooLarge(
+                    "the request body is larger than the service accepts".into(),
+                )
             } else {
                 AppError::BadRequest("the request body could not be read".into())
             }
         })?;
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             // serde_json's message names the position, never the content.
-            AppError::BadRequest(format!("the body is not valid JSON: line {}, column {}", e.line(), e.column()))
+            AppError::BadRequest(format!(
+                "the body is not valid JSON: line {}, column {}",
+                e.line(),
+                e.column()
+            ))
         })
     }
 }
@@ -48,10 +60,14 @@ impl<S: Send + Sync> FromRequestParts<S> for AccessReason {
             Some(v) => {
                 let s = v
                     .to_str()
-                    .map_err(|_| AppError::BadRequest("X-Access-Reason must be visible ASCII text".into()))?
+                    .map_err(|_| {
+                        AppError::BadRequest("X-Access-Reason must be visible ASCII text".into())
+                    })?
                     .trim();
                 if s.is_empty() || s.len() > 500 {
-                    return Err(AppError::BadRequest("X-Access-Reason must be 1 to 500 characters".into()));
+                    return Err(AppError::BadRequest(
+                        "X-Access-Reason must be 1 to 500 characters".into(),
+                    ));
                 }
                 Ok(Self(Some(s.to_string())))
             }
@@ -70,9 +86,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let q = parts.uri.query().unwrap_or_default();
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
-            .map_err(|_| AppError::BadRequest("the query string is not valid URL encoding".into()))?;
-        Ok(Self { pairs, errors: Vec::new() })
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).map_err(|_| {
+            AppError::BadRequest("the query string is not valid URL encoding".into())
+        })?;
+        Ok(Self {
+            pairs,
+            errors: Vec::new(),
+        })
     }
 }
 
@@ -82,23 +102,37 @@ impl Params {
         let mut seen = std::collections::HashSet::new();
         for (k, _) in &self.pairs {
             if !allowed.contains(&k.as_str()) {
-                self.errors.push(crate::error::FieldError::new(k.clone(), "unknown query parameter"));
+                self.errors.push(crate::error::FieldError::new(
+                    k.clone(),
+                    "unknown query parameter",
+                ));
             } else if !seen.insert(k.clone()) {
-                self.errors.push(crate::error::FieldError::new(k.clone(), "given more than once"));
+                self.errors.push(crate::error::FieldError::new(
+                    k.clone(),
+                    "given more than once",
+                ));
             }
         }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn error(&mut self, name: &str, message: impl Into<String>) {
-        self.errors.push(crate::error::FieldError::new(name, message));
+        self.errors
+            .push(crate::error::FieldError::new(name, message));
     }
 
     /// Parses `name` with `parse`, recording its error message.
-    pub fn parse<T>(&mut self, name: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    pub fn parse<T>(
+        &mut self,
+        name: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         let v = self.get(name)?.to_string();
         match parse(&v) {
             Ok(t) => Some(t),

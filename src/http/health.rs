@@ -9,7 +9,9 @@ use crate::app::AppState;
 use crate::error::{AppError, Result};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
 }
 
 /// The process is up.
@@ -25,5 +27,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
         tracing::warn!(error = %e, "not ready");
         AppError::Unavailable("the database is unreachable or not migrated".into())
     })?;
-    Ok(Json(json!({"status": "ready", "database": state.db.backend()})))
+    Ok(Json(
+        json!({"status": "ready", "database": state.db.backend()}),
+    ))
 }

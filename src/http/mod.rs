@@ -29,7 +29,11 @@ pub use extract::{AccessReason, JsonBody};
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: AppState) -> Router {
-    let timeout = if state.config.request_timeout.is_zero() { Duration::from_secs(3600) } else { state.config.request_timeout };
+    let timeout = if state.config.request_timeout.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        state.config.request_timeout
+    };
     let body_limit = state.config.body_limit_bytes;
     let v1 = Router::new()
         .merge(transfers::router())
@@ -66,7 +70,10 @@ async fn problem_for_every_error(req: Request, next: Next) -> Response {
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
-    let is_problem = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
+    let is_problem = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
     if is_problem {
         return resp;
     }
@@ -77,7 +84,11 @@ async fn problem_for_every_error(req: Request, next: Next) -> Response {
         StatusCode::NOT_FOUND => "no such route",
         _ => "the request failed",
     };
-    let kind = status.canonical_reason().unwrap_or("error").to_ascii_lowercase().replace(' ', "-");
+    let kind = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase()
+        .replace(' ', "-");
     let mut out = problem_response(status, &kind, Some(detail.into()), Vec::new());
     if let Some(allow) = resp.headers().get(header::ALLOW) {
         out.headers_mut().insert(header::ALLOW, allow.clone());

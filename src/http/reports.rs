@@ -22,7 +22,11 @@ pub fn router() -> Router<AppState> {
            ("format" = Option<String>, Query, description = "`json` (default) or `csv`")),
     responses((status = 200, body = reports::ProcessingReport)),
     security(("bearer" = [])))]
-pub async fn processing(State(state): State<AppState>, who: Principal, mut p: Params) -> Result<Response> {
+pub async fn processing(
+    State(state): State<AppState>,
+    who: Principal,
+    mut p: Params,
+) -> Result<Response> {
     p.allow(&["from", "to", "format"]);
     let (from, to) = (p.time("from"), p.time("to"));
     if let (Some(f), Some(t)) = (from, to) {
@@ -45,7 +49,10 @@ pub async fn processing(State(state): State<AppState>, who: Principal, mut p: Pa
         Ok((
             [
                 (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
-                (header::CONTENT_DISPOSITION, "attachment; filename=\"record-of-processing.csv\""),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"record-of-processing.csv\"",
+                ),
             ],
             body,
         )

@@ -16,7 +16,10 @@ pub fn router() -> Router<AppState> {
 /// Maximum retention per category and per-jurisdiction overrides, in days.
 #[utoipa::path(get, path = "/v1/retention/policy", tag = "retention",
     responses((status = 200, body = RetentionPolicy)), security(("bearer" = [])))]
-pub async fn policy(State(state): State<AppState>, who: Principal) -> Result<Json<RetentionPolicy>> {
+pub async fn policy(
+    State(state): State<AppState>,
+    who: Principal,
+) -> Result<Json<RetentionPolicy>> {
     state.authorize(&who, "retention", "read")?;
     Ok(Json((*state.retention()).clone()))
 }

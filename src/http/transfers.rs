@@ -35,7 +35,11 @@ pub fn router() -> Router<AppState> {
         (status = 403, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
         (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn create(State(state): State<AppState>, who: Principal, JsonBody(body): JsonBody) -> Result<(StatusCode, Json<Recorded>)> {
+pub async fn create(
+    State(state): State<AppState>,
+    who: Principal,
+    JsonBody(body): JsonBody,
+) -> Result<(StatusCode, Json<Recorded>)> {
     let t = NewTransfer::parse(&body, "", Utc::now()).map_err(AppError::Validation)?;
     let mut out = ledger::record(&state, &who, vec![t], false).await?;
     Ok((StatusCode::CREATED, Json(out.remove(0))))
@@ -52,17 +56,36 @@ pub struct BatchRecorded {
     request_body(content = super::openapi::BatchInput, content_type = "application/json"),
     responses((status = 201, body = BatchRecorded), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn create_batch(State(state): State<AppState>, who: Principal, JsonBody(body): JsonBody) -> Result<(StatusCode, Json<BatchRecorded>)> {
+pub async fn create_batch(
+    State(state): State<AppState>,
+    who: Principal,
+    JsonBody(body): JsonBody,
+) -> Result<(StatusCode, Json<BatchRecorded>)> {
     let items = match &body {
         Value::Object(m) if m.len() == 1 && m.contains_key("transfers") => match &m["transfers"] {
-            Value::Array(items) if items.is_empty() => return Err(AppError::validation("transfers", "must not be empty")),
+            Value::Array(items) if items.is_empty() => {
+                return Err(AppError::validation("transfers", "must not be empty"))
+            }
             Value::Array(items) if items.len() > MAX_BATCH => {
-                return Err(AppError::validation("transfers", format!("at most {MAX_BATCH} transfers per batch")))
+                return Err(AppError::validation(
+                    "transfers",
+                    format!("at most {MAX_BATCH} transfers per batch"),
+                ))
             }
             Value::Array(items) => items,
-            _ => return Err(AppError::validation("transfers", "must be an array of transfers")),
+            _ => {
+                return Err(AppError::validation(
+                    "transfers",
+                    "must be an array of transfers",
+                ))
+            }
         },
-        _ => return Err(AppError::validation("body", "must be an object with exactly one field, transfers")),
+        _ => {
+            return Err(AppError::validation(
+                "body",
+                "must be an object with exactly one field, transfers",
+            ))
+        }
     };
     let now = Utc::now();
     let mut parsed = Vec::with_capacity(items.len());
@@ -70,14 +93,22 @@ pub async fn create_batch(State(state): State<AppState>, who: Principal, JsonBod
     for (i, item) in items.iter().enumerate() {
         match NewTransfer::parse(item, "", now) {
             Ok(t) => parsed.push(t),
-            Err(errs) => errors.extend(errs.into_iter().map(|e| FieldError { index: Some(i), ..e })),
+            Err(errs) => errors.extend(errs.into_iter().map(|e| FieldError {
+                index: Some(i),
+                ..e
+            })),
         }
     }
     if !errors.is_empty() {
         return Err(AppError::Validation(errors));
     }
     let out = ledger::record(&state, &who, parsed, true).await?;
-    Ok((StatusCode::CREATED, Json(BatchRecorded { ids: out.into_iter().map(|r| r.id).collect() })))
+    Ok((
+        StatusCode::CREATED,
+        Json(BatchRecorded {
+            ids: out.into_iter().map(|r| r.id).collect(),
+        }),
+    ))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -88,8 +119,18 @@ pub struct TransferPage {
 }
 
 const LIST_PARAMS: &[&str] = &[
-    "carrier_id", "category", "direction", "purpose", "legal_basis", "jurisdiction", "from", "to", "subject", "limit",
-    "cursor", "include",
+    "carrier_id",
+    "category",
+    "direction",
+    "purpose",
+    "legal_basis",
+    "jurisdiction",
+    "from",
+    "to",
+    "subject",
+    "limit",
+    "cursor",
+    "include",
 ];
 
 /// The transfer log, newest first.
@@ -106,26 +147,50 @@ const LIST_PARAMS: &[&str] = &[
         ("X-Access-Reason" = Option<String>, Header, description = "required of privacy officers with include=payload")),
     responses((status = 200, body = TransferPage), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, who: Principal, reason: AccessReason, mut p: Params) -> Result<Json<TransferPage>> {
+pub async fn list(
+    State(state): State<AppState>,
+    who: Principal,
+    reason: AccessReason,
+    mut p: Params,
+) -> Result<Json<TransferPage>> {
     state.authorize(&who, "transfers", "read")?;
     p.allow(LIST_PARAMS);
     let mut f = LogFilter {
         scope: who.scope().map(str::to_string),
         carrier_id: p.get("carrier_id").map(str::to_string),
-        category: p.parse("category", |s| s.parse::<Category>().map(Category::as_str).map_err(|_| format!("must be one of: {}", Category::expected()))),
-        direction: p.parse("direction", |s| s.parse::<Direction>().map(Direction::as_str).map_err(|_| format!("must be one of: {}", Direction::expected()))),
-        purpose: p.parse("purpose", |s| s.parse::<Purpose>().map(Purpose::as_str).map_err(|_| format!("must be one of: {}", Purpose::expected()))),
-        legal_basis: p.parse("legal_basis", |s| s.parse::<LegalBasis>().map(LegalBasis::as_str).map_err(|_| format!("must be one of: {}", LegalBasis::expected()))),
+        category: p.parse("category", |s| {
+            s.parse::<Category>()
+                .map(Category::as_str)
+                .map_err(|_| format!("must be one of: {}", Category::expected()))
+        }),
+        direction: p.parse("direction", |s| {
+            s.parse::<Direction>()
+                .map(Direction::as_str)
+                .map_err(|_| format!("must be one of: {}", Direction::expected()))
+        }),
+        purpose: p.parse("purpose", |s| {
+            s.parse::<Purpose>()
+                .map(Purpose::as_str)
+                .map_err(|_| format!("must be one of: {}", Purpose::expected()))
+        }),
+        legal_basis: p.parse("legal_basis", |s| {
+            s.parse::<LegalBasis>()
+                .map(LegalBasis::as_str)
+                .map_err(|_| format!("must be one of: {}", LegalBasis::expected()))
+        }),
         jurisdiction: p.parse("jurisdiction", |s| Country::parse(s).map(|c| c.to_string())),
         from: p.time("from").map(micros),
         to: p.time("to").map(micros),
-        subject_index: p.parse("subject", |s| SubjectId::parse(s).map(|id| state.keys.blind().of(&id))),
+        subject_index: p.parse("subject", |s| {
+            SubjectId::parse(s).map(|id| state.keys.blind().of(&id))
+        }),
         after: p.parse("cursor", decode_cursor),
-        limit: p.parse("limit", |s| match s.parse::<i64>() {
-            Ok(n) if (1..=1000).contains(&n) => Ok(n),
-            _ => Err("must be a whole number from 1 to 1000".into()),
-        })
-        .unwrap_or(100),
+        limit: p
+            .parse("limit", |s| match s.parse::<i64>() {
+                Ok(n) if (1..=1000).contains(&n) => Ok(n),
+                _ => Err("must be a whole number from 1 to 1000".into()),
+            })
+            .unwrap_or(100),
     };
     let with_payload = match p.get("include") {
         None => false,
@@ -145,7 +210,9 @@ pub async fn list(State(state): State<AppState>, who: Principal, reason: AccessR
     let mut rows = store::list(&state.db, &f).await?;
     let more = rows.len() as i64 == f.limit;
     rows.truncate((f.limit - 1) as usize);
-    let next_cursor = more.then(|| rows.last().map(|r| encode_cursor(r.occurred_at, r.id))).flatten();
+    let next_cursor = more
+        .then(|| rows.last().map(|r| encode_cursor(r.occurred_at, r.id)))
+        .flatten();
     let mut items: Vec<TransferView> = rows.into_iter().map(TransferView::from).collect();
     if with_payload {
         ledger::decrypt(&state, &mut items).await?;
@@ -158,7 +225,12 @@ pub async fn list(State(state): State<AppState>, who: Principal, reason: AccessR
     params(("id" = Uuid, Path), ("X-Access-Reason" = Option<String>, Header, description = "required of privacy officers")),
     responses((status = 200, body = TransferView), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn show(State(state): State<AppState>, who: Principal, reason: AccessReason, Path(id): Path<String>) -> Result<Json<TransferView>> {
+pub async fn show(
+    State(state): State<AppState>,
+    who: Principal,
+    reason: AccessReason,
+    Path(id): Path<String>,
+) -> Result<Json<TransferView>> {
     state.authorize(&who, "transfers", "read")?;
     require_decrypt(&state, &who, &reason)?;
     // A malformed id names no record: the same answer as a missing one.
@@ -184,8 +256,13 @@ fn encode_cursor(occurred_at: i64, id: Uuid) -> String {
 
 fn decode_cursor(s: &str) -> Result<(i64, Uuid), String> {
     let bad = || "is not a cursor this service issued".to_string();
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| bad())?;
     let text = String::from_utf8(raw).map_err(|_| bad())?;
     let (at, id) = text.split_once(':').ok_or_else(bad)?;
-    Ok((at.parse().map_err(|_| bad())?, Uuid::parse_str(id).map_err(|_| bad())?))
+    Ok((
+        at.parse().map_err(|_| bad())?,
+        Uuid::parse_str(id).map_err(|_| bad())?,
+    ))
 }

@@ -42,7 +42,13 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
     let (mut subject_index, mut subject_key_id, mut subject_sealed) = (None, None, None);
     if let Some(subject) = &c.subject {
         let bi = state.keys.blind().of(subject);
-        let keys = crate::ledger::transfers::resolve_subject_keys(state, &mut tx, c.carrier_id.as_str(), vec![bi.clone()]).await?;
+        let keys = crate::ledger::transfers::resolve_subject_keys(
+            state,
+            &mut tx,
+            c.carrier_id.as_str(),
+            vec![bi.clone()],
+        )
+        .await?;
         let (key_id, key) = &keys[&bi];
         let field = match subject {
             crate::domain::SubjectId::Phone(_) => "phone_number",
@@ -50,7 +56,10 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
         };
         let mut m = Map::new();
         m.insert(field.into(), subject.as_str().into());
-        subject_sealed = Some(key.seal(&subject_aad(&c.reference, *key_id), &serde_json::to_vec(&m).expect("map")));
+        subject_sealed = Some(key.seal(
+            &subject_aad(&c.reference, *key_id),
+            &serde_json::to_vec(&m).expect("map"),
+        ));
         subject_index = Some(bi);
         subject_key_id = Some(*key_id);
     }
@@ -62,7 +71,12 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
         subject_index,
         subject_key_id,
         subject_sealed,
-        countries: c.countries.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(","),
+        countries: c
+            .countries
+            .iter()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
         status: ConsentStatus::Active.as_str().into(),
         granted_at: micros(c.granted_at),
         status_changed_at: now,
@@ -72,7 +86,10 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
     store::insert(&mut tx, &row)
         .await
         .on_constraint("consents_pkey|consents.reference", || {
-            AppError::Conflict(format!("consent reference {:?} is already registered", c.reference))
+            AppError::Conflict(format!(
+                "consent reference {:?} is already registered",
+                c.reference
+            ))
         })?;
     tx.commit().await?;
     view(state, row).await
@@ -86,31 +103,56 @@ pub async fn get(state: &AppState, who: &Principal, reference: &str) -> Result<C
     view(state, row).await
 }
 
-pub async fn set_status(state: &AppState, who: &Principal, reference: &str, to: ConsentStatus) -> Result<ConsentView> {
+pub async fn set_status(
+    state: &AppState,
+    who: &Principal,
+    reference: &str,
+    to: ConsentStatus,
+) -> Result<ConsentView> {
     let not_found = || AppError::NotFound(format!("no consent {reference:?}"));
-    let row = store::get(&state.db, reference, who.scope()).await?.ok_or_else(not_found)?;
-    let carrier = CarrierId::parse(&row.carrier_id).map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
+    let row = store::get(&state.db, reference, who.scope())
+        .await?
+        .ok_or_else(not_found)?;
+    let carrier =
+        CarrierId::parse(&row.carrier_id).map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
     state.authorize_for(who, &carrier, "consents", "write")?;
-    let kind: ConsentKind = row.kind.parse().map_err(|_| AppError::Internal(anyhow::anyhow!("bad consent kind")))?;
-    let from: ConsentStatus = row.status.parse().map_err(|_| AppError::Internal(anyhow::anyhow!("bad consent status")))?;
+    let kind: ConsentKind = row
+        .kind
+        .parse()
+        .map_err(|_| AppError::Internal(anyhow::anyhow!("bad consent kind")))?;
+    let from: ConsentStatus = row
+        .status
+        .parse()
+        .map_err(|_| AppError::Internal(anyhow::anyhow!("bad consent status")))?;
     if from == to {
         return view(state, row).await;
     }
-    kind.may_move(from, to).map_err(|m| AppError::Conflict(format!("consent {reference:?}: {m}")))?;
+    kind.may_move(from, to)
+        .map_err(|m| AppError::Conflict(format!("consent {reference:?}: {m}")))?;
     let mut tx = state.db.begin().await?;
-    if !store::set_status(&mut tx, reference, from.as_str(), to.as_str(), micros(Utc::now())).await? {
-        return Err(AppError::Conflict(format!("consent {reference:?} changed meanwhile; read it and retry")));
+    if !store::set_status(
+        &mut tx,
+        reference,
+        from.as_str(),
+        to.as_str(),
+        micros(Utc::now()),
+    )
+    .await?
+    {
+        return Err(AppError::Conflict(format!(
+            "consent {reference:?} changed meanwhile; read it and retry"
+        )));
     }
     tx.commit().await?;
-    let row = store::get(&state.db, reference, who.scope()).await?.ok_or_else(not_found)?;
+    let row = store::get(&state.db, reference, who.scope())
+        .await?
+        .ok_or_else(not_found)?;
     view(state, row).await
 }
 
 async fn view(state: &AppState, row: ConsentRow) -> Result<ConsentView> {
     let subject = match (&row.subject_key_id, &row.subject_sealed) {
-        (Some(key_id), Some(sealed)) => {
-            Some(open_subject(state, &row, *key_id, sealed).await?)
-        }
+        (Some(key_id), Some(sealed)) => Some(open_subject(state, &row, *key_id, sealed).await?),
         (None, Some(_)) => Some(Value::Null),
         _ => None,
     };
@@ -128,7 +170,12 @@ async fn view(state: &AppState, row: ConsentRow) -> Result<ConsentView> {
     })
 }
 
-async fn open_subject(state: &AppState, row: &ConsentRow, key_id: Uuid, sealed: &[u8]) -> Result<Value> {
+async fn open_subject(
+    state: &AppState,
+    row: &ConsentRow,
+    key_id: Uuid,
+    sealed: &[u8],
+) -> Result<Value> {
     let Some(key_row) = crate::storage::keys::subject_key_by_id(&state.db, key_id).await? else {
         return Ok(Value::Null);
     };
@@ -139,5 +186,6 @@ async fn open_subject(state: &AppState, row: &ConsentRow, key_id: Uuid, sealed: 
     let pt = key
         .open(&subject_aad(&row.reference, key_id), sealed)
         .map_err(|e| AppError::Integrity(format!("consent {} subject: {e}", row.reference)))?;
-    serde_json::from_slice(&pt).map_err(|_| AppError::Integrity(format!("consent {} subject is not JSON", row.reference)))
+    serde_json::from_slice(&pt)
+        .map_err(|_| AppError::Integrity(format!("consent {} subject is not JSON", row.reference)))
 }

@@ -27,6 +27,9 @@ pub struct ProcessingReport {
     pub activities: Vec<Activity>,
 }
 
+/// carrier, category, purpose, legal basis, direction.
+type ActivityKey = (String, String, String, String, String);
+
 /// One processing activity: carrier × category × purpose × legal basis × direction.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Activity {
@@ -55,14 +58,21 @@ pub async fn processing(
     to: Option<DateTime<Utc>>,
 ) -> Result<ProcessingReport> {
     state.authorize(who, "reports", "read")?;
-    let groups = store::processing_groups(&state.db, who.scope(), from.map(micros), to.map(micros)).await?;
+    let groups =
+        store::processing_groups(&state.db, who.scope(), from.map(micros), to.map(micros)).await?;
     let retention = state.retention();
     let master_version = state.keys.current_version();
 
-    let mut merged: BTreeMap<(String, String, String, String, String), (i64, Vec<String>)> = BTreeMap::new();
+    let mut merged: BTreeMap<ActivityKey, (i64, Vec<String>)> = BTreeMap::new();
     for g in groups {
         let e = merged
-            .entry((g.carrier_id, g.category, g.purpose, g.legal_basis, g.direction))
+            .entry((
+                g.carrier_id,
+                g.category,
+                g.purpose,
+                g.legal_basis,
+                g.direction,
+            ))
             .or_default();
         e.0 += g.transfers;
         e.1.push(g.jurisdiction);
@@ -111,8 +121,14 @@ pub async fn processing(
         generated_at: Utc::now(),
         from,
         to,
-        controller: Party { name: c.controller.name.clone(), contact: c.controller.contact.clone() },
-        data_protection_officer: Party { name: c.dpo.name.clone(), contact: c.dpo.contact.clone() },
+        controller: Party {
+            name: c.controller.name.clone(),
+            contact: c.controller.contact.clone(),
+        },
+        data_protection_officer: Party {
+            name: c.dpo.name.clone(),
+            contact: c.dpo.contact.clone(),
+        },
         activities,
     })
 }
@@ -140,7 +156,11 @@ pub fn to_csv(report: &ProcessingReport) -> anyhow::Result<String> {
         "data_protection_officer",
     ])?;
     let party = |p: &Party| {
-        [p.name.as_deref(), p.contact.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(", ")
+        [p.name.as_deref(), p.contact.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     for a in &report.activities {
         w.write_record([

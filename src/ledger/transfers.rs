@@ -20,6 +20,12 @@ use crate::storage::keys::{self, SubjectKeyRow};
 use crate::storage::transfers::{self as store, NewLookup, NewRecord, NewSlot, TransferRow};
 use crate::storage::{from_micros, micros, Tx};
 
+/// Blind indexes of one slot: the key's, and every identifier's.
+struct SlotIndex {
+    key: Vec<u8>,
+    identifiers: Vec<Vec<u8>>,
+}
+
 /// Most transfers one batch may carry.
 pub const MAX_BATCH: usize = 10_000;
 
@@ -31,25 +37,38 @@ pub struct Recorded {
 }
 
 fn at(index: Option<usize>, field: &str, message: impl Into<String>) -> FieldError {
-    FieldError { index, field: field.to_string(), message: message.into() }
+    FieldError {
+        index,
+        field: field.to_string(),
+        message: message.into(),
+    }
 }
 
 fn prefix(index: Option<usize>) -> String {
-    index.map(|i| format!("transfers[{i}]: ")).unwrap_or_default()
+    index
+        .map(|i| format!("transfers[{i}]: "))
+        .unwrap_or_default()
 }
 
 /// Records transfers all or nothing, in one transaction. `batch` says whether
 /// errors should carry item indexes.
-pub async fn record(state: &AppState, who: &Principal, items: Vec<NewTransfer>, batch: bool) -> Result<Vec<Recorded>> {
+pub async fn record(
+    state: &AppState,
+    who: &Principal,
+    items: Vec<NewTransfer>,
+    batch: bool,
+) -> Result<Vec<Recorded>> {
     let idx = |i: usize| batch.then_some(i);
 
     // Authorization first: a caller learns nothing about data it may not write.
     for (i, t) in items.iter().enumerate() {
         let obj = format!("transfers/{}", t.direction);
-        state.authorize_for(who, &t.carrier_id, &obj, "write").map_err(|e| match e {
-            AppError::Forbidden(m) => AppError::Forbidden(format!("{}{m}", prefix(idx(i)))),
-            other => other,
-        })?;
+        state
+            .authorize_for(who, &t.carrier_id, &obj, "write")
+            .map_err(|e| match e {
+                AppError::Forbidden(m) => AppError::Forbidden(format!("{}{m}", prefix(idx(i)))),
+                other => other,
+            })?;
     }
 
     let retention = state.retention();
@@ -93,7 +112,9 @@ pub async fn record(state: &AppState, who: &Principal, items: Vec<NewTransfer>, 
             }
             Err(AppError::Conflict(m)) if m == RETRY && attempt < 3 => continue,
             Err(AppError::Conflict(m)) if m == RETRY => {
-                return Err(AppError::Conflict("concurrent writes with the same idempotency key; retry".into()))
+                return Err(AppError::Conflict(
+                    "concurrent writes with the same idempotency key; retry".into(),
+                ))
             }
             Err(e) => return Err(e),
         }
@@ -130,7 +151,9 @@ async fn write(
     let mut first_in_batch: HashMap<(String, String), usize> = HashMap::new();
     let mut conflicts = Vec::new();
     for (i, t) in items.iter().enumerate() {
-        let Some(k) = &t.idempotency_key else { continue };
+        let Some(k) = &t.idempotency_key else {
+            continue;
+        };
         let key = (t.carrier_id.to_string(), k.clone());
         if let Some(row) = existing.get(&key) {
             if row.request_hash.as_deref() != Some(&t.request_hash[..]) {
@@ -146,7 +169,10 @@ async fn write(
             });
         } else if let Some(&j) = first_in_batch.get(&key) {
             if items[j].request_hash != t.request_hash {
-                conflicts.push(format!("{}idempotency_key {k:?} repeats item {j} with a different transfer", prefix(idx(i))));
+                conflicts.push(format!(
+                    "{}idempotency_key {k:?} repeats item {j} with a different transfer",
+                    prefix(idx(i))
+                ));
             }
         } else {
             first_in_batch.insert(key, i);
@@ -160,20 +186,25 @@ async fn write(
     let fresh: Vec<usize> = (0..items.len())
         .filter(|&i| results[i].is_none())
         .filter(|&i| match &items[i].idempotency_key {
-            Some(k) => first_in_batch.get(&(items[i].carrier_id.to_string(), k.clone())) == Some(&i),
+            Some(k) => {
+                first_in_batch.get(&(items[i].carrier_id.to_string(), k.clone())) == Some(&i)
+            }
             None => true,
         })
         .collect();
 
     // Subject keys, per carrier: existing ones in one query, new ones in one insert.
     let blind = state.keys.blind();
-    let mut slot_index: Vec<Vec<(Vec<u8>, Vec<Vec<u8>>)>> = Vec::with_capacity(items.len());
+    let mut slot_index: Vec<Vec<SlotIndex>> = Vec::with_capacity(items.len());
     for t in items {
         slot_index.push(
             t.payload
                 .slots
                 .iter()
-                .map(|s| (blind.of(&s.key), s.identifiers.iter().map(|id| blind.of(id)).collect()))
+                .map(|s| SlotIndex {
+                    key: blind.of(&s.key),
+                    identifiers: s.identifiers.iter().map(|id| blind.of(id)).collect(),
+                })
                 .collect(),
         );
     }
@@ -181,8 +212,11 @@ async fn write(
 
     let mut wanted: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
     for &i in &fresh {
-        for (key_index, _) in &slot_index[i] {
-            wanted.entry(items[i].carrier_id.as_str()).or_default().push(key_index.clone());
+        for SlotIndex { key: key_index, .. } in &slot_index[i] {
+            wanted
+                .entry(items[i].carrier_id.as_str())
+                .or_default()
+                .push(key_index.clone());
         }
     }
     let mut subject_keys: HashMap<(String, Vec<u8>), (Uuid, Key)> = HashMap::new();
@@ -200,11 +234,24 @@ async fn write(
         let id = Uuid::now_v7();
         let carrier = t.carrier_id.to_string();
         let mut to_seal = Vec::with_capacity(t.payload.slots.len());
-        for (slot, (key_index, identifiers)) in t.payload.slots.iter().zip(&slot_index[i]) {
-            let (key_id, key) = subject_keys.get(&(carrier.clone(), key_index.clone())).expect("resolved above");
+        for (
+            slot,
+            SlotIndex {
+                key: key_index,
+                identifiers,
+            },
+        ) in t.payload.slots.iter().zip(&slot_index[i])
+        {
+            let (key_id, key) = subject_keys
+                .get(&(carrier.clone(), key_index.clone()))
+                .expect("resolved above");
             to_seal.push((slot.name, *key_id, key, &slot.fields));
             for bi in identifiers {
-                lookups.push(NewLookup { blind_index: bi.clone(), occurred_at: micros(t.occurred_at), transfer_id: id });
+                lookups.push(NewLookup {
+                    blind_index: bi.clone(),
+                    occurred_at: micros(t.occurred_at),
+                    transfer_id: id,
+                });
             }
         }
         let (body, sealed_slots) = envelope::seal_record(id, &t.payload.body, &to_seal);
@@ -231,24 +278,36 @@ async fn write(
             request_hash: t.request_hash.to_vec(),
             body,
         });
-        results[i] = Some(Recorded { id, recorded_at: from_micros(micros(now)), retain_until: from_micros(micros(retain[i])) });
+        results[i] = Some(Recorded {
+            id,
+            recorded_at: from_micros(micros(now)),
+            retain_until: from_micros(micros(retain[i])),
+        });
     }
 
     store::insert_records(tx, &records)
         .await
-        .on_constraint("transfers_idempotency|transfers.idempotency_key", || AppError::Conflict(RETRY.into()))?;
+        .on_constraint("transfers_idempotency|transfers.idempotency_key", || {
+            AppError::Conflict(RETRY.into())
+        })?;
     store::insert_slots(tx, &slots).await?;
     store::insert_lookups(tx, &lookups).await?;
 
     // Repeats within the batch share their first occurrence's result.
     for i in 0..items.len() {
         if results[i].is_none() {
-            let k = items[i].idempotency_key.clone().expect("only keyed repeats are left");
+            let k = items[i]
+                .idempotency_key
+                .clone()
+                .expect("only keyed repeats are left");
             let j = first_in_batch[&(items[i].carrier_id.to_string(), k)];
             results[i] = results[j].clone();
         }
     }
-    Ok(results.into_iter().map(|r| r.expect("every item resolved")).collect())
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every item resolved"))
+        .collect())
 }
 
 /// The subject keys of `carrier` for the given blind indexes, creating the
@@ -262,14 +321,20 @@ pub(crate) async fn resolve_subject_keys(
     indexes.sort();
     indexes.dedup();
     let unwrap = |row: &SubjectKeyRow| {
-        state.keys.subject_key(row).map_err(|e| AppError::Integrity(format!("subject key {}: {e}", row.id)))
+        state
+            .keys
+            .subject_key(row)
+            .map_err(|e| AppError::Integrity(format!("subject key {}: {e}", row.id)))
     };
     let mut out = HashMap::with_capacity(indexes.len());
     for row in keys::subject_keys_by_index(tx, carrier, &indexes).await? {
         let key = unwrap(&row)?;
         out.insert(row.blind_index, (row.id, key));
     }
-    let missing: Vec<Vec<u8>> = indexes.into_iter().filter(|bi| !out.contains_key(bi)).collect();
+    let missing: Vec<Vec<u8>> = indexes
+        .into_iter()
+        .filter(|bi| !out.contains_key(bi))
+        .collect();
     if missing.is_empty() {
         return Ok(out);
     }
@@ -299,24 +364,36 @@ async fn check_consents(
     tx: &mut Tx,
     items: &[NewTransfer],
     fresh: &[usize],
-    slot_index: &[Vec<(Vec<u8>, Vec<Vec<u8>>)>],
+    slot_index: &[Vec<SlotIndex>],
     batch: bool,
 ) -> Result<()> {
-    let mut refs: Vec<&str> = fresh.iter().filter_map(|&i| items[i].consent.as_ref().map(|c| c.reference.as_str())).collect();
+    let mut refs: Vec<&str> = fresh
+        .iter()
+        .filter_map(|&i| items[i].consent.as_ref().map(|c| c.reference.as_str()))
+        .collect();
     if refs.is_empty() {
         return Ok(());
     }
     refs.sort_unstable();
     refs.dedup();
-    let rows: HashMap<String, ConsentRow> =
-        crate::storage::consents::get_many(tx, &refs).await?.into_iter().map(|r| (r.reference.clone(), r)).collect();
+    let rows: HashMap<String, ConsentRow> = crate::storage::consents::get_many(tx, &refs)
+        .await?
+        .into_iter()
+        .map(|r| (r.reference.clone(), r))
+        .collect();
     let mut problems = Vec::new();
     for &i in fresh {
         let t = &items[i];
         let Some(c) = &t.consent else { continue };
-        let row = rows.get(&c.reference).filter(|r| r.carrier_id == t.carrier_id.as_str());
+        let row = rows
+            .get(&c.reference)
+            .filter(|r| r.carrier_id == t.carrier_id.as_str());
         if let Err(m) = consent_covers(t, row, &slot_index[i]) {
-            problems.push(format!("{}consent {:?} {m}", prefix(batch.then_some(i)), c.reference));
+            problems.push(format!(
+                "{}consent {:?} {m}",
+                prefix(batch.then_some(i)),
+                c.reference
+            ));
         }
     }
     if problems.is_empty() {
@@ -326,20 +403,31 @@ async fn check_consents(
     }
 }
 
-fn consent_covers(t: &NewTransfer, row: Option<&ConsentRow>, slot_index: &[(Vec<u8>, Vec<Vec<u8>>)]) -> Result<(), String> {
+fn consent_covers(
+    t: &NewTransfer,
+    row: Option<&ConsentRow>,
+    slot_index: &[SlotIndex],
+) -> Result<(), String> {
     let Some(row) = row else {
         return Err(format!("does not exist for carrier {}", t.carrier_id));
     };
     if row.status != ConsentStatus::Active.as_str() {
         return Err(format!("is {}, not active", row.status));
     }
-    if !row.countries.split(',').any(|c| c == t.jurisdiction.as_str()) {
+    if !row
+        .countries
+        .split(',')
+        .any(|c| c == t.jurisdiction.as_str())
+    {
         return Err(format!("does not cover jurisdiction {}", t.jurisdiction));
     }
     if row.granted_at > micros(t.occurred_at) {
         return Err("was granted after the transfer occurred".into());
     }
-    let kind: ConsentKind = row.kind.parse().map_err(|_| "has an unknown kind".to_string())?;
+    let kind: ConsentKind = row
+        .kind
+        .parse()
+        .map_err(|_| "has an unknown kind".to_string())?;
     match (t.category, t.legal_basis, kind) {
         (Category::NumberAssignment, _, ConsentKind::CustomerOperator) => {
             let tenant = t.payload.body.get("customer_tenant_id").and_then(Value::as_str);
@@ -355,7 +443,7 @@ fn consent_covers(t: &NewTransfer, row: Option<&ConsentRow>, slot_index: &[(Vec<
         }
         (_, _, ConsentKind::DataSubject) => {
             let subject = row.subject_index.as_deref();
-            let covers = slot_index.iter().any(|(_, ids)| ids.iter().any(|bi| Some(bi.as_slice()) == subject));
+            let covers = slot_index.iter().any(|s| s.identifiers.iter().any(|bi| Some(bi.as_slice()) == subject));
             if !covers {
                 return Err("is not the consent of a data subject of this transfer".into());
             }
@@ -419,19 +507,35 @@ pub async fn decrypt(state: &AppState, views: &mut [TransferView]) -> Result<()>
         by_record.entry(s.transfer_id).or_default().push(s);
     }
     for v in views.iter_mut() {
-        let integrity = |what: &str, e: crate::crypto::IntegrityError| AppError::Integrity(format!("record {} {what}: {e}", v.id));
-        let category: Category = v.category.parse().map_err(|_| AppError::Integrity(format!("record {} category", v.id)))?;
+        let integrity = |what: &str, e: crate::crypto::IntegrityError| {
+            AppError::Integrity(format!("record {} {what}: {e}", v.id))
+        };
+        let category: Category = v
+            .category
+            .parse()
+            .map_err(|_| AppError::Integrity(format!("record {} category", v.id)))?;
         let mut cek = None;
         let mut opened = Vec::new();
         for s in by_record.remove(&v.id).unwrap_or_default() {
             let key = state
                 .keys
-                .unwrap_subject(s.subject_key_id, &s.carrier_id, s.master_version, &s.wrapped_key)
+                .unwrap_subject(
+                    s.subject_key_id,
+                    &s.carrier_id,
+                    s.master_version,
+                    &s.wrapped_key,
+                )
                 .map_err(|e| integrity("subject key", e))?;
-            let (k, fields) =
-                envelope::open_slot(v.id, &s.slot, s.subject_key_id, &key, &s.sealed).map_err(|e| integrity("slot", e))?;
-            if cek.as_ref().is_some_and(|c: &crate::crypto::RawKey| **c != *k) {
-                return Err(integrity("slots", crate::crypto::IntegrityError("slots disagree on the content key")));
+            let (k, fields) = envelope::open_slot(v.id, &s.slot, s.subject_key_id, &key, &s.sealed)
+                .map_err(|e| integrity("slot", e))?;
+            if cek
+                .as_ref()
+                .is_some_and(|c: &crate::crypto::RawKey| **c != *k)
+            {
+                return Err(integrity(
+                    "slots",
+                    crate::crypto::IntegrityError("slots disagree on the content key"),
+                ));
             }
             cek = Some(k);
             opened.push((s.slot, fields));
@@ -441,15 +545,25 @@ pub async fn decrypt(state: &AppState, views: &mut [TransferView]) -> Result<()>
             v.payload = Some(Value::Null);
             continue;
         };
-        let sealed_body = bodies.get(&v.id).ok_or_else(|| AppError::Integrity(format!("record {} has no body", v.id)))?;
-        let body: Map<String, Value> = envelope::open_body(v.id, &cek, sealed_body).map_err(|e| integrity("body", e))?;
+        let sealed_body = bodies
+            .get(&v.id)
+            .ok_or_else(|| AppError::Integrity(format!("record {} has no body", v.id)))?;
+        let body: Map<String, Value> =
+            envelope::open_body(v.id, &cek, sealed_body).map_err(|e| integrity("body", e))?;
         v.payload = Some(Payload::assemble(category, body, opened));
     }
     Ok(())
 }
 
-pub async fn get(state: &AppState, who: &Principal, id: Uuid, with_payload: bool) -> Result<TransferView> {
-    let row = store::get(&state.db, id, who.scope()).await?.ok_or_else(|| AppError::NotFound(format!("no transfer {id}")))?;
+pub async fn get(
+    state: &AppState,
+    who: &Principal,
+    id: Uuid,
+    with_payload: bool,
+) -> Result<TransferView> {
+    let row = store::get(&state.db, id, who.scope())
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no transfer {id}")))?;
     let mut views = [TransferView::from(row)];
     if with_payload {
         decrypt(state, &mut views).await?;

@@ -42,19 +42,31 @@ impl RetentionPolicy {
             let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
             format!("retention.toml line {line}: {}", e.message())
         })?;
-        let at = |span: std::ops::Range<usize>, msg: String| format!("retention.toml line {}: {msg}", line_of(text, span.start));
+        let at = |span: std::ops::Range<usize>, msg: String| {
+            format!("retention.toml line {}: {msg}", line_of(text, span.start))
+        };
         let days = |v: &Spanned<i64>| -> Result<u32, String> {
             let d = *v.get_ref();
             if d <= 0 || d > MAX_DAYS {
-                Err(at(v.span(), format!("retention must be from 1 to {MAX_DAYS} days, not {d}")))
+                Err(at(
+                    v.span(),
+                    format!("retention must be from 1 to {MAX_DAYS} days, not {d}"),
+                ))
             } else {
                 Ok(d as u32)
             }
         };
         let category = |k: &Spanned<String>| -> Result<Category, String> {
-            k.get_ref()
-                .parse::<Category>()
-                .map_err(|_| at(k.span(), format!("unknown category {:?}; expected one of: {}", k.get_ref(), Category::expected())))
+            k.get_ref().parse::<Category>().map_err(|_| {
+                at(
+                    k.span(),
+                    format!(
+                        "unknown category {:?}; expected one of: {}",
+                        k.get_ref(),
+                        Category::expected()
+                    ),
+                )
+            })
         };
 
         let mut categories = BTreeMap::new();
@@ -63,19 +75,25 @@ impl RetentionPolicy {
         }
         for c in Category::ALL {
             if !categories.contains_key(c.as_str()) {
-                return Err(format!("retention.toml: [categories] has no maximum for {c}"));
+                return Err(format!(
+                    "retention.toml: [categories] has no maximum for {c}"
+                ));
             }
         }
         let mut jurisdictions = BTreeMap::new();
         for (j, overrides) in &raw.jurisdictions {
-            let country = Country::parse(j.get_ref()).map_err(|e| at(j.span(), format!("jurisdiction {:?} {e}", j.get_ref())))?;
+            let country = Country::parse(j.get_ref())
+                .map_err(|e| at(j.span(), format!("jurisdiction {:?} {e}", j.get_ref())))?;
             let mut map = BTreeMap::new();
             for (k, v) in overrides {
                 map.insert(category(k)?.as_str().to_string(), days(v)?);
             }
             jurisdictions.insert(country.to_string(), map);
         }
-        Ok(Self { categories, jurisdictions })
+        Ok(Self {
+            categories,
+            jurisdictions,
+        })
     }
 
     pub fn default_policy() -> Self {
@@ -116,7 +134,10 @@ impl RetentionPolicy {
     /// A human summary of the erasure time limits for a category, for the
     /// record of processing.
     pub fn describe(&self, category: Category) -> String {
-        let mut s = format!("{} days after the transfer", self.categories[category.as_str()]);
+        let mut s = format!(
+            "{} days after the transfer",
+            self.categories[category.as_str()]
+        );
         let overrides: Vec<_> = self
             .jurisdictions
             .iter()
@@ -138,7 +159,10 @@ mod tests {
         let p = RetentionPolicy::default_policy();
         let us = Country::parse("US").unwrap();
         let fr = Country::parse("FR").unwrap();
-        assert!(p.max_days(Category::CallDetailRecord, &us) > p.max_days(Category::CallDetailRecord, &fr));
+        assert!(
+            p.max_days(Category::CallDetailRecord, &us)
+                > p.max_days(Category::CallDetailRecord, &fr)
+        );
     }
 
     #[test]
@@ -146,8 +170,14 @@ mod tests {
         let p = RetentionPolicy::default_policy();
         let fr = Country::parse("FR").unwrap();
         let t = Utc::now();
-        assert_eq!(p.retain_until(Category::CallQuality, &fr, t, Some(1)).unwrap(), t + Duration::days(1));
-        assert!(p.retain_until(Category::CallQuality, &fr, t, Some(100_000)).is_err());
+        assert_eq!(
+            p.retain_until(Category::CallQuality, &fr, t, Some(1))
+                .unwrap(),
+            t + Duration::days(1)
+        );
+        assert!(p
+            .retain_until(Category::CallQuality, &fr, t, Some(100_000))
+            .is_err());
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub struct ConsentRow {
     pub created_by: String,
 }
 
-const COLUMNS: &str = "reference, kind, carrier_id, customer_tenant_id, subject_index, subject_key_id, \
+const COLUMNS: &str =
+    "reference, kind, carrier_id, customer_tenant_id, subject_index, subject_key_id, \
      subject_sealed, countries, status, granted_at, status_changed_at, created_at, created_by";
 
 pub async fn insert(tx: &mut Tx, r: &ConsentRow) -> sqlx::Result<()> {
@@ -50,7 +51,11 @@ pub async fn insert(tx: &mut Tx, r: &ConsentRow) -> sqlx::Result<()> {
     Ok(())
 }
 
-pub async fn get(db: &Db, reference: &str, scope: Option<&str>) -> sqlx::Result<Option<ConsentRow>> {
+pub async fn get(
+    db: &Db,
+    reference: &str,
+    scope: Option<&str>,
+) -> sqlx::Result<Option<ConsentRow>> {
     on_db!(db, c => {
         sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM consents WHERE reference = $1 AND ($2 IS NULL OR carrier_id = $2)"
@@ -86,7 +91,13 @@ pub async fn get_many(tx: &mut Tx, references: &[&str]) -> sqlx::Result<Vec<Cons
 }
 
 /// Moves a consent from `from` to `to`; false if its status changed meanwhile.
-pub async fn set_status(tx: &mut Tx, reference: &str, from: &str, to: &str, now: i64) -> sqlx::Result<bool> {
+pub async fn set_status(
+    tx: &mut Tx,
+    reference: &str,
+    from: &str,
+    to: &str,
+    now: i64,
+) -> sqlx::Result<bool> {
     let done = on_tx!(tx, c => {
         sqlx::query("UPDATE consents SET status = $1, status_changed_at = $2 WHERE reference = $3 AND status = $4")
             .bind(to)

@@ -21,7 +21,13 @@ pub async fn keyring(db: &Db) -> sqlx::Result<Vec<KeyringRow>> {
 }
 
 /// Inserts a keyring entry unless one exists (another instance won the race).
-pub async fn insert_keyring(tx: &mut Tx, purpose: &str, version: i64, wrapped: &[u8], now: i64) -> sqlx::Result<()> {
+pub async fn insert_keyring(
+    tx: &mut Tx,
+    purpose: &str,
+    version: i64,
+    wrapped: &[u8],
+    now: i64,
+) -> sqlx::Result<()> {
     on_tx!(tx, c => {
         sqlx::query(
             "INSERT INTO keyring (purpose, version, wrapped, created_at) VALUES ($1, $2, $3, $4)
@@ -48,7 +54,11 @@ pub struct SubjectKeyRow {
 }
 
 /// The subject keys of `carrier` for the given blind indexes.
-pub async fn subject_keys_by_index(tx: &mut Tx, carrier: &str, indexes: &[Vec<u8>]) -> sqlx::Result<Vec<SubjectKeyRow>> {
+pub async fn subject_keys_by_index(
+    tx: &mut Tx,
+    carrier: &str,
+    indexes: &[Vec<u8>],
+) -> sqlx::Result<Vec<SubjectKeyRow>> {
     let mut out = Vec::with_capacity(indexes.len());
     for chunk in indexes.chunks(MAX_BINDS / 2) {
         let rows: Vec<SubjectKeyRow> = on_tx!(tx, c, DB => {
@@ -70,7 +80,11 @@ pub async fn subject_keys_by_index(tx: &mut Tx, carrier: &str, indexes: &[Vec<u8
 
 /// Inserts new subject keys, skipping any that a concurrent writer created
 /// first; the caller re-reads to learn the winners.
-pub async fn insert_subject_keys(tx: &mut Tx, rows: &[SubjectKeyRow], now: i64) -> sqlx::Result<()> {
+pub async fn insert_subject_keys(
+    tx: &mut Tx,
+    rows: &[SubjectKeyRow],
+    now: i64,
+) -> sqlx::Result<()> {
     for chunk in rows.chunks(MAX_BINDS / 6) {
         on_tx!(tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new(

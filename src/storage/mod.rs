@@ -29,7 +29,10 @@ pub enum Db {
     /// SQLite allows one writer at a time; a single-connection write pool
     /// queues writers in the application instead of failing them with
     /// SQLITE_BUSY, and lets readers proceed in parallel (WAL).
-    Sqlite { read: SqlitePool, write: SqlitePool },
+    Sqlite {
+        read: SqlitePool,
+        write: SqlitePool,
+    },
     Postgres(PgPool),
 }
 
@@ -115,7 +118,10 @@ impl Db {
             let read = if in_memory {
                 write.clone()
             } else {
-                SqlitePoolOptions::new().max_connections(max_connections.max(2)).connect_with(opts).await?
+                SqlitePoolOptions::new()
+                    .max_connections(max_connections.max(2))
+                    .connect_with(opts)
+                    .await?
             };
             Ok(Self::Sqlite { read, write })
         } else {

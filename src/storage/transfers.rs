@@ -143,7 +143,11 @@ pub async fn insert_lookups(tx: &mut Tx, lookups: &[NewLookup]) -> sqlx::Result<
 }
 
 /// Records of `carrier` already stored under the given idempotency keys.
-pub async fn by_idempotency_keys(tx: &mut Tx, carrier: &str, keys: &[&str]) -> sqlx::Result<Vec<IdempotentRow>> {
+pub async fn by_idempotency_keys(
+    tx: &mut Tx,
+    carrier: &str,
+    keys: &[&str],
+) -> sqlx::Result<Vec<IdempotentRow>> {
     let mut out = Vec::new();
     for chunk in keys.chunks(MAX_BINDS / 2) {
         let rows: Vec<IdempotentRow> = on_tx!(tx, c, DB => {
@@ -287,7 +291,12 @@ pub struct ProcessingGroup {
     pub transfers: i64,
 }
 
-pub async fn processing_groups(db: &Db, scope: Option<&str>, from: Option<i64>, to: Option<i64>) -> sqlx::Result<Vec<ProcessingGroup>> {
+pub async fn processing_groups(
+    db: &Db,
+    scope: Option<&str>,
+    from: Option<i64>,
+    to: Option<i64>,
+) -> sqlx::Result<Vec<ProcessingGroup>> {
     on_db!(db, c => {
         sqlx::query_as(
             "SELECT carrier_id, category, purpose, legal_basis, direction, jurisdiction, COUNT(*) AS transfers

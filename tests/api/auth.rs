@@ -1,0 +1,303 @@
+//! Authentication and authorization: every endpoint × every role, and
+//! carriers kept apart.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use transfer_ledger::auth::Role;
+
+use crate::both;
+use crate::helpers::*;
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn sign(claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn claims() -> Value {
+    json!({"sub": "po", "role": "privacy_officer", "iss": "transfer-ledger", "aud": "transfer-ledger",
+           "exp": now() + 600, "nbf": now() - 10, "iat": now() - 10})
+}
+
+async fn bad_tokens_are_rejected(app: TestApp) {
+    let b64 = |v: &Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let with = |k: &str, v: Value| {
+        let mut c = claims();
+        c[k] = v;
+        sign(&c, JWT_SECRET)
+    };
+    let without = |k: &str| {
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove(k);
+        sign(&c, JWT_SECRET)
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&claims())
+    );
+    let hs512 = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS512),
+        &claims(),
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let cases = [
+        ("expired", with("exp", json!(now() - 3600))),
+        ("not yet valid", with("nbf", json!(now() + 3600))),
+        ("wrong issuer", with("iss", json!("someone-else"))),
+        ("wrong audience", with("aud", json!("other-service"))),
+        (
+            "wrongly signed",
+            sign(&claims(), "another-secret-another-secret-another-secret"),
+        ),
+        ("alg none", alg_none),
+        ("other algorithm", hs512),
+        ("no exp", without("exp")),
+        ("no iat", without("iat")),
+        ("unknown role", with("role", json!("superuser"))),
+        (
+            "carrier without carrier claim",
+            with("role", json!("carrier")),
+        ),
+        ("garbage", "not.a.token".to_string()),
+    ];
+    assert_eq!(
+        app.get("/v1/transfers", &sign(&claims(), JWT_SECRET))
+            .await
+            .status,
+        200,
+        "the valid token works"
+    );
+    for (what, token) in cases {
+        let r = app.get("/v1/transfers", &token).await;
+        assert_eq!(r.status, 401, "{what}: {}", r.text);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        assert_eq!(r.headers["www-authenticate"], "Bearer");
+    }
+    let r = app
+        .raw(app.client.get(format!("{}/v1/transfers", app.addr)))
+        .await;
+    assert_eq!(r.status, 401, "missing token");
+    let r = app
+        .raw(
+            app.client
+                .get(format!("{}/v1/transfers", app.addr))
+                .header("Authorization", "Basic abc"),
+        )
+        .await;
+    assert_eq!(r.status, 401, "not bearer");
+}
+both!(bad_tokens_are_rejected);
+
+/// Every endpoint × every role: the status each role gets.
+async fn every_endpoint_for_every_role(app: TestApp) {
+    app.consent("oc-a", "carrier-a", "tenant-1", &["FR"]).await;
+    let rec = app
+        .post(
+            "/v1/transfers",
+            &app.platform(),
+            &cdr("carrier-a", "c1", "+14255550100", "+14255550101"),
+        )
+        .await
+        .expect(201);
+    let id = rec.body["id"].as_str().unwrap().to_string();
+
+    let roles = [
+        (Role::PrivacyOfficer, None),
+        (Role::Carrier, Some("carrier-a")),
+        (Role::Platform, None),
+        (Role::RetentionSweeper, None),
+        (Role::Auditor, None),
+        (Role::Admin, None),
+    ];
+    // (method, path, body, expected status per role in the order above)
+    let flow2 = cdr("carrier-a", "c2", "+14255550100", "+14255550101");
+    let flow3 = duration("carrier-a", "c2", "+14255550100", "+14255550101");
+    let consent = |r: &str| {
+        json!({"reference": r, "kind": "customer_operator", "carrier_id": "carrier-a",
+        "customer_tenant_id": "t", "countries": ["FR"], "granted_at": "2026-01-01T00:00:00Z"})
+    };
+    let cases: Vec<(&str, String, Option<Value>, [u16; 6])> = vec![
+        (
+            "POST",
+            "/v1/transfers".into(),
+            Some(flow2.clone()),
+            [403, 403, 201, 403, 403, 403],
+        ),
+        (
+            "POST",
+            "/v1/transfers".into(),
+            Some(flow3.clone()),
+            [403, 201, 403, 403, 403, 403],
+        ),
+        (
+            "POST",
+            "/v1/transfers/batch".into(),
+            Some(json!({"transfers": [flow2]})),
+            [403, 403, 201, 403, 403, 403],
+        ),
+        (
+            "GET",
+            "/v1/transfers".into(),
+            None,
+            [200, 200, 403, 403, 403, 403],
+        ),
+        (
+            "GET",
+            format!("/v1/transfers/{id}"),
+            None,
+            [200, 200, 403, 403, 403, 403],
+        ),
+        (
+            "POST",
+            "/v1/consents".into(),
+            Some(consent("__REF__")),
+            [201, 201, 201, 403, 403, 403],
+        ),
+        (
+            "GET",
+            "/v1/consents/oc-a".into(),
+            None,
+            [200, 200, 200, 403, 403, 403],
+        ),
+        (
+            "POST",
+            "/v1/consents/oc-a/status".into(),
+            Some(json!({"status": "active"})),
+            [200, 200, 200, 403, 403, 403],
+        ),
+        (
+            "GET",
+            "/v1/reports/processing".into(),
+            None,
+            [200, 200, 403, 403, 200, 403],
+        ),
+        (
+            "GET",
+            "/v1/retention/policy".into(),
+            None,
+            [200, 403, 403, 403, 200, 200],
+        ),
+    ];
+    for (n, (method, path, body, expected)) in cases.into_iter().enumerate() {
+        for ((role, carrier), want) in roles.iter().zip(expected) {
+            let token = app.token(*role, *carrier);
+            let mut req = match method {
+                "GET" => app.client.get(format!("{}{path}", app.addr)),
+                _ => app.client.post(format!("{}{path}", app.addr)),
+            }
+            .bearer_auth(&token)
+            .header("X-Access-Reason", "matrix test");
+            if let Some(b) = &body {
+                let b = b.to_string().replace("__REF__", &format!("ref-{n}-{role}"));
+                req = req.header("content-type", "application/json").body(b);
+            }
+            let r = app.raw(req).await;
+            assert_eq!(
+                r.status.as_u16(),
+                want,
+                "{method} {path} as {role}: {}",
+                r.text
+            );
+        }
+    }
+}
+both!(every_endpoint_for_every_role);
+
+async fn carriers_never_see_each_other(app: TestApp) {
+    let platform = app.platform();
+    let b_rec = app
+        .post(
+            "/v1/transfers",
+            &platform,
+            &cdr("carrier-b", "cb", "+14255550100", "+14255550101"),
+        )
+        .await
+        .expect(201);
+    let b_id = b_rec.body["id"].as_str().unwrap();
+    app.post(
+        "/v1/transfers",
+        &platform,
+        &cdr("carrier-a", "ca", "+14255550102", "+14255550103"),
+    )
+    .await
+    .expect(201);
+    let a = app.carrier("carrier-a");
+
+    // B's record answers 404 to A, exactly like a missing record.
+    let foreign = app
+        .get(&format!("/v1/transfers/{b_id}"), &a)
+        .await
+        .expect(404);
+    let missing = app
+        .get(&format!("/v1/transfers/{}", uuid::Uuid::now_v7()), &a)
+        .await
+        .expect(404);
+    assert_eq!(foreign.body["type"], missing.body["type"]);
+    assert_eq!(foreign.body["title"], missing.body["title"]);
+
+    // B's records never appear in A's lists, lookups or reports, whatever the filters.
+    for path in [
+        "/v1/transfers",
+        "/v1/transfers?carrier_id=carrier-b",
+        "/v1/transfers?subject=%2B14255550100",
+        "/v1/transfers?include=payload&carrier_id=carrier-b",
+    ] {
+        let r = app.get(path, &a).await.expect(200);
+        assert!(
+            r.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|i| i["carrier_id"] == "carrier-a"),
+            "{path}"
+        );
+        assert!(!r.text.contains(b_id));
+    }
+    let r = app.get("/v1/reports/processing", &a).await.expect(200);
+    assert!(!r.text.contains("carrier-b"));
+
+    // A cannot write for B, nor write the platform's flows.
+    app.post(
+        "/v1/transfers",
+        &a,
+        &duration("carrier-b", "x", "+14255550100", "+14255550101"),
+    )
+    .await
+    .expect(403);
+    app.post(
+        "/v1/transfers",
+        &a,
+        &cdr("carrier-a", "x", "+14255550100", "+14255550101"),
+    )
+    .await
+    .expect(403);
+    let r = app
+        .post(
+            "/v1/transfers/batch",
+            &a,
+            &json!({"transfers": [duration("carrier-a", "x", "+14255550100", "+14255550101"),
+                                  duration("carrier-b", "y", "+14255550100", "+14255550101")]}),
+        )
+        .await
+        .expect(403);
+    assert!(r.body["detail"].as_str().unwrap().contains("transfers[1]"));
+    assert_eq!(app.count("transfers").await, 2);
+}
+both!(carriers_never_see_each_other);

@@ -1,0 +1,428 @@
+//! `spawn_app` and typed helpers shared by the API tests.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use base64::Engine;
+use reqwest::{Client, Response, StatusCode};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use transfer_ledger::auth::{Role, TokenIssuer};
+use transfer_ledger::storage::Db;
+use transfer_ledger::{AppState, Application, Config};
+
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server tests run against.
+pub fn postgres_url() -> String {
+    std::env::var("LEDGER_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Whether PostgreSQL is reachable. Under `CI=true` an unreachable server
+/// fails the run instead of skipping its tests.
+async fn postgres_available() -> bool {
+    static CHECKED: OnceLock<bool> = OnceLock::new();
+    if let Some(ok) = CHECKED.get() {
+        return *ok;
+    }
+    let ok = sqlx::PgPool::connect(&postgres_url())
+        .await
+        .map(drop)
+        .is_ok();
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!(
+                "PostgreSQL is not reachable at {} and CI=true",
+                postgres_url()
+            );
+        }
+        eprintln!(
+            "SKIPPING PostgreSQL tests: {} is not reachable",
+            postgres_url()
+        );
+    }
+    *CHECKED.get_or_init(|| ok)
+}
+
+pub struct TestApp {
+    pub addr: String,
+    pub client: Client,
+    pub backend: Backend,
+    pub state: AppState,
+    _dir: TempDir,
+    issuer: TokenIssuer,
+    schema: Option<String>,
+    pub vars: HashMap<String, String>,
+}
+
+/// Starts the service on a fresh database of `backend`; `None` when
+/// PostgreSQL is unavailable outside CI.
+pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, HashMap::new()).await
+}
+
+pub async fn spawn_app_with(backend: Backend, extra: HashMap<String, String>) -> Option<TestApp> {
+    let dir = tempfile::tempdir().unwrap();
+    let (db_url, schema) = match backend {
+        Backend::Sqlite => (
+            format!("sqlite://{}", dir.path().join("ledger.db").display()),
+            None,
+        ),
+        Backend::Postgres => {
+            if !postgres_available().await {
+                return None;
+            }
+            let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+            let admin = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+            sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                .execute(&admin)
+                .await
+                .unwrap();
+            admin.close().await;
+            let sep = if postgres_url().contains('?') {
+                '&'
+            } else {
+                '?'
+            };
+            (
+                format!("{}{sep}options=-c%20search_path%3D{schema}", postgres_url()),
+                Some(schema),
+            )
+        }
+    };
+    let master = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+    let mut vars: HashMap<String, String> = [
+        ("LEDGER_DATA_DIR", dir.path().display().to_string()),
+        ("LEDGER_DATABASE_URL", db_url.clone()),
+        ("LEDGER_LISTEN", "127.0.0.1:0".into()),
+        ("LEDGER_MASTER_KEY", master),
+        ("LEDGER_JWT_SECRET", JWT_SECRET.into()),
+        (
+            "LEDGER_POLICY_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies").into(),
+        ),
+        ("LEDGER_SWEEP_INTERVAL", "0".into()),
+        ("LEDGER_DB_MAX_CONNECTIONS", "8".into()),
+        ("LEDGER_CONTROLLER_NAME", "Example Platform Ltd".into()),
+        ("LEDGER_DPO_CONTACT", "dpo@example.com".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    vars.extend(extra);
+    let config = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let app = Application::build(config).await.expect("service starts");
+    let addr = format!("http://127.0.0.1:{}", app.port());
+    let state = app.state().clone();
+    tokio::spawn(app.run_until(std::future::pending()));
+    Some(TestApp {
+        addr,
+        client: Client::new(),
+        backend,
+        state,
+        _dir: dir,
+        issuer: TokenIssuer::hs256(
+            &SecretString::from(JWT_SECRET),
+            "transfer-ledger",
+            "transfer-ledger",
+        ),
+        schema,
+        vars,
+    })
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(schema) = self.schema.take() {
+            // Best effort: a fresh runtime, since Drop cannot await.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(pool) = sqlx::PgPool::connect(&postgres_url()).await {
+                        let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                            .execute(&pool)
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Runs a test body on SQLite and on PostgreSQL.
+#[macro_export]
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                if let Some(app) =
+                    $crate::helpers::spawn_app($crate::helpers::Backend::Sqlite).await
+                {
+                    super::$name(app).await
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(app) =
+                    $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await
+                {
+                    super::$name(app).await
+                }
+            }
+        }
+    };
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Reply {
+    async fn from(r: Response) -> Self {
+        let status = r.status();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Self {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    /// The fields named by a 422 problem, as `index:field` or `field`.
+    pub fn bad_fields(&self) -> Vec<String> {
+        self.body["errors"]
+            .as_array()
+            .map(|errs| {
+                errs.iter()
+                    .map(|e| match e["index"].as_u64() {
+                        Some(i) => format!("{i}:{}", e["field"].as_str().unwrap()),
+                        None => e["field"].as_str().unwrap().to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[track_caller]
+    pub fn expect(self, status: u16) -> Self {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected status; body: {}",
+            self.text
+        );
+        self
+    }
+}
+
+impl TestApp {
+    pub fn token(&self, role: Role, carrier: Option<&str>) -> String {
+        let sub = format!("{role}-{}", carrier.unwrap_or("x"));
+        self.issuer
+            .issue(&sub, role, carrier, std::time::Duration::from_secs(600))
+            .unwrap()
+    }
+
+    pub fn platform(&self) -> String {
+        self.token(Role::Platform, None)
+    }
+    pub fn officer(&self) -> String {
+        self.token(Role::PrivacyOfficer, None)
+    }
+    pub fn carrier(&self, id: &str) -> String {
+        self.token(Role::Carrier, Some(id))
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Reply {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.addr))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        Reply::from(r).await
+    }
+
+    /// A decrypting read with an access reason.
+    pub async fn read(&self, path: &str, token: &str) -> Reply {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.addr))
+            .bearer_auth(token)
+            .header("X-Access-Reason", "ticket PRIV-42")
+            .send()
+            .await
+            .unwrap();
+        Reply::from(r).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: &Value) -> Reply {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.addr))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        Reply::from(r).await
+    }
+
+    pub async fn raw(&self, req: reqwest::RequestBuilder) -> Reply {
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.state.db
+    }
+
+    /// Registers an active customer-operator consent.
+    pub async fn consent(&self, reference: &str, carrier: &str, tenant: &str, countries: &[&str]) {
+        self.post(
+            "/v1/consents",
+            &self.platform(),
+            &json!({"reference": reference, "kind": "customer_operator", "carrier_id": carrier,
+                    "customer_tenant_id": tenant, "countries": countries, "granted_at": "2026-01-01T00:00:00Z"}),
+        )
+        .await
+        .expect(201);
+    }
+
+    /// Counts rows of a table, straight from the database.
+    pub async fn count(&self, table: &str) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM {table}");
+        match self.db() {
+            Db::Sqlite { read, .. } => sqlx::query_scalar(&sql).fetch_one(read).await.unwrap(),
+            Db::Postgres(p) => sqlx::query_scalar(&sql).fetch_one(p).await.unwrap(),
+        }
+    }
+
+    /// Runs a statement straight on the database (tamper tests).
+    pub async fn exec(&self, sql: &str, blob: Option<Vec<u8>>, id: Option<uuid::Uuid>) -> u64 {
+        match self.db() {
+            Db::Sqlite { write, .. } => {
+                let mut q = sqlx::query(sql);
+                if let Some(b) = blob.clone() {
+                    q = q.bind(b);
+                }
+                if let Some(i) = id {
+                    q = q.bind(i);
+                }
+                q.execute(write).await.unwrap().rows_affected()
+            }
+            Db::Postgres(p) => {
+                let mut q = sqlx::query(sql);
+                if let Some(b) = blob {
+                    q = q.bind(b);
+                }
+                if let Some(i) = id {
+                    q = q.bind(i);
+                }
+                q.execute(p).await.unwrap().rows_affected()
+            }
+        }
+    }
+
+    /// Every stored value of every table, raw bytes for blobs, for
+    /// plaintext scans.
+    pub async fn dump(&self) -> Vec<u8> {
+        macro_rules! collect {
+            ($pool:expr, $sql:expr, $out:expr) => {{
+                use sqlx::Row;
+                for row in sqlx::query($sql).fetch_all($pool).await.unwrap() {
+                    for i in 0..row.columns().len() {
+                        if let Ok(Some(b)) = row.try_get::<Option<Vec<u8>>, _>(i) {
+                            $out.extend(b);
+                        } else if let Ok(Some(s)) = row.try_get::<Option<String>, _>(i) {
+                            $out.extend(s.into_bytes());
+                        } else if let Ok(Some(n)) = row.try_get::<Option<i64>, _>(i) {
+                            $out.extend(n.to_string().into_bytes());
+                        } else if let Ok(Some(u)) = row.try_get::<Option<uuid::Uuid>, _>(i) {
+                            $out.extend(u.to_string().into_bytes());
+                        }
+                        $out.push(b'|');
+                    }
+                }
+            }};
+        }
+        let mut out = Vec::new();
+        for table in [
+            "keyring",
+            "subject_keys",
+            "transfers",
+            "transfer_slots",
+            "subject_lookup",
+            "consents",
+        ] {
+            let sql = format!("SELECT * FROM {table}");
+            match self.db() {
+                Db::Sqlite { read, .. } => collect!(read, &sql, out),
+                Db::Postgres(p) => collect!(p, &sql, out),
+            }
+        }
+        out
+    }
+}
+
+/// A valid transfer of each category, for carrier `carrier`.
+pub fn cdr(carrier: &str, call_id: &str, caller: &str, callee: &str) -> Value {
+    json!({
+        "carrier_id": carrier, "direction": "platform_to_carrier", "category": "call_detail_record",
+        "purpose": "troubleshooting", "legal_basis": "legitimate_interest", "jurisdiction": "FR",
+        "occurred_at": "2026-11-01T10:02:00Z",
+        "payload": {"call_id": call_id, "caller": caller, "callee": callee,
+                    "start_time": "2026-11-01T10:00:00Z", "end_time": "2026-11-01T10:01:40Z",
+                    "duration_seconds": 100, "call_direction": "outbound", "disconnect_reason": "normal call clearing"}
+    })
+}
+
+pub fn quality(carrier: &str, call_id: &str, caller: &str, callee: &str) -> Value {
+    json!({
+        "carrier_id": carrier, "direction": "platform_to_carrier", "category": "call_quality",
+        "purpose": "service_operation", "legal_basis": "legitimate_interest", "jurisdiction": "DE",
+        "occurred_at": "2026-11-01T10:03:00Z",
+        "payload": {"call_id": call_id, "caller": caller, "callee": callee, "mos": 4.2, "jitter_ms": 12.5,
+                    "packet_loss_pct": 0.3, "round_trip_ms": 80, "codec": "SILK"}
+    })
+}
+
+pub fn duration(carrier: &str, call_id: &str, caller: &str, callee: &str) -> Value {
+    json!({
+        "carrier_id": carrier, "direction": "carrier_to_platform", "category": "call_duration",
+        "purpose": "reconciliation", "legal_basis": "contract", "jurisdiction": "US",
+        "occurred_at": "2026-11-01T10:05:00Z",
+        "payload": {"call_id": call_id, "caller": caller, "callee": callee,
+                    "start_time": "2026-11-01T10:00:00Z", "duration_seconds": 100}
+    })
+}
+
+pub fn assignment(carrier: &str, consent: &str, tenant: &str, phone: &str, sip: &str) -> Value {
+    json!({
+        "carrier_id": carrier, "direction": "platform_to_carrier", "category": "number_assignment",
+        "purpose": "service_provisioning", "legal_basis": "contract", "jurisdiction": "FR",
+        "consent": {"reference": consent},
+        "occurred_at": "2026-11-01T09:00:00Z",
+        "payload": {"phone_number": phone, "sip_uri": sip, "customer_tenant_id": tenant,
+                    "action": "assigned", "effective_at": "2026-11-01T09:00:00Z"}
+    })
+}

@@ -1,0 +1,12 @@
+//! API tests: the real server on a random port, on SQLite and PostgreSQL.
+
+mod helpers;
+
+mod auth;
+mod cli;
+mod consents;
+mod encryption;
+mod operations;
+mod queries;
+mod reports;
+mod transfers;

@@ -1,0 +1,93 @@
+//! Health, OpenAPI, and the problem+json shape of every error.
+
+use crate::both;
+use crate::helpers::*;
+
+async fn health_readiness_and_openapi(app: TestApp) {
+    let r = app.get("/healthz", "").await.expect(200);
+    assert_eq!(r.body["status"], "ok");
+    let r = app.get("/readyz", "").await.expect(200);
+    assert_eq!(
+        r.body["database"],
+        if app.backend == Backend::Sqlite {
+            "sqlite"
+        } else {
+            "postgres"
+        }
+    );
+    assert!(r.headers.contains_key("x-request-id"));
+
+    let r = app.get("/openapi.json", "").await.expect(200);
+    assert!(r.body["openapi"].as_str().unwrap().starts_with("3.1"));
+    for path in [
+        "/v1/transfers",
+        "/v1/transfers/batch",
+        "/v1/transfers/{id}",
+        "/v1/consents",
+        "/v1/reports/processing",
+    ] {
+        assert!(r.body["paths"].get(path).is_some(), "{path} documented");
+    }
+    assert!(r.body["components"]["securitySchemes"]["bearer"].is_object());
+}
+both!(health_readiness_and_openapi);
+
+async fn every_error_is_problem_json(app: TestApp) {
+    let token = app.platform();
+    let url = format!("{}/v1/transfers", app.addr);
+
+    let r = app
+        .raw(
+            app.client
+                .post(&url)
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .body("{not json"),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert!(r.body["detail"].as_str().unwrap().contains("line 1"));
+    assert!(r.body["request_id"].is_string());
+    assert_eq!(
+        r.body["request_id"].as_str().unwrap(),
+        r.headers["x-request-id"].to_str().unwrap()
+    );
+
+    let r = app
+        .raw(app.client.post(&url).bearer_auth(&token).body("{}"))
+        .await;
+    assert_eq!(r.status, 400, "no JSON content type");
+
+    for (req, status) in [
+        (app.client.get(format!("{}/no/such/route", app.addr)), 404),
+        (app.client.delete(format!("{}/healthz", app.addr)), 405),
+    ] {
+        let r = app.raw(req).await;
+        assert_eq!(r.status, status);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        assert_eq!(r.body["status"], status);
+    }
+
+    let r = app
+        .post("/v1/transfers", &token, &serde_json::json!([1, 2]))
+        .await
+        .expect(422);
+    assert_eq!(r.bad_fields(), ["body"]);
+}
+both!(every_error_is_problem_json);
+
+#[tokio::test]
+async fn oversized_bodies_are_refused() {
+    let extra = [("LEDGER_BODY_LIMIT_BYTES".to_string(), "1024".to_string())]
+        .into_iter()
+        .collect();
+    let app = spawn_app_with(Backend::Sqlite, extra).await.unwrap();
+    let big = serde_json::json!({"transfers": vec![cdr("carrier-a", "c", "+14255550100", "+14255550101"); 10]});
+    let r = app
+        .post("/v1/transfers/batch", &app.platform(), &big)
+        .await
+        .expect(413);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert_eq!(app.count("transfers").await, 0);
+}

@@ -1,0 +1,342 @@
+//! Reading the transfer log: filters, subject lookups, keyset pagination.
+
+use std::collections::HashSet;
+
+use serde_json::json;
+
+use crate::both;
+use crate::helpers::*;
+
+async fn filters_narrow_the_log(app: TestApp) {
+    let platform = app.platform();
+    app.post(
+        "/v1/transfers",
+        &platform,
+        &cdr("carrier-a", "c1", "+14255550100", "+14255550101"),
+    )
+    .await
+    .expect(201);
+    app.post(
+        "/v1/transfers",
+        &platform,
+        &quality("carrier-a", "c1", "+14255550100", "+14255550101"),
+    )
+    .await
+    .expect(201);
+    app.post(
+        "/v1/transfers",
+        &platform,
+        &cdr("carrier-b", "c2", "+14255550102", "+14255550103"),
+    )
+    .await
+    .expect(201);
+    app.post(
+        "/v1/transfers",
+        &app.carrier("carrier-b"),
+        &duration("carrier-b", "c2", "+14255550102", "+14255550103"),
+    )
+    .await
+    .expect(201);
+    let officer = app.officer();
+    let count = |r: &Reply| r.body["items"].as_array().unwrap().len();
+
+    assert_eq!(
+        count(&app.get("/v1/transfers", &officer).await.expect(200)),
+        4
+    );
+    assert_eq!(
+        count(
+            &app.get("/v1/transfers?carrier_id=carrier-b", &officer)
+                .await
+        ),
+        2
+    );
+    assert_eq!(
+        count(
+            &app.get("/v1/transfers?category=call_quality", &officer)
+                .await
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &app.get("/v1/transfers?direction=carrier_to_platform", &officer)
+                .await
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &app.get("/v1/transfers?purpose=troubleshooting", &officer)
+                .await
+        ),
+        2
+    );
+    assert_eq!(
+        count(
+            &app.get("/v1/transfers?legal_basis=contract", &officer)
+                .await
+        ),
+        1
+    );
+    assert_eq!(
+        count(&app.get("/v1/transfers?jurisdiction=DE", &officer).await),
+        1
+    );
+    assert_eq!(
+        count(
+            &app.get("/v1/transfers?from=2026-11-01T10:03:00Z", &officer)
+                .await
+        ),
+        2
+    );
+    assert_eq!(
+        count(
+            &app.get("/v1/transfers?to=2026-11-01T10:03:00Z", &officer)
+                .await
+        ),
+        2
+    );
+    assert_eq!(count(&app.get("/v1/transfers?carrier_id=carrier-a&category=call_detail_record&purpose=troubleshooting", &officer).await), 1);
+
+    // Newest first, metadata only by default.
+    let r = app.get("/v1/transfers", &officer).await;
+    let items = r.body["items"].as_array().unwrap();
+    assert_eq!(items[0]["category"], "call_duration");
+    assert!(items.iter().all(|i| i.get("payload").is_none()));
+
+    // Bad parameters are named, all of them.
+    let r = app
+        .get(
+            "/v1/transfers?category=x&limit=5000&from=yesterday&cursor=zz&colour=red",
+            &officer,
+        )
+        .await
+        .expect(422);
+    let mut f = r.bad_fields();
+    f.sort();
+    assert_eq!(f, ["category", "colour", "cursor", "from", "limit"]);
+}
+both!(filters_narrow_the_log);
+
+async fn subjects_are_found_through_the_blind_index_in_any_spelling(app: TestApp) {
+    let platform = app.platform();
+    app.post(
+        "/v1/transfers",
+        &platform,
+        &cdr("carrier-a", "c1", "+14255550100", "sip:Alice@Example.com"),
+    )
+    .await
+    .expect(201);
+    app.post(
+        "/v1/transfers",
+        &platform,
+        &quality("carrier-a", "c1", "+33123456780", "+1 425 555 0100"),
+    )
+    .await
+    .expect(201);
+    app.post(
+        "/v1/transfers",
+        &platform,
+        &cdr("carrier-a", "c2", "+33123456780", "+33123456781"),
+    )
+    .await
+    .expect(201);
+    let officer = app.officer();
+    for spelling in [
+        "%2B14255550100",
+        "%2B1%20(425)%20555-0100",
+        "tel:%2B1-425-555-0100",
+    ] {
+        let r = app
+            .get(&format!("/v1/transfers?subject={spelling}"), &officer)
+            .await
+            .expect(200);
+        assert_eq!(r.body["items"].as_array().unwrap().len(), 2, "{spelling}");
+    }
+    for spelling in [
+        "sip:alice@example.com",
+        "SIP:ALICE@EXAMPLE.COM;transport=tls",
+    ] {
+        let r = app
+            .get(
+                &format!("/v1/transfers?subject={}", urlencode(spelling)),
+                &officer,
+            )
+            .await
+            .expect(200);
+        assert_eq!(r.body["items"].as_array().unwrap().len(), 1, "{spelling}");
+    }
+    // Combined with other filters, and decrypted on request.
+    let r = app
+        .read(
+            "/v1/transfers?subject=%2B14255550100&category=call_quality&include=payload",
+            &officer,
+        )
+        .await
+        .expect(200);
+    let items = r.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["payload"]["callee"], "+14255550100");
+    assert_eq!(
+        app.get("/v1/transfers?subject=%2B14255550199", &officer)
+            .await
+            .body["items"],
+        json!([])
+    );
+    assert_eq!(
+        app.get("/v1/transfers?subject=hello", &officer)
+            .await
+            .expect(422)
+            .bad_fields(),
+        ["subject"]
+    );
+}
+both!(subjects_are_found_through_the_blind_index_in_any_spelling);
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn pagination_is_stable_under_concurrent_inserts(app: TestApp) {
+    let platform = app.platform();
+    let items: Vec<_> = (0..120)
+        .map(|i| {
+            let mut t = cdr(
+                "carrier-a",
+                &format!("c{i}"),
+                "+14255550100",
+                "+14255550101",
+            );
+            t["occurred_at"] = json!(format!("2026-11-01T{:02}:{:02}:00Z", 8 + i / 60, i % 60));
+            t
+        })
+        .collect();
+    let r = app
+        .post(
+            "/v1/transfers/batch",
+            &platform,
+            &json!({"transfers": items}),
+        )
+        .await
+        .expect(201);
+    let existing: HashSet<String> = r.body["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+
+    // Walk pages of 25 while another writer keeps inserting newer and older records.
+    let writer = {
+        let (client, url, token) = (
+            app.client.clone(),
+            format!("{}/v1/transfers", app.addr),
+            platform.clone(),
+        );
+        tokio::spawn(async move {
+            for i in 0..30 {
+                let mut t = cdr(
+                    "carrier-a",
+                    &format!("new{i}"),
+                    "+14255550100",
+                    "+14255550101",
+                );
+                t["occurred_at"] = json!(if i % 2 == 0 {
+                    "2026-11-01T12:00:00Z"
+                } else {
+                    "2026-11-01T07:00:00Z"
+                });
+                client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&t)
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let officer = app.officer();
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut last_key: Option<(String, String)> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/transfers?limit=25&cursor={c}"),
+            None => "/v1/transfers?limit=25".to_string(),
+        };
+        let r = app.get(&path, &officer).await.expect(200);
+        for item in r.body["items"].as_array().unwrap() {
+            let key = (
+                item["occurred_at"].as_str().unwrap().to_string(),
+                item["id"].as_str().unwrap().to_string(),
+            );
+            if let Some(prev) = &last_key {
+                assert!(key < *prev, "strictly newest first");
+            }
+            last_key = Some(key);
+            seen.push(item["id"].as_str().unwrap().to_string());
+        }
+        match r.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    writer.await.unwrap();
+    let unique: HashSet<_> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "no record twice");
+    assert!(
+        existing.is_subset(&unique),
+        "every record that existed before the walk was seen"
+    );
+}
+both!(pagination_is_stable_under_concurrent_inserts);
+
+async fn decrypting_reads_by_officers_need_a_reason(app: TestApp) {
+    let r = app
+        .post(
+            "/v1/transfers",
+            &app.platform(),
+            &cdr("carrier-a", "c1", "+14255550100", "+14255550101"),
+        )
+        .await
+        .expect(201);
+    let id = r.body["id"].as_str().unwrap();
+    let officer = app.officer();
+    let r = app
+        .get(&format!("/v1/transfers/{id}"), &officer)
+        .await
+        .expect(400);
+    assert!(r.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("X-Access-Reason"));
+    app.get("/v1/transfers?include=payload", &officer)
+        .await
+        .expect(400);
+    app.get("/v1/transfers", &officer).await.expect(200);
+    app.read(&format!("/v1/transfers/{id}"), &officer)
+        .await
+        .expect(200);
+    // Carriers reading their own records state no reason.
+    app.get(&format!("/v1/transfers/{id}"), &app.carrier("carrier-a"))
+        .await
+        .expect(200);
+    // Unknown and malformed ids are 404.
+    app.read(&format!("/v1/transfers/{}", uuid::Uuid::now_v7()), &officer)
+        .await
+        .expect(404);
+    app.read("/v1/transfers/not-a-uuid", &officer)
+        .await
+        .expect(404);
+}
+both!(decrypting_reads_by_officers_need_a_reason);

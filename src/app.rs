@@ -1,6 +1,7 @@
 //! Building and running the service.
 
 use std::future::Future;
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
@@ -28,8 +29,12 @@ impl AppState {
     /// and the other subcommands share.
     pub async fn init(config: Config) -> anyhow::Result<Self> {
         let secrets = config.secrets()?;
-        if config.database_url.is_none() {
-            std::fs::create_dir_all(&config.data_dir)
+        if config.database_url.is_none() && !config.data_dir.exists() {
+            // Only the service's user may read the embedded database.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&config.data_dir)
                 .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
         }
         let db = Db::connect(&config.database_url(), config.db_max_connections).await?;
@@ -46,11 +51,20 @@ impl AppState {
             }
             None => RetentionPolicy::default_policy(),
         };
-        let tokens = TokenVerifier::hs256(
-            &secrets.jwt_secret,
-            &config.jwt_issuer,
-            &config.jwt_audience,
-        );
+        let tokens = match &config.jwt_keys_file {
+            Some(path) => {
+                let doc = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read LEDGER_JWT_KEYS_FILE {}", path.display())
+                })?;
+                TokenVerifier::jwks(&doc, &config.jwt_issuer, &config.jwt_audience)
+                    .with_context(|| format!("LEDGER_JWT_KEYS_FILE {}", path.display()))?
+            }
+            None => TokenVerifier::hs256(
+                &secrets.jwt_secret,
+                &config.jwt_issuer,
+                &config.jwt_audience,
+            ),
+        };
         Ok(Self {
             db,
             keys: Arc::new(keys),

@@ -3,7 +3,7 @@
 //! passed down explicitly so tests can vary it.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -137,6 +137,8 @@ impl Config {
             db_max_connections: match env("LEDGER_DB_MAX_CONNECTIONS") {
                 Some(v) => v
                     .parse()
+                    .ok()
+                    .filter(|n: &u32| *n >= 1)
                     .context("LEDGER_DB_MAX_CONNECTIONS must be a positive integer")?,
                 None => file.db_max_connections.unwrap_or(16),
             },
@@ -232,7 +234,11 @@ fn generated_secret(path: &Path, what: &str, variable: &str) -> anyhow::Result<S
         return Ok(existing);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let value =
         base64::engine::general_purpose::STANDARD.encode(*crate::crypto::Key::generate_raw());

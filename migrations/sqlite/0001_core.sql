@@ -64,9 +64,9 @@ CREATE TABLE subject_lookup (
 CREATE INDEX subject_lookup_transfer ON subject_lookup (transfer_id);
 
 CREATE TABLE consents (
-    reference          TEXT   PRIMARY KEY,
-    kind               TEXT   NOT NULL,
     carrier_id         TEXT   NOT NULL,
+    reference          TEXT   NOT NULL,
+    kind               TEXT   NOT NULL,
     customer_tenant_id TEXT,
     subject_index      BLOB,
     subject_key_id     BLOB REFERENCES subject_keys (id) ON DELETE SET NULL,
@@ -76,7 +76,8 @@ CREATE TABLE consents (
     granted_at         BIGINT NOT NULL,
     status_changed_at  BIGINT NOT NULL,
     created_at         BIGINT NOT NULL,
-    created_by         TEXT   NOT NULL
+    created_by         TEXT   NOT NULL,
+    -- References are per carrier: one carrier cannot learn another's.
+    CONSTRAINT consents_pkey PRIMARY KEY (carrier_id, reference)
 );
-CREATE INDEX consents_carrier ON consents (carrier_id);
 CREATE INDEX consents_subject_index ON consents (subject_index);

@@ -1,7 +1,12 @@
-//! Bearer tokens. The algorithm is fixed by configuration and never taken
-//! from the token; `iss`, `aud`, `exp`, `nbf` and `iat` are required.
+//! Bearer tokens. The algorithm is fixed by configuration (HS256, or per key
+//! of a JWKS document) and never taken from the token; `iss`, `aud`, `exp`,
+//! `nbf` and `iat` are required.
 
+use std::collections::HashMap;
+
+use anyhow::Context;
 use chrono::Utc;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -32,32 +37,85 @@ pub struct Verified {
     pub carrier: Option<CarrierId>,
 }
 
+/// Verifies bearer tokens: with the HS256 secret (embedded default), or with
+/// the public keys of a JWKS document (production), chosen by `kid`. Each
+/// key's algorithm comes from the key, never from the token header.
 pub struct TokenVerifier {
-    key: DecodingKey,
-    validation: Validation,
+    keys: Keys,
+    issuer: String,
+    audience: String,
+}
+
+enum Keys {
+    Shared(DecodingKey),
+    ByKid(HashMap<String, (DecodingKey, Algorithm)>),
 }
 
 impl TokenVerifier {
     pub fn hs256(secret: &SecretString, issuer: &str, audience: &str) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.algorithms = vec![Algorithm::HS256];
-        validation.set_issuer(&[issuer]);
-        validation.set_audience(&[audience]);
-        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
-        validation.validate_nbf = true;
-        validation.validate_exp = true;
-        validation.leeway = LEEWAY_SECONDS;
         Self {
-            key: DecodingKey::from_secret(secret.expose_secret().as_bytes()),
-            validation,
+            keys: Keys::Shared(DecodingKey::from_secret(secret.expose_secret().as_bytes())),
+            issuer: issuer.into(),
+            audience: audience.into(),
         }
+    }
+
+    /// Loads a JWKS document of RS256, ES256 and EdDSA public keys.
+    pub fn jwks(document: &str, issuer: &str, audience: &str) -> anyhow::Result<Self> {
+        let set: JwkSet =
+            serde_json::from_str(document).context("the JWKS document does not parse")?;
+        let mut keys = HashMap::new();
+        for (i, jwk) in set.keys.iter().enumerate() {
+            let kid = jwk
+                .common
+                .key_id
+                .clone()
+                .with_context(|| format!("JWKS key {i} has no kid"))?;
+            let alg = key_algorithm(jwk).with_context(|| format!("JWKS key {kid}"))?;
+            let key = DecodingKey::from_jwk(jwk)
+                .with_context(|| format!("JWKS key {kid} is not a usable public key"))?;
+            anyhow::ensure!(
+                keys.insert(kid.clone(), (key, alg)).is_none(),
+                "JWKS kid {kid} appears twice"
+            );
+        }
+        anyhow::ensure!(!keys.is_empty(), "the JWKS document has no keys");
+        Ok(Self {
+            keys: Keys::ByKid(keys),
+            issuer: issuer.into(),
+            audience: audience.into(),
+        })
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        v.algorithms = vec![alg];
+        v.set_issuer(&[&self.issuer]);
+        v.set_audience(&[&self.audience]);
+        v.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        v.validate_nbf = true;
+        v.validate_exp = true;
+        v.leeway = LEEWAY_SECONDS;
+        v
     }
 
     /// Verifies signature and claims. The error is safe to show the caller.
     pub fn verify(&self, token: &str) -> Result<Verified, String> {
         use jsonwebtoken::errors::ErrorKind;
+        let (key, alg) = match &self.keys {
+            Keys::Shared(key) => (key, Algorithm::HS256),
+            Keys::ByKid(keys) => {
+                let header = jsonwebtoken::decode_header(token)
+                    .map_err(|_| "token malformed".to_string())?;
+                let kid = header.kid.ok_or("token has no kid")?;
+                let (key, alg) = keys
+                    .get(&kid)
+                    .ok_or("token signed with an unknown key id")?;
+                (key, *alg)
+            }
+        };
         let data =
-            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
+            jsonwebtoken::decode::<Claims>(token, key, &self.validation(alg)).map_err(|e| {
                 match e.kind() {
                     ErrorKind::ExpiredSignature => "token expired",
                     ErrorKind::ImmatureSignature => "token not yet valid",
@@ -90,6 +148,28 @@ impl TokenVerifier {
             role,
             carrier,
         })
+    }
+}
+
+/// The one algorithm a JWK may verify: its `alg`, or the one its key type
+/// implies. Only RS256, ES256 and EdDSA are accepted.
+fn key_algorithm(jwk: &Jwk) -> anyhow::Result<Algorithm> {
+    let implied = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            Algorithm::EdDSA
+        }
+        _ => anyhow::bail!("only RSA, EC P-256 and Ed25519 public keys are accepted"),
+    };
+    match jwk.common.key_algorithm {
+        None => Ok(implied),
+        Some(KeyAlgorithm::RS256) if implied == Algorithm::RS256 => Ok(implied),
+        Some(KeyAlgorithm::ES256) if implied == Algorithm::ES256 => Ok(implied),
+        Some(KeyAlgorithm::EdDSA) if implied == Algorithm::EdDSA => Ok(implied),
+        Some(other) => {
+            anyhow::bail!("alg {other:?} is not accepted for this key type (RS256, ES256 or EdDSA)")
+        }
     }
 }
 

@@ -83,6 +83,26 @@ impl AppState {
         self.authorize_reach(who, who.reach(Some(carrier)), obj, act)
     }
 
+    /// May `who` perform `act` on any of `objs` for some carrier? A cheap
+    /// check before validating a body, so callers without any right learn
+    /// nothing from validation errors.
+    pub fn authorize_any(&self, who: &Principal, objs: &[&str], act: &str) -> Result<(), AppError> {
+        let policy = self.policy();
+        let reaches = [Reach::Own, Reach::Any];
+        if objs
+            .iter()
+            .any(|o| reaches.iter().any(|r| policy.allows(who.role, *r, o, act)))
+        {
+            Ok(())
+        } else {
+            Err(AppError::Forbidden(format!(
+                "the {} role may not {act} {}",
+                who.role,
+                objs.join(" or ")
+            )))
+        }
+    }
+
     fn authorize_reach(
         &self,
         who: &Principal,

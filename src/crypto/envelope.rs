@@ -20,8 +20,25 @@ pub struct SealedSlot {
     pub sealed: Vec<u8>,
 }
 
-fn body_aad(transfer_id: Uuid) -> Vec<u8> {
-    format!("tl/body/{transfer_id}").into_bytes()
+/// What a record's body is bound to: its id and the metadata that decides
+/// who may see it and how long it lives. Changing any of these in the
+/// database makes the body fail to open.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    pub transfer_id: Uuid,
+    pub carrier_id: &'a str,
+    pub category: &'a str,
+    pub direction: &'a str,
+    pub occurred_at: i64,
+    pub retain_until: i64,
+}
+
+fn body_aad(b: &Binding<'_>) -> Vec<u8> {
+    format!(
+        "tl/body/{}/{}/{}/{}/{}/{}",
+        b.transfer_id, b.carrier_id, b.category, b.direction, b.occurred_at, b.retain_until
+    )
+    .into_bytes()
 }
 
 fn slot_aad(transfer_id: Uuid, slot: &str, subject_key_id: Uuid) -> Vec<u8> {
@@ -30,14 +47,15 @@ fn slot_aad(transfer_id: Uuid, slot: &str, subject_key_id: Uuid) -> Vec<u8> {
 
 /// Seals `body` and one slot per `(name, subject key id, key, fields)`.
 pub fn seal_record(
-    transfer_id: Uuid,
+    binding: &Binding<'_>,
     body: &Map<String, Value>,
     slots: &[(&'static str, Uuid, &Key, &Map<String, Value>)],
 ) -> (Vec<u8>, Vec<SealedSlot>) {
     let cek_raw = Key::generate_raw();
     let cek = Key::from_bytes(&cek_raw);
+    let transfer_id = binding.transfer_id;
     let body_sealed = cek.seal(
-        &body_aad(transfer_id),
+        &body_aad(binding),
         &serde_json::to_vec(body).expect("JSON map"),
     );
     let sealed_slots = slots
@@ -75,11 +93,11 @@ pub fn open_slot(
 }
 
 pub fn open_body(
-    transfer_id: Uuid,
+    binding: &Binding<'_>,
     cek: &RawKey,
     sealed: &[u8],
 ) -> Result<Map<String, Value>, IntegrityError> {
-    let pt = Key::from_bytes(cek).open(&body_aad(transfer_id), sealed)?;
+    let pt = Key::from_bytes(cek).open(&body_aad(binding), sealed)?;
     serde_json::from_slice(&pt).map_err(|_| IntegrityError("body is not JSON"))
 }
 
@@ -104,20 +122,55 @@ mod tests {
             map(json!({"caller": "+14255550100"})),
             map(json!({"callee": "+14255550101"})),
         );
+        let bind = Binding {
+            transfer_id: t,
+            carrier_id: "c",
+            category: "call_detail_record",
+            direction: "platform_to_carrier",
+            occurred_at: 1,
+            retain_until: 2,
+        };
         let (sealed_body, slots) = seal_record(
-            t,
+            &bind,
             &body,
             &[("caller", ida, &a, &fa), ("callee", idb, &b, &fb)],
         );
 
         let (cek_b, fields_b) = open_slot(t, "callee", idb, &b, &slots[1].sealed).unwrap();
         assert_eq!(fields_b, fb);
-        assert_eq!(open_body(t, &cek_b, &sealed_body).unwrap(), body);
+        assert_eq!(open_body(&bind, &cek_b, &sealed_body).unwrap(), body);
+        // Metadata changed in the database (another carrier, longer retention): refused.
+        assert!(open_body(
+            &Binding {
+                carrier_id: "other",
+                ..bind
+            },
+            &cek_b,
+            &sealed_body
+        )
+        .is_err());
+        assert!(open_body(
+            &Binding {
+                retain_until: 3,
+                ..bind
+            },
+            &cek_b,
+            &sealed_body
+        )
+        .is_err());
         // B's key cannot open A's slot.
         assert!(open_slot(t, "caller", ida, &b, &slots[0].sealed).is_err());
         // A slot moved to another record does not open.
         assert!(open_slot(Uuid::now_v7(), "callee", idb, &b, &slots[1].sealed).is_err());
         // A body moved to another record does not open.
-        assert!(open_body(Uuid::now_v7(), &cek_b, &sealed_body).is_err());
+        assert!(open_body(
+            &Binding {
+                transfer_id: Uuid::now_v7(),
+                ..bind
+            },
+            &cek_b,
+            &sealed_body
+        )
+        .is_err());
     }
 }

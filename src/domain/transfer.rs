@@ -2,7 +2,6 @@
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::fields::{Errors, Obj};
 use super::payload::Payload;
@@ -45,9 +44,10 @@ pub struct NewTransfer {
     pub payload: Payload,
     pub retention_days: Option<u32>,
     pub idempotency_key: Option<String>,
-    /// SHA-256 of the normalized request: a retry with the same idempotency
-    /// key must carry the same transfer.
-    pub request_hash: [u8; 32],
+    /// The normalized request, canonically serialized. Its keyed hash
+    /// tells a retry (same idempotency key, same transfer) from a reuse of
+    /// the key for another transfer. Holds personal data: never log it.
+    pub canonical: String,
 }
 
 impl NewTransfer {
@@ -156,12 +156,12 @@ impl NewTransfer {
             payload: payload?,
             retention_days,
             idempotency_key,
-            request_hash: [0; 32],
+            canonical: String::new(),
         };
-        Some(t.with_hash())
+        Some(t.with_canonical())
     }
 
-    fn with_hash(mut self) -> Self {
+    fn with_canonical(mut self) -> Self {
         let slots: Vec<_> = self
             .payload
             .slots
@@ -181,7 +181,7 @@ impl NewTransfer {
             "slots": slots,
             "retention_days": self.retention_days,
         });
-        self.request_hash = Sha256::digest(canonical.to_string().as_bytes()).into();
+        self.canonical = canonical.to_string();
         self
     }
 }
@@ -237,10 +237,10 @@ mod tests {
         let mut v = cdr();
         v["payload"]["caller"] = "+33 1 23 45 67 89".into();
         let b = NewTransfer::parse(&v, "", Utc::now()).unwrap();
-        assert_eq!(a.request_hash, b.request_hash);
+        assert_eq!(a.canonical, b.canonical);
         v["payload"]["duration_seconds"] = 61.into();
         let c = NewTransfer::parse(&v, "", Utc::now()).unwrap();
-        assert_ne!(a.request_hash, c.request_hash);
+        assert_ne!(a.canonical, c.canonical);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 
-use super::extract::JsonBody;
+use super::extract::{AccessReason, JsonBody, Params};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::domain::consent::{ConsentStatus, NewConsent};
@@ -32,6 +32,7 @@ pub async fn create(
     who: Principal,
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<ConsentView>)> {
+    state.authorize_any(&who, &["consents"], "write")?;
     let c = NewConsent::parse(&body, Utc::now()).map_err(AppError::Validation)?;
     Ok((
         StatusCode::CREATED,
@@ -40,29 +41,46 @@ pub async fn create(
 }
 
 #[utoipa::path(get, path = "/v1/consents/{reference}", tag = "consents",
-    params(("reference" = String, Path)),
+    params(("reference" = String, Path),
+           ("carrier_id" = Option<String>, Query, description = "when several carriers use the reference"),
+           ("X-Access-Reason" = Option<String>, Header, description = "required of privacy officers when the consent names a data subject")),
     responses((status = 200, body = ConsentView), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn show(
     State(state): State<AppState>,
     who: Principal,
+    reason: AccessReason,
     Path(reference): Path<String>,
+    p: Params,
 ) -> Result<Json<ConsentView>> {
-    Ok(Json(ledger::get(&state, &who, &reference).await?))
+    let carrier = carrier_param(p)?;
+    let view = ledger::get(
+        &state,
+        &who,
+        &reference,
+        carrier.as_deref(),
+        reason.0.as_deref(),
+    )
+    .await?;
+    Ok(Json(view))
 }
 
 /// Suspend, reactivate, remove or withdraw a consent.
 #[utoipa::path(post, path = "/v1/consents/{reference}/status", tag = "consents",
-    params(("reference" = String, Path)),
+    params(("reference" = String, Path),
+           ("carrier_id" = Option<String>, Query, description = "when several carriers use the reference")),
     request_body(content = super::openapi::StatusInput, content_type = "application/json"),
     responses((status = 200, body = ConsentView), (status = 409, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn change_status(
     State(state): State<AppState>,
     who: Principal,
+    reason: AccessReason,
     Path(reference): Path<String>,
+    p: Params,
     JsonBody(body): JsonBody,
 ) -> Result<Json<ConsentView>> {
+    let carrier = carrier_param(p)?;
     let mut errs = Errors::default();
     let status = Obj::new(&body, "", &mut errs).and_then(|o| {
         o.deny_unknown(&["status"], &mut errs);
@@ -72,7 +90,21 @@ pub async fn change_status(
         Some(s) if errs.is_empty() => s,
         _ => return Err(AppError::Validation(errs.0)),
     };
-    Ok(Json(
-        ledger::set_status(&state, &who, &reference, status).await?,
-    ))
+    let view = ledger::set_status(
+        &state,
+        &who,
+        &reference,
+        carrier.as_deref(),
+        reason.0.as_deref(),
+        status,
+    )
+    .await?;
+    Ok(Json(view))
+}
+
+fn carrier_param(mut p: Params) -> Result<Option<String>> {
+    p.allow(&["carrier_id"]);
+    let carrier = p.get("carrier_id").map(str::to_string);
+    p.finish()?;
+    Ok(carrier)
 }

@@ -27,6 +27,11 @@ pub fn router() -> Router<AppState> {
         .route("/transfers/{id}", get(show))
 }
 
+const WRITE_OBJECTS: &[&str] = &[
+    "transfers/platform_to_carrier",
+    "transfers/carrier_to_platform",
+];
+
 /// Record one transfer.
 #[utoipa::path(post, path = "/v1/transfers", tag = "transfers",
     request_body(content = super::openapi::TransferInput, content_type = "application/json"),
@@ -40,6 +45,7 @@ pub async fn create(
     who: Principal,
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<Recorded>)> {
+    state.authorize_any(&who, WRITE_OBJECTS, "write")?;
     let t = NewTransfer::parse(&body, "", Utc::now()).map_err(AppError::Validation)?;
     let mut out = ledger::record(&state, &who, vec![t], false).await?;
     Ok((StatusCode::CREATED, Json(out.remove(0))))
@@ -61,6 +67,7 @@ pub async fn create_batch(
     who: Principal,
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<BatchRecorded>)> {
+    state.authorize_any(&who, WRITE_OBJECTS, "write")?;
     let items = match &body {
         Value::Object(m) if m.len() == 1 && m.contains_key("transfers") => match &m["transfers"] {
             Value::Array(items) if items.is_empty() => {

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::app::AppState;
-use crate::auth::Principal;
+use crate::auth::{Principal, Role};
 use crate::domain::consent::{ConsentKind, ConsentStatus, NewConsent};
 use crate::domain::CarrierId;
 use crate::error::{AppError, Result, ResultExt};
@@ -95,11 +95,44 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
     view(state, row).await
 }
 
-pub async fn get(state: &AppState, who: &Principal, reference: &str) -> Result<ConsentView> {
+/// The one consent `reference` names for this caller. References are per
+/// carrier: callers who see several carriers disambiguate with `carrier`.
+async fn find_one(
+    state: &AppState,
+    who: &Principal,
+    reference: &str,
+    carrier: Option<&str>,
+) -> Result<ConsentRow> {
+    let mut rows = store::find(&state.db, reference, who.scope(), carrier).await?;
+    match rows.len() {
+        0 => Err(AppError::NotFound(format!("no consent {reference:?}"))),
+        1 => Ok(rows.remove(0)),
+        _ => Err(AppError::Conflict(format!(
+            "several carriers use consent reference {reference:?}; add ?carrier_id= to choose one"
+        ))),
+    }
+}
+
+/// Privacy officers say why when a read reveals a data subject's identifier.
+fn require_reason(who: &Principal, row: &ConsentRow, reason: Option<&str>) -> Result<()> {
+    if who.role == Role::PrivacyOfficer && row.subject_sealed.is_some() && reason.is_none() {
+        return Err(AppError::BadRequest(
+            "this consent names a data subject; reading it requires an X-Access-Reason header stating why".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub async fn get(
+    state: &AppState,
+    who: &Principal,
+    reference: &str,
+    carrier: Option<&str>,
+    reason: Option<&str>,
+) -> Result<ConsentView> {
     state.authorize(who, "consents", "read")?;
-    let row = store::get(&state.db, reference, who.scope())
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no consent {reference:?}")))?;
+    let row = find_one(state, who, reference, carrier).await?;
+    require_reason(who, &row, reason)?;
     view(state, row).await
 }
 
@@ -107,15 +140,17 @@ pub async fn set_status(
     state: &AppState,
     who: &Principal,
     reference: &str,
+    carrier: Option<&str>,
+    reason: Option<&str>,
     to: ConsentStatus,
 ) -> Result<ConsentView> {
-    let not_found = || AppError::NotFound(format!("no consent {reference:?}"));
-    let row = store::get(&state.db, reference, who.scope())
-        .await?
-        .ok_or_else(not_found)?;
+    // Callers with no write right at all learn nothing about references.
+    state.authorize(who, "consents", "write")?;
+    let row = find_one(state, who, reference, carrier).await?;
     let carrier =
         CarrierId::parse(&row.carrier_id).map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
     state.authorize_for(who, &carrier, "consents", "write")?;
+    require_reason(who, &row, reason)?;
     let kind: ConsentKind = row
         .kind
         .parse()
@@ -132,6 +167,7 @@ pub async fn set_status(
     let mut tx = state.db.begin().await?;
     if !store::set_status(
         &mut tx,
+        carrier.as_str(),
         reference,
         from.as_str(),
         to.as_str(),
@@ -144,9 +180,7 @@ pub async fn set_status(
         )));
     }
     tx.commit().await?;
-    let row = store::get(&state.db, reference, who.scope())
-        .await?
-        .ok_or_else(not_found)?;
+    let row = find_one(state, who, reference, Some(carrier.as_str())).await?;
     view(state, row).await
 }
 

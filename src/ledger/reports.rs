@@ -106,7 +106,6 @@ pub async fn processing(
                     format!("data keys wrapped by master key version {master_version}"),
                     "subject lookups through a keyed HMAC-SHA256 blind index".into(),
                     "authenticated access (JWT) with role- and carrier-scoped authorization".into(),
-                    "erasure by destroying the data subject's key (crypto-shredding)".into(),
                 ],
                 carrier_id,
                 category,

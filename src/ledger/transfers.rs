@@ -134,6 +134,11 @@ async fn write(
     let idx = |i: usize| batch.then_some(i);
     let now = Utc::now();
     let mut results: Vec<Option<Recorded>> = vec![None; items.len()];
+    // Keyed, so a stolen database cannot confirm a guessed transfer.
+    let hashes: Vec<Vec<u8>> = items
+        .iter()
+        .map(|t| state.keys.blind().of_str("request", &t.canonical))
+        .collect();
 
     // Idempotency: earlier results for these keys, and repeats within the batch.
     let mut by_carrier: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -156,7 +161,7 @@ async fn write(
         };
         let key = (t.carrier_id.to_string(), k.clone());
         if let Some(row) = existing.get(&key) {
-            if row.request_hash.as_deref() != Some(&t.request_hash[..]) {
+            if row.request_hash.as_deref() != Some(hashes[i].as_slice()) {
                 conflicts.push(format!(
                     "{}idempotency_key {k:?} was already used for a different transfer",
                     prefix(idx(i))
@@ -168,7 +173,7 @@ async fn write(
                 retain_until: from_micros(row.retain_until),
             });
         } else if let Some(&j) = first_in_batch.get(&key) {
-            if items[j].request_hash != t.request_hash {
+            if hashes[j] != hashes[i] {
                 conflicts.push(format!(
                     "{}idempotency_key {k:?} repeats item {j} with a different transfer",
                     prefix(idx(i))
@@ -254,7 +259,15 @@ async fn write(
                 });
             }
         }
-        let (body, sealed_slots) = envelope::seal_record(id, &t.payload.body, &to_seal);
+        let binding = envelope::Binding {
+            transfer_id: id,
+            carrier_id: &carrier,
+            category: t.category.as_str(),
+            direction: t.direction.as_str(),
+            occurred_at: micros(t.occurred_at),
+            retain_until: micros(retain[i]),
+        };
+        let (body, sealed_slots) = envelope::seal_record(&binding, &t.payload.body, &to_seal);
         slots.extend(sealed_slots.into_iter().map(|s| NewSlot {
             transfer_id: id,
             slot: s.name,
@@ -275,7 +288,7 @@ async fn write(
             retain_until: micros(retain[i]),
             recorded_by: who.sub.clone(),
             idempotency_key: t.idempotency_key.clone(),
-            request_hash: t.request_hash.to_vec(),
+            request_hash: hashes[i].clone(),
             body,
         });
         results[i] = Some(Recorded {
@@ -376,18 +389,16 @@ async fn check_consents(
     }
     refs.sort_unstable();
     refs.dedup();
-    let rows: HashMap<String, ConsentRow> = crate::storage::consents::get_many(tx, &refs)
+    let rows: HashMap<(String, String), ConsentRow> = crate::storage::consents::get_many(tx, &refs)
         .await?
         .into_iter()
-        .map(|r| (r.reference.clone(), r))
+        .map(|r| ((r.carrier_id.clone(), r.reference.clone()), r))
         .collect();
     let mut problems = Vec::new();
     for &i in fresh {
         let t = &items[i];
         let Some(c) = &t.consent else { continue };
-        let row = rows
-            .get(&c.reference)
-            .filter(|r| r.carrier_id == t.carrier_id.as_str());
+        let row = rows.get(&(t.carrier_id.to_string(), c.reference.clone()));
         if let Err(m) = consent_covers(t, row, &slot_index[i]) {
             problems.push(format!(
                 "{}consent {:?} {m}",
@@ -548,8 +559,16 @@ pub async fn decrypt(state: &AppState, views: &mut [TransferView]) -> Result<()>
         let sealed_body = bodies
             .get(&v.id)
             .ok_or_else(|| AppError::Integrity(format!("record {} has no body", v.id)))?;
+        let binding = envelope::Binding {
+            transfer_id: v.id,
+            carrier_id: &v.carrier_id,
+            category: &v.category,
+            direction: &v.direction,
+            occurred_at: micros(v.occurred_at),
+            retain_until: micros(v.retain_until),
+        };
         let body: Map<String, Value> =
-            envelope::open_body(v.id, &cek, sealed_body).map_err(|e| integrity("body", e))?;
+            envelope::open_body(&binding, &cek, sealed_body).map_err(|e| integrity("body", e))?;
         v.payload = Some(Payload::assemble(category, body, opened));
     }
     Ok(())

@@ -51,18 +51,23 @@ pub async fn insert(tx: &mut Tx, r: &ConsentRow) -> sqlx::Result<()> {
     Ok(())
 }
 
-pub async fn get(
+/// Consents with this reference, within `scope` and, if given, of `carrier`
+/// (at most two: enough to tell an ambiguous reference).
+pub async fn find(
     db: &Db,
     reference: &str,
     scope: Option<&str>,
-) -> sqlx::Result<Option<ConsentRow>> {
+    carrier: Option<&str>,
+) -> sqlx::Result<Vec<ConsentRow>> {
     on_db!(db, c => {
         sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM consents WHERE reference = $1 AND ($2 IS NULL OR carrier_id = $2)"
+            "SELECT {COLUMNS} FROM consents WHERE reference = $1 AND ($2 IS NULL OR carrier_id = $2)
+             AND ($3 IS NULL OR carrier_id = $3) ORDER BY carrier_id LIMIT 2"
         ))
         .bind(reference)
         .bind(scope)
-        .fetch_optional(c)
+        .bind(carrier)
+        .fetch_all(c)
         .await
     })
 }
@@ -93,20 +98,25 @@ pub async fn get_many(tx: &mut Tx, references: &[&str]) -> sqlx::Result<Vec<Cons
 /// Moves a consent from `from` to `to`; false if its status changed meanwhile.
 pub async fn set_status(
     tx: &mut Tx,
+    carrier: &str,
     reference: &str,
     from: &str,
     to: &str,
     now: i64,
 ) -> sqlx::Result<bool> {
     let done = on_tx!(tx, c => {
-        sqlx::query("UPDATE consents SET status = $1, status_changed_at = $2 WHERE reference = $3 AND status = $4")
-            .bind(to)
-            .bind(now)
-            .bind(reference)
-            .bind(from)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected())
+        sqlx::query(
+            "UPDATE consents SET status = $1, status_changed_at = $2
+             WHERE carrier_id = $3 AND reference = $4 AND status = $5",
+        )
+        .bind(to)
+        .bind(now)
+        .bind(carrier)
+        .bind(reference)
+        .bind(from)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
     })?;
     Ok(done == 1)
 }

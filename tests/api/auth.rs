@@ -301,3 +301,82 @@ async fn carriers_never_see_each_other(app: TestApp) {
     assert_eq!(app.count("transfers").await, 2);
 }
 both!(carriers_never_see_each_other);
+
+/// Production keys: a JWKS document with RS256, ES256 and EdDSA keys chosen
+/// by `kid`; the algorithm is the key's, never the token's.
+#[tokio::test]
+async fn asymmetric_keys_are_chosen_by_kid() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt");
+    let extra = [(
+        "LEDGER_JWT_KEYS_FILE".to_string(),
+        format!("{fixtures}/jwks.json"),
+    )]
+    .into_iter()
+    .collect();
+    let app = spawn_app_with(Backend::Sqlite, extra).await.unwrap();
+    let pem = |name: &str| std::fs::read(format!("{fixtures}/{name}")).unwrap();
+    let rsa = EncodingKey::from_rsa_pem(&pem("rsa.pem")).unwrap();
+    let ec = EncodingKey::from_ec_pem(&pem("ec.pem")).unwrap();
+    let ed = EncodingKey::from_ed_pem(&pem("ed25519.pem")).unwrap();
+    let token = |alg: Algorithm, kid: Option<&str>, key: &EncodingKey| {
+        let mut h = Header::new(alg);
+        h.kid = kid.map(str::to_string);
+        jsonwebtoken::encode(&h, &claims(), key).unwrap()
+    };
+
+    for (alg, kid, key) in [
+        (Algorithm::RS256, "rsa-1", &rsa),
+        (Algorithm::ES256, "ec-1", &ec),
+        (Algorithm::EdDSA, "ed-1", &ed),
+    ] {
+        let r = app.get("/v1/transfers", &token(alg, Some(kid), key)).await;
+        assert_eq!(r.status, 200, "{kid}: {}", r.text);
+    }
+    let refused = [
+        ("unknown kid", token(Algorithm::EdDSA, Some("ed-2"), &ed)),
+        ("no kid", token(Algorithm::EdDSA, None, &ed)),
+        (
+            "key of another kid",
+            token(Algorithm::EdDSA, Some("rsa-1"), &ed),
+        ),
+        (
+            "RSA key named as the EC kid",
+            token(Algorithm::RS256, Some("ec-1"), &rsa),
+        ),
+        // The HS256 secret is not accepted once asymmetric keys are configured.
+        ("shared secret", sign(&claims(), JWT_SECRET)),
+    ];
+    for (what, t) in refused {
+        let r = app.get("/v1/transfers", &t).await;
+        assert_eq!(r.status, 401, "{what}: {}", r.text);
+    }
+}
+
+#[tokio::test]
+async fn an_unusable_jwks_stops_the_service_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    // A symmetric key in the JWKS would let anyone holding it mint tokens
+    // under an asymmetric-looking configuration: refused.
+    std::fs::write(
+        &path,
+        r#"{"keys": [{"kty": "oct", "kid": "x", "k": "c2VjcmV0"}]}"#,
+    )
+    .unwrap();
+    let vars: std::collections::HashMap<&str, String> = [
+        ("LEDGER_DATA_DIR", dir.path().display().to_string()),
+        ("LEDGER_LISTEN", "127.0.0.1:0".to_string()),
+        ("LEDGER_JWT_KEYS_FILE", path.display().to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let config = transfer_ledger::Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let err = transfer_ledger::Application::build(config)
+        .await
+        .err()
+        .expect("start refused");
+    assert!(
+        format!("{err:#}").contains("LEDGER_JWT_KEYS_FILE"),
+        "{err:#}"
+    );
+}

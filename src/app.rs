@@ -20,6 +20,7 @@ pub struct AppState {
     pub keys: Arc<Keyring>,
     pub tokens: Arc<TokenVerifier>,
     pub config: Arc<Config>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     policy: Arc<RwLock<Arc<Policy>>>,
     retention: Arc<RwLock<Arc<RetentionPolicy>>>,
 }
@@ -70,6 +71,7 @@ impl AppState {
             keys: Arc::new(keys),
             tokens: Arc::new(tokens),
             config: Arc::new(config),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             policy: Arc::new(RwLock::new(Arc::new(policy))),
             retention: Arc::new(RwLock::new(Arc::new(retention))),
         })

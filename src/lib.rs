@@ -10,6 +10,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod ledger;
+pub mod metrics;
 pub mod retention;
 pub mod storage;
 pub mod telemetry;

@@ -44,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", v1)
         .merge(health::router())
         .merge(openapi::router())
+        .route("/metrics", axum::routing::get(metrics))
         .fallback(|| async { AppError::NotFound("no such route".into()) })
         .layer(
             ServiceBuilder::new()
@@ -55,11 +56,46 @@ pub fn router(state: AppState) -> Router {
                 }))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(middleware::from_fn(crate::telemetry::scope_request_id))
+                .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
                 .layer(middleware::from_fn(problem_for_every_error))
                 .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
                 .layer(DefaultBodyLimit::max(body_limit)),
         )
         .with_state(state)
+}
+
+/// Prometheus text format.
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Counts and times requests by route template (never the raw path, which
+/// may hold ids).
+async fn record_metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let m = &state.metrics;
+    m.latency
+        .with_label_values(&[&route, &method])
+        .observe(started.elapsed().as_secs_f64());
+    m.requests
+        .with_label_values(&[&route, &method, resp.status().as_str()])
+        .inc();
+    resp
 }
 
 /// Errors produced outside the handlers (timeouts, unmatched methods, body

@@ -108,6 +108,13 @@ pub async fn record(
         match write(state, who, &items, &retain, batch, &mut tx).await {
             Ok(out) => {
                 tx.commit().await?;
+                for t in &items {
+                    state
+                        .metrics
+                        .transfers_recorded
+                        .with_label_values(&[t.category.as_str()])
+                        .inc();
+                }
                 return Ok(out);
             }
             Err(AppError::Conflict(m)) if m == RETRY && attempt < 3 => continue,
@@ -507,6 +514,18 @@ impl From<TransferRow> for TransferView {
 /// Decrypts the payloads of `views` in place. Any ciphertext that fails
 /// authentication fails the whole call: never wrong or partial data.
 pub async fn decrypt(state: &AppState, views: &mut [TransferView]) -> Result<()> {
+    let result = decrypt_all(state, views).await;
+    if let Err(AppError::Integrity(_)) = &result {
+        state
+            .metrics
+            .integrity_failures
+            .with_label_values(&["transfer"])
+            .inc();
+    }
+    result
+}
+
+async fn decrypt_all(state: &AppState, views: &mut [TransferView]) -> Result<()> {
     if views.is_empty() {
         return Ok(());
     }

@@ -91,3 +91,35 @@ async fn oversized_bodies_are_refused() {
     assert_eq!(r.headers["content-type"], "application/problem+json");
     assert_eq!(app.count("transfers").await, 0);
 }
+
+async fn metrics_use_route_templates_and_no_personal_data(app: TestApp) {
+    let r = app
+        .post(
+            "/v1/transfers",
+            &app.platform(),
+            &cdr("carrier-a", "c1", "+14255550100", "+14255550101"),
+        )
+        .await
+        .expect(201);
+    let id = r.body["id"].as_str().unwrap();
+    app.read(&format!("/v1/transfers/{id}"), &app.officer())
+        .await
+        .expect(200);
+    app.get("/v1/transfers?subject=%2B14255550100", &app.officer())
+        .await
+        .expect(200);
+    let r = app.get("/metrics", "").await.expect(200);
+    assert!(
+        r.text.contains(
+            r#"ledger_http_requests_total{method="GET",route="/v1/transfers/{id}",status="200"} 1"#
+        ),
+        "{}",
+        r.text
+    );
+    assert!(r
+        .text
+        .contains(r#"ledger_transfers_recorded_total{category="call_detail_record"} 1"#));
+    assert!(!r.text.contains(id));
+    assert!(!r.text.contains("4255550100"));
+}
+both!(metrics_use_route_templates_and_no_personal_data);

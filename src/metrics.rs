@@ -1,0 +1,84 @@
+//! Prometheus metrics, one registry per service instance (no globals, so
+//! tests can run several). Labels are route templates, methods, statuses
+//! and categories: never identifiers or personal data.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    pub transfers_recorded: IntCounterVec,
+    pub integrity_failures: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("ledger".into()), None).expect("registry");
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route template, method and status",
+            ),
+            &["route", "method", "status"],
+        )
+        .expect("metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "HTTP request latency by route template",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+            &["route", "method"],
+        )
+        .expect("metric");
+        let transfers_recorded = IntCounterVec::new(
+            Opts::new(
+                "transfers_recorded_total",
+                "Transfers accepted (idempotent replays included), by category",
+            ),
+            &["category"],
+        )
+        .expect("metric");
+        let integrity_failures = IntCounterVec::new(
+            Opts::new(
+                "integrity_failures_total",
+                "Stored ciphertexts that failed authentication",
+            ),
+            &["what"],
+        )
+        .expect("metric");
+        for c in [&requests, &transfers_recorded, &integrity_failures] {
+            registry.register(Box::new(c.clone())).expect("register");
+        }
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("register");
+        Self {
+            registry,
+            requests,
+            latency,
+            transfers_recorded,
+            integrity_failures,
+        }
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

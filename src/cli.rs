@@ -28,6 +28,20 @@ pub enum Command {
     /// Tokens for the configured HS256 secret.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Recompute the hash chain; exit non-zero if it is broken.
+    Verify {
+        /// A head saved earlier from GET /v1/audit/head: also prove the log
+        /// was neither rewritten before it nor truncated after it.
+        #[arg(long, value_name = "FILE")]
+        since_head: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -64,6 +78,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied ({})", state.db.backend());
             Ok(())
         }
+        Command::Audit(AuditCommand::Verify { since_head }) => audit_verify(config, since_head).await,
         Command::Token(TokenCommand::Issue(args)) => {
             println!("{}", issue_token(&config, &args)?);
             Ok(())
@@ -101,4 +116,27 @@ fn issue_token(config: &Config, args: &IssueArgs) -> anyhow::Result<String> {
         &config.jwt_audience,
     );
     issuer.issue(&sub, role, carrier.as_ref().map(CarrierId::as_str), ttl)
+}
+
+async fn audit_verify(config: Config, since_head: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let saved: Option<crate::audit::SignedHead> = match &since_head {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)?;
+            Some(serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not a saved audit head: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    let state = AppState::init(config).await?;
+    let mut v = crate::audit::verify(&state.db).await?;
+    if let (true, Some(saved)) = (v.valid, &saved) {
+        if let Err((seq, reason)) = crate::audit::check_saved_head(&state, saved).await? {
+            v = crate::audit::Verification { valid: false, head: None, first_bad_seq: Some(seq), reason: Some(reason), ..v };
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    if v.valid {
+        Ok(())
+    } else {
+        anyhow::bail!("the audit chain is broken at entry {}", v.first_bad_seq.unwrap_or_default())
+    }
 }

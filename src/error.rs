@@ -132,6 +132,10 @@ pub struct Problem {
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// The detail of an error response, for layers that audit it.
+#[derive(Clone, Debug)]
+pub struct ProblemDetail(pub String);
+
 pub fn problem_response(
     status: StatusCode,
     kind: &str,
@@ -149,6 +153,9 @@ pub fn problem_response(
     let mut resp = (status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    if let Some(d) = &body.detail {
+        resp.extensions_mut().insert(ProblemDetail(d.clone()));
+    }
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -2,6 +2,7 @@
 //! between a telecom platform and its carriers.
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -33,6 +33,17 @@ impl Principal {
     }
 }
 
+/// Where the extractor leaves who the caller turned out to be, so the layer
+/// that audits denied requests can name them.
+#[derive(Clone, Default)]
+pub struct PrincipalSlot(pub std::sync::Arc<std::sync::Mutex<Option<Principal>>>);
+
+impl PrincipalSlot {
+    pub fn get(&self) -> Option<Principal> {
+        self.0.lock().expect("slot lock").clone()
+    }
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = AppError;
 

@@ -13,11 +13,15 @@ use crate::storage::{self, keys::SubjectKeyRow, Db};
 
 const MASTER: &str = "master";
 const BLIND_INDEX: &str = "blind_index";
+const SIGNING: &str = "signing";
+const PURPOSES: [&str; 3] = [MASTER, BLIND_INDEX, SIGNING];
 /// Unwrapped subject keys kept in memory; each costs ~1 KiB (AES key schedule).
 const SUBJECT_KEY_CACHE: usize = 100_000;
 
 pub struct Keyring {
     masters: RwLock<BTreeMap<i64, Key>>,
+    /// Ed25519 keys that sign exports, receipts and audit heads, by version.
+    signers: RwLock<BTreeMap<i64, ed25519_dalek::SigningKey>>,
     blind: BlindIndex,
     cache: quick_cache::sync::Cache<Uuid, Key>,
 }
@@ -26,20 +30,22 @@ fn master_aad(version: i64) -> Vec<u8> {
     format!("tl/master/v{version}").into_bytes()
 }
 
+fn signing_aad(version: i64) -> Vec<u8> {
+    format!("tl/signing/v{version}").into_bytes()
+}
+
 fn subject_aad(id: Uuid, carrier: &str, master_version: i64) -> Vec<u8> {
     format!("tl/subject-key/{id}/{carrier}/m{master_version}").into_bytes()
 }
 
 impl Keyring {
-    /// Loads the keyring, creating master key v1 and the blind-index key on
-    /// first start. Fails if `root` is not the key this database was set up
+    /// Loads the keyring, creating master key v1, the blind-index key and
+    /// the signing key on first start. Fails if `root` is not the key this database was set up
     /// with.
     pub async fn open(db: &Db, root: &RawKey) -> anyhow::Result<Self> {
         let root = Key::from_bytes(root);
         let mut rows = storage::keys::keyring(db).await?;
-        if !rows.iter().any(|r| r.purpose == MASTER)
-            || !rows.iter().any(|r| r.purpose == BLIND_INDEX)
-        {
+        if PURPOSES.iter().any(|p| !rows.iter().any(|r| r.purpose == *p)) {
             let now = storage::micros(chrono::Utc::now());
             let mut tx = db.begin().await?;
             let master = Key::generate_raw();
@@ -60,6 +66,8 @@ impl Keyring {
                 now,
             )
             .await?;
+            let seed = Key::generate_raw();
+            storage::keys::insert_keyring(&mut tx, SIGNING, 1, &root.wrap(&signing_aad(1), &seed), now).await?;
             tx.commit().await?;
             rows = storage::keys::keyring(db).await?;
         }
@@ -69,6 +77,7 @@ impl Keyring {
                           database's keys: it is not the key the database was created with";
         let mut masters = BTreeMap::new();
         let mut blind = None;
+        let mut signers = BTreeMap::new();
         for r in rows {
             match r.purpose.as_str() {
                 MASTER => {
@@ -83,11 +92,16 @@ impl Keyring {
                         .context(wrong_root)?;
                     blind = Some(BlindIndex::new(&raw));
                 }
+                SIGNING => {
+                    let seed = root.unwrap_key(&signing_aad(r.version), &r.wrapped).context(wrong_root)?;
+                    signers.insert(r.version, ed25519_dalek::SigningKey::from_bytes(&seed));
+                }
                 _ => {}
             }
         }
         Ok(Self {
             masters: RwLock::new(masters),
+            signers: RwLock::new(signers),
             blind: blind.context("blind-index key missing")?,
             cache: quick_cache::sync::Cache::new(SUBJECT_KEY_CACHE),
         })
@@ -153,6 +167,21 @@ impl Keyring {
         let key = Key::from_bytes(&raw);
         self.cache.insert(id, key.clone());
         Ok(key)
+    }
+
+    /// Signs `message` with the current signing key: `(key id, signature)`.
+    pub fn sign(&self, message: &[u8]) -> (String, ed25519_dalek::Signature) {
+        use ed25519_dalek::Signer;
+        let signers = self.signers.read().expect("lock");
+        let (version, key) = signers.iter().next_back().expect("a signing key");
+        (format!("v{version}"), key.sign(message))
+    }
+
+    /// Every signing key's public half, by key id, oldest first: old ones
+    /// stay published so old exports and audit heads remain verifiable.
+    pub fn verifying_keys(&self) -> Vec<(String, ed25519_dalek::VerifyingKey)> {
+        let signers = self.signers.read().expect("lock");
+        signers.iter().map(|(v, k)| (format!("v{v}"), k.verifying_key())).collect()
     }
 
     /// Drops a destroyed subject key from memory too.

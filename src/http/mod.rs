@@ -1,9 +1,11 @@
 //! The HTTP surface: one router per resource, merged here with the layers
 //! every request passes through.
 
+mod audit;
 mod consents;
 mod extract;
 mod health;
+mod keys;
 mod openapi;
 mod reports;
 mod retention;
@@ -22,7 +24,9 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
-use crate::error::{problem_response, AppError, PROBLEM_JSON};
+use crate::audit::{self as trail, Event, Outcome};
+use crate::auth::principal::PrincipalSlot;
+use crate::error::{problem_response, AppError, ProblemDetail, PROBLEM_JSON};
 
 pub use extract::{AccessReason, JsonBody};
 
@@ -39,7 +43,9 @@ pub fn router(state: AppState) -> Router {
         .merge(transfers::router())
         .merge(consents::router())
         .merge(reports::router())
-        .merge(retention::router());
+        .merge(retention::router())
+        .merge(audit::router())
+        .merge(keys::router());
     Router::new()
         .nest("/v1", v1)
         .merge(health::router())
@@ -57,6 +63,7 @@ pub fn router(state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(middleware::from_fn(crate::telemetry::scope_request_id))
                 .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+                .layer(middleware::from_fn_with_state(state.clone(), audit_denials))
                 .layer(middleware::from_fn(problem_for_every_error))
                 .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
                 .layer(DefaultBodyLimit::max(body_limit)),
@@ -95,6 +102,26 @@ async fn record_metrics(
     m.requests
         .with_label_values(&[&route, &method, resp.status().as_str()])
         .inc();
+    resp
+}
+
+/// Every unauthenticated or forbidden request is audited as denied, with
+/// the caller when the token was valid.
+async fn audit_denials(axum::extract::State(state): axum::extract::State<AppState>, mut req: Request, next: Next) -> Response {
+    let slot = PrincipalSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_string());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        let detail = resp.extensions().get::<ProblemDetail>().map(|d| d.0.clone());
+        let target = serde_json::json!({"method": method, "route": route, "status": status.as_u16(), "detail": detail});
+        let event = Event::new("request.denied", target).outcome(Outcome::Denied);
+        if let Err(e) = trail::record(&state, slot.get().as_ref(), event).await {
+            tracing::error!(error = %e, "could not audit a denied request");
+        }
+    }
     resp
 }
 

@@ -14,6 +14,7 @@ use crate::app::AppState;
         super::transfers::create, super::transfers::create_batch, super::transfers::list, super::transfers::show,
         super::consents::create, super::consents::show, super::consents::change_status,
         super::reports::processing, super::retention::policy,
+        super::audit::list, super::audit::verify, super::audit::head, super::keys::export_signing,
         super::health::healthz, super::health::readyz,
     ),
     components(schemas(crate::error::Problem, crate::error::FieldError)),

@@ -21,5 +21,7 @@ pub async fn policy(
     who: Principal,
 ) -> Result<Json<RetentionPolicy>> {
     state.authorize(&who, "retention", "read")?;
-    Ok(Json((*state.retention()).clone()))
+    let policy = (*state.retention()).clone();
+    crate::audit::record(&state, Some(&who), crate::audit::Event::new("retention.policy.read", serde_json::json!({}))).await?;
+    Ok(Json(policy))
 }

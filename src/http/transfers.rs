@@ -7,11 +7,12 @@ use axum::{Json, Router};
 use base64::Engine;
 use chrono::Utc;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::extract::{AccessReason, JsonBody, Params};
 use crate::app::AppState;
+use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::domain::transfer::NewTransfer;
 use crate::domain::{Category, Country, Direction, LegalBasis, Purpose, SubjectId};
@@ -224,7 +225,30 @@ pub async fn list(
     if with_payload {
         ledger::decrypt(&state, &mut items).await?;
     }
+    let target = json!({
+        "filters": audit_filters(&f),
+        "include_payload": with_payload,
+        "transfer_ids": items.iter().map(|i| i.id).collect::<Vec<_>>(),
+    });
+    audit::record(&state, Some(&who), Event::new("transfer.list", target).reason(reason.0.as_deref())).await?;
     Ok(Json(TransferPage { items, next_cursor }))
+}
+
+/// The filters of a log query as the audit trail keeps them: the subject
+/// only as its blind index.
+fn audit_filters(f: &LogFilter) -> Value {
+    json!({
+        "carrier_id": f.carrier_id,
+        "category": f.category,
+        "direction": f.direction,
+        "purpose": f.purpose,
+        "legal_basis": f.legal_basis,
+        "jurisdiction": f.jurisdiction,
+        "from": f.from,
+        "to": f.to,
+        "subject_index": f.subject_index.as_ref().map(hex::encode),
+        "after": f.after.map(|(at, id)| json!([at, id])),
+    })
 }
 
 /// One record with its decrypted payload.
@@ -242,7 +266,7 @@ pub async fn show(
     require_decrypt(&state, &who, &reason)?;
     // A malformed id names no record: the same answer as a missing one.
     let id = Uuid::parse_str(&id).map_err(|_| AppError::NotFound(format!("no transfer {id:?}")))?;
-    Ok(Json(ledger::get(&state, &who, id, true).await?))
+    Ok(Json(ledger::get(&state, &who, id, reason.0.as_deref()).await?))
 }
 
 /// Decrypting reads need the decrypt permission, and privacy officers must

@@ -2,10 +2,11 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::app::AppState;
+use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::domain::consent::{ConsentKind, ConsentStatus, NewConsent};
 use crate::domain::CarrierId;
@@ -87,12 +88,23 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
         .await
         .on_constraint("consents_pkey|consents.reference", || {
             AppError::Conflict(format!(
-                "consent reference {:?} is already registered",
+                "consent reference {:?} is already registered for this carrier",
                 c.reference
             ))
         })?;
+    let target = json!({
+        "carrier_id": row.carrier_id,
+        "reference": row.reference,
+        "kind": row.kind,
+        "subject_index": row.subject_index.as_ref().map(hex::encode),
+    });
+    audit::append(&mut tx, Some(who), &Event::new("consent.register", target)).await?;
     tx.commit().await?;
     view(state, row).await
+}
+
+fn target(row: &ConsentRow) -> Value {
+    json!({"carrier_id": row.carrier_id, "reference": row.reference})
 }
 
 /// The one consent `reference` names for this caller. References are per
@@ -133,7 +145,9 @@ pub async fn get(
     state.authorize(who, "consents", "read")?;
     let row = find_one(state, who, reference, carrier).await?;
     require_reason(who, &row, reason)?;
-    view(state, row).await
+    let shown = view(state, row.clone()).await?;
+    audit::record(state, Some(who), Event::new("consent.read", target(&row)).reason(reason)).await?;
+    Ok(shown)
 }
 
 pub async fn set_status(
@@ -160,7 +174,11 @@ pub async fn set_status(
         .parse()
         .map_err(|_| AppError::Internal(anyhow::anyhow!("bad consent status")))?;
     if from == to {
-        return view(state, row).await;
+        let shown = view(state, row.clone()).await?;
+        let mut t = target(&row);
+        t["status"] = json!({"from": from, "to": to, "changed": false});
+        audit::record(state, Some(who), Event::new("consent.status", t).reason(reason)).await?;
+        return Ok(shown);
     }
     kind.may_move(from, to)
         .map_err(|m| AppError::Conflict(format!("consent {reference:?}: {m}")))?;
@@ -179,6 +197,9 @@ pub async fn set_status(
             "consent {reference:?} changed meanwhile; read it and retry"
         )));
     }
+    let mut t = target(&row);
+    t["status"] = json!({"from": from, "to": to, "changed": true});
+    audit::append(&mut tx, Some(who), &Event::new("consent.status", t).reason(reason)).await?;
     tx.commit().await?;
     let row = find_one(state, who, reference, Some(carrier.as_str())).await?;
     view(state, row).await

@@ -77,7 +77,7 @@ pub async fn processing(
         e.0 += g.transfers;
         e.1.push(g.jurisdiction);
     }
-    let activities = merged
+    let activities: Vec<Activity> = merged
         .into_iter()
         .map(|((carrier_id, category, purpose, legal_basis, direction), (transfers, jurisdictions))| {
             let cat: Option<Category> = category.parse().ok();
@@ -115,6 +115,8 @@ pub async fn processing(
             }
         })
         .collect();
+    let target = serde_json::json!({"from": from, "to": to, "activities": activities.len()});
+    crate::audit::record(state, Some(who), crate::audit::Event::new("report.processing", target)).await?;
     let c = &state.config;
     Ok(ProcessingReport {
         generated_at: Utc::now(),

@@ -4,10 +4,11 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::app::AppState;
+use crate::audit::{self, Event, Outcome};
 use crate::auth::Principal;
 use crate::crypto::{envelope, Key};
 use crate::domain::consent::{ConsentKind, ConsentStatus};
@@ -324,10 +325,22 @@ async fn write(
             results[i] = results[j].clone();
         }
     }
-    Ok(results
-        .into_iter()
-        .map(|r| r.expect("every item resolved"))
-        .collect())
+    let results: Vec<Recorded> = results.into_iter().map(|r| r.expect("every item resolved")).collect();
+
+    // The audit entry commits with the records, or neither does.
+    let mut carriers: Vec<&str> = items.iter().map(|t| t.carrier_id.as_str()).collect();
+    carriers.sort_unstable();
+    carriers.dedup();
+    let event = Event::new(
+        if batch { "transfer.record_batch" } else { "transfer.record" },
+        json!({
+            "transfer_ids": results.iter().map(|r| r.id).collect::<Vec<_>>(),
+            "carriers": carriers,
+            "stored": fresh.len(),
+        }),
+    );
+    audit::append(tx, Some(who), &event).await?;
+    Ok(results)
 }
 
 /// The subject keys of `carrier` for the given blind indexes, creating the
@@ -593,19 +606,17 @@ async fn decrypt_all(state: &AppState, views: &mut [TransferView]) -> Result<()>
     Ok(())
 }
 
-pub async fn get(
-    state: &AppState,
-    who: &Principal,
-    id: Uuid,
-    with_payload: bool,
-) -> Result<TransferView> {
-    let row = store::get(&state.db, id, who.scope())
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no transfer {id}")))?;
+/// One record with its decrypted payload. The read is audited, found or
+/// not, before anything is returned.
+pub async fn get(state: &AppState, who: &Principal, id: Uuid, reason: Option<&str>) -> Result<TransferView> {
+    let event = |outcome| Event::new("transfer.read", json!({"transfer_id": id, "decrypted": true})).outcome(outcome).reason(reason);
+    let Some(row) = store::get(&state.db, id, who.scope()).await? else {
+        audit::record(state, Some(who), event(Outcome::NotFound)).await?;
+        return Err(AppError::NotFound(format!("no transfer {id}")));
+    };
     let mut views = [TransferView::from(row)];
-    if with_payload {
-        decrypt(state, &mut views).await?;
-    }
+    decrypt(state, &mut views).await?;
+    audit::record(state, Some(who), event(Outcome::Success)).await?;
     let [v] = views;
     Ok(v)
 }

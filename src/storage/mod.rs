@@ -5,6 +5,7 @@
 //! the backend. `on_db!` and `on_tx!` run the same query code against
 //! whichever backend is configured.
 
+pub mod audit;
 pub mod consents;
 pub mod keys;
 pub mod transfers;

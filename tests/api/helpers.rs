@@ -373,6 +373,7 @@ impl TestApp {
             "transfer_slots",
             "subject_lookup",
             "consents",
+            "audit_log",
         ] {
             let sql = format!("SELECT * FROM {table}");
             match self.db() {

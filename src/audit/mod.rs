@@ -1,0 +1,300 @@
+//! The tamper-evident audit trail.
+//!
+//! Every entry is canonical JSON holding its sequence number and the hash of
+//! the previous entry; the stored hash is SHA-256 of exactly those bytes.
+//! Appends take the one-row append cursor under lock in the same
+//! transaction as the change they record, so the chain never forks and an
+//! entry exists if and only if its change committed. Entries hold actors,
+//! actions, record ids and blind-index values, never plaintext personal data.
+
+use base64::Engine;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::error::Result;
+use crate::storage::audit::{self as store, AuditRow};
+use crate::storage::{micros, Db, Tx};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Denied,
+    NotFound,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Denied => "denied",
+            Self::NotFound => "not_found",
+        }
+    }
+}
+
+/// What happened: the action, its outcome, what it touched and why.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub action: &'static str,
+    pub outcome: Outcome,
+    /// Record ids, request ids, blind-index values (hex): never plaintext.
+    pub target: Value,
+    /// A privacy officer's stated `X-Access-Reason`.
+    pub reason: Option<String>,
+}
+
+impl Event {
+    pub fn new(action: &'static str, target: Value) -> Self {
+        Self { action, outcome: Outcome::Success, target, reason: None }
+    }
+    pub fn outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
+        self
+    }
+    pub fn reason(mut self, reason: Option<&str>) -> Self {
+        self.reason = reason.map(str::to_string);
+        self
+    }
+}
+
+#[derive(Serialize)]
+struct Actor<'a> {
+    sub: &'a str,
+    role: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    carrier: Option<&'a str>,
+}
+
+/// The canonical bytes of an entry. Field order is fixed by this struct.
+#[derive(Serialize)]
+struct Entry<'a> {
+    v: u8,
+    seq: i64,
+    prev: String,
+    at: String,
+    actor: Actor<'a>,
+    action: &'a str,
+    outcome: Outcome,
+    target: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+/// The fields verification reads back from stored entry bytes.
+#[derive(Deserialize)]
+struct Linked {
+    seq: i64,
+    prev: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    pub seq: i64,
+    pub hash: [u8; 32],
+}
+
+/// Appends `event` inside `tx`. Call it last, just before commit: the
+/// append cursor stays locked until the transaction ends.
+pub async fn append(tx: &mut Tx, who: Option<&Principal>, event: &Event) -> Result<Appended> {
+    let (head_seq, head_hash) = store::lock_head(tx).await?;
+    let seq = head_seq + 1;
+    let now = Utc::now();
+    let anonymous = Actor { sub: "anonymous", role: "none", carrier: None };
+    let actor = match who {
+        Some(p) => Actor { sub: &p.sub, role: p.role.as_str(), carrier: p.scope() },
+        None => anonymous,
+    };
+    let entry = Entry {
+        v: 1,
+        seq,
+        prev: hex::encode(&head_hash),
+        at: now.to_rfc3339_opts(SecondsFormat::Micros, true),
+        actor,
+        action: event.action,
+        outcome: event.outcome,
+        target: &event.target,
+        request_id: crate::telemetry::current_request_id().filter(|r| !r.is_empty()),
+        reason: event.reason.as_deref(),
+    };
+    let bytes = serde_json::to_string(&entry).expect("audit entries serialize");
+    let hash: [u8; 32] = Sha256::digest(bytes.as_bytes()).into();
+    let row = AuditRow {
+        seq,
+        at: micros(now),
+        actor: who.map(|p| p.sub.clone()).unwrap_or_else(|| "anonymous".into()),
+        action: event.action.to_string(),
+        outcome: event.outcome.as_str().to_string(),
+        entry: bytes,
+        prev_hash: head_hash,
+        hash: hash.to_vec(),
+    };
+    store::append(tx, &row).await?;
+    Ok(Appended { seq, hash })
+}
+
+/// Appends `event` in a transaction of its own (reads, denials).
+pub async fn record(state: &AppState, who: Option<&Principal>, event: Event) -> Result<Appended> {
+    let mut tx = state.db.begin().await?;
+    let appended = append(&mut tx, who, &event).await?;
+    tx.commit().await?;
+    Ok(appended)
+}
+
+/// What verifying the chain found.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Verification {
+    pub valid: bool,
+    pub entries: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_bad_seq: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct HeadRef {
+    pub seq: i64,
+    pub hash: String,
+}
+
+impl Verification {
+    fn bad(entries: i64, seq: i64, reason: impl Into<String>) -> Self {
+        Self { valid: false, entries, head: None, first_bad_seq: Some(seq), reason: Some(reason.into()) }
+    }
+}
+
+const VERIFY_PAGE: i64 = 5_000;
+
+/// Recomputes the chain from the first entry, from the stored bytes.
+pub async fn verify(db: &Db) -> Result<Verification> {
+    let mut expected = 1;
+    let mut prev = vec![0u8; 32];
+    loop {
+        let page = store::chain_page(db, expected - 1, VERIFY_PAGE).await?;
+        let done = (page.len() as i64) < VERIFY_PAGE;
+        for row in page {
+            let entries = expected - 1;
+            if row.seq != expected {
+                return Ok(Verification::bad(entries, expected, format!("entry {expected} is missing")));
+            }
+            let hash: [u8; 32] = Sha256::digest(row.entry.as_bytes()).into();
+            if row.hash != hash {
+                return Ok(Verification::bad(entries, row.seq, "the entry's bytes do not match its hash"));
+            }
+            let Ok(linked) = serde_json::from_str::<Linked>(&row.entry) else {
+                return Ok(Verification::bad(entries, row.seq, "the entry is not a ledger audit entry"));
+            };
+            if linked.seq != row.seq {
+                return Ok(Verification::bad(
+                    entries,
+                    row.seq,
+                    format!("the entry stored at {} was written as entry {}", row.seq, linked.seq),
+                ));
+            }
+            if linked.prev != hex::encode(&prev) || row.prev_hash != prev {
+                return Ok(Verification::bad(entries, row.seq, "the entry does not chain to the one before it"));
+            }
+            prev = row.hash;
+            expected += 1;
+        }
+        if done {
+            break;
+        }
+    }
+    let entries = expected - 1;
+    let (cursor_seq, _) = store::cursor(db).await?;
+    if cursor_seq > entries {
+        return Ok(Verification::bad(
+            entries,
+            entries + 1,
+            format!("the log ends at entry {entries} but was appended up to {cursor_seq}: its tail was removed"),
+        ));
+    }
+    Ok(Verification {
+        valid: true,
+        entries,
+        head: (entries > 0).then(|| HeadRef { seq: entries, hash: hex::encode(&prev) }),
+        first_bad_seq: None,
+        reason: None,
+    })
+}
+
+/// A signed checkpoint of the chain: who keeps one can later prove the log
+/// was neither rewritten before it nor truncated after it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SignedHead {
+    pub seq: i64,
+    pub hash: String,
+    pub at: DateTime<Utc>,
+    pub key_id: String,
+    /// Base64 Ed25519 signature over `signed_message(seq, hash, at)`.
+    pub signature: String,
+}
+
+/// The bytes a head signature covers.
+pub fn signed_message(seq: i64, hash: &str, at: &DateTime<Utc>) -> String {
+    format!(
+        "transfer-ledger audit head v1\nseq={seq}\nhash={hash}\nat={}",
+        at.to_rfc3339_opts(SecondsFormat::Micros, true)
+    )
+}
+
+pub async fn signed_head(state: &AppState) -> Result<SignedHead> {
+    let (seq, hash) = match store::last(&state.db).await? {
+        Some(row) => (row.seq, hex::encode(&row.hash)),
+        None => (0, hex::encode([0u8; 32])),
+    };
+    let at = crate::storage::from_micros(micros(Utc::now()));
+    let (key_id, sig) = state.keys.sign(signed_message(seq, &hash, &at).as_bytes());
+    Ok(SignedHead { seq, hash, at, key_id, signature: base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()) })
+}
+
+/// Checks a saved head: its signature against the published keys, and that
+/// the log still holds exactly that entry at that position.
+pub async fn check_saved_head(state: &AppState, saved: &SignedHead) -> Result<std::result::Result<(), (i64, String)>> {
+    let keys = state.keys.verifying_keys();
+    let Some((_, key)) = keys.iter().find(|(id, _)| *id == saved.key_id) else {
+        return Ok(Err((saved.seq, format!("the saved head is signed by unknown key {}", saved.key_id))));
+    };
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(&saved.signature)
+        .ok()
+        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok());
+    let message = signed_message(saved.seq, &saved.hash, &saved.at);
+    if sig.is_none_or(|s| key.verify_strict(message.as_bytes(), &s).is_err()) {
+        return Ok(Err((saved.seq, "the saved head's signature does not verify".into())));
+    }
+    match store::entry_at(&state.db, saved.seq).await? {
+        None if saved.seq == 0 => Ok(Ok(())),
+        None => Ok(Err((saved.seq, format!("the log no longer reaches the saved head at entry {}: it was truncated", saved.seq)))),
+        Some(row) if hex::encode(&row.hash) != saved.hash => {
+            Ok(Err((saved.seq, format!("entry {} differs from the saved head: the log was rewritten", saved.seq))))
+        }
+        Some(_) => Ok(Ok(())),
+    }
+}
+
+/// An entry as listed by `GET /v1/audit`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EntryView {
+    pub seq: i64,
+    pub hash: String,
+    /// The entry as it was hashed.
+    #[schema(value_type = Object)]
+    pub entry: Value,
+}
+
+impl From<AuditRow> for EntryView {
+    fn from(r: AuditRow) -> Self {
+        Self { seq: r.seq, hash: hex::encode(&r.hash), entry: serde_json::from_str(&r.entry).unwrap_or(Value::Null) }
+    }
+}

@@ -78,7 +78,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied ({})", state.db.backend());
             Ok(())
         }
-        Command::Audit(AuditCommand::Verify { since_head }) => audit_verify(config, since_head).await,
+        Command::Audit(AuditCommand::Verify { since_head }) => {
+            audit_verify(config, since_head).await
+        }
         Command::Token(TokenCommand::Issue(args)) => {
             println!("{}", issue_token(&config, &args)?);
             Ok(())
@@ -118,11 +120,16 @@ fn issue_token(config: &Config, args: &IssueArgs) -> anyhow::Result<String> {
     issuer.issue(&sub, role, carrier.as_ref().map(CarrierId::as_str), ttl)
 }
 
-async fn audit_verify(config: Config, since_head: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+async fn audit_verify(
+    config: Config,
+    since_head: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let saved: Option<crate::audit::SignedHead> = match &since_head {
         Some(path) => {
             let text = std::fs::read_to_string(path)?;
-            Some(serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not a saved audit head: {e}", path.display()))?)
+            Some(serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("{} is not a saved audit head: {e}", path.display())
+            })?)
         }
         None => None,
     };
@@ -130,13 +137,22 @@ async fn audit_verify(config: Config, since_head: Option<std::path::PathBuf>) ->
     let mut v = crate::audit::verify(&state.db).await?;
     if let (true, Some(saved)) = (v.valid, &saved) {
         if let Err((seq, reason)) = crate::audit::check_saved_head(&state, saved).await? {
-            v = crate::audit::Verification { valid: false, head: None, first_bad_seq: Some(seq), reason: Some(reason), ..v };
+            v = crate::audit::Verification {
+                valid: false,
+                head: None,
+                first_bad_seq: Some(seq),
+                reason: Some(reason),
+                ..v
+            };
         }
     }
     println!("{}", serde_json::to_string_pretty(&v)?);
     if v.valid {
         Ok(())
     } else {
-        anyhow::bail!("the audit chain is broken at entry {}", v.first_bad_seq.unwrap_or_default())
+        anyhow::bail!(
+            "the audit chain is broken at entry {}",
+            v.first_bad_seq.unwrap_or_default()
+        )
     }
 }

@@ -50,7 +50,12 @@ pub struct Event {
 
 impl Event {
     pub fn new(action: &'static str, target: Value) -> Self {
-        Self { action, outcome: Outcome::Success, target, reason: None }
+        Self {
+            action,
+            outcome: Outcome::Success,
+            target,
+            reason: None,
+        }
     }
     pub fn outcome(mut self, outcome: Outcome) -> Self {
         self.outcome = outcome;
@@ -106,9 +111,17 @@ pub async fn append(tx: &mut Tx, who: Option<&Principal>, event: &Event) -> Resu
     let (head_seq, head_hash) = store::lock_head(tx).await?;
     let seq = head_seq + 1;
     let now = Utc::now();
-    let anonymous = Actor { sub: "anonymous", role: "none", carrier: None };
+    let anonymous = Actor {
+        sub: "anonymous",
+        role: "none",
+        carrier: None,
+    };
     let actor = match who {
-        Some(p) => Actor { sub: &p.sub, role: p.role.as_str(), carrier: p.scope() },
+        Some(p) => Actor {
+            sub: &p.sub,
+            role: p.role.as_str(),
+            carrier: p.scope(),
+        },
         None => anonymous,
     };
     let entry = Entry {
@@ -128,7 +141,9 @@ pub async fn append(tx: &mut Tx, who: Option<&Principal>, event: &Event) -> Resu
     let row = AuditRow {
         seq,
         at: micros(now),
-        actor: who.map(|p| p.sub.clone()).unwrap_or_else(|| "anonymous".into()),
+        actor: who
+            .map(|p| p.sub.clone())
+            .unwrap_or_else(|| "anonymous".into()),
         action: event.action.to_string(),
         outcome: event.outcome.as_str().to_string(),
         entry: bytes,
@@ -168,7 +183,13 @@ pub struct HeadRef {
 
 impl Verification {
     fn bad(entries: i64, seq: i64, reason: impl Into<String>) -> Self {
-        Self { valid: false, entries, head: None, first_bad_seq: Some(seq), reason: Some(reason.into()) }
+        Self {
+            valid: false,
+            entries,
+            head: None,
+            first_bad_seq: Some(seq),
+            reason: Some(reason.into()),
+        }
     }
 }
 
@@ -184,24 +205,43 @@ pub async fn verify(db: &Db) -> Result<Verification> {
         for row in page {
             let entries = expected - 1;
             if row.seq != expected {
-                return Ok(Verification::bad(entries, expected, format!("entry {expected} is missing")));
+                return Ok(Verification::bad(
+                    entries,
+                    expected,
+                    format!("entry {expected} is missing"),
+                ));
             }
             let hash: [u8; 32] = Sha256::digest(row.entry.as_bytes()).into();
             if row.hash != hash {
-                return Ok(Verification::bad(entries, row.seq, "the entry's bytes do not match its hash"));
+                return Ok(Verification::bad(
+                    entries,
+                    row.seq,
+                    "the entry's bytes do not match its hash",
+                ));
             }
             let Ok(linked) = serde_json::from_str::<Linked>(&row.entry) else {
-                return Ok(Verification::bad(entries, row.seq, "the entry is not a ledger audit entry"));
+                return Ok(Verification::bad(
+                    entries,
+                    row.seq,
+                    "the entry is not a ledger audit entry",
+                ));
             };
             if linked.seq != row.seq {
                 return Ok(Verification::bad(
                     entries,
                     row.seq,
-                    format!("the entry stored at {} was written as entry {}", row.seq, linked.seq),
+                    format!(
+                        "the entry stored at {} was written as entry {}",
+                        row.seq, linked.seq
+                    ),
                 ));
             }
             if linked.prev != hex::encode(&prev) || row.prev_hash != prev {
-                return Ok(Verification::bad(entries, row.seq, "the entry does not chain to the one before it"));
+                return Ok(Verification::bad(
+                    entries,
+                    row.seq,
+                    "the entry does not chain to the one before it",
+                ));
             }
             prev = row.hash;
             expected += 1;
@@ -222,7 +262,10 @@ pub async fn verify(db: &Db) -> Result<Verification> {
     Ok(Verification {
         valid: true,
         entries,
-        head: (entries > 0).then(|| HeadRef { seq: entries, hash: hex::encode(&prev) }),
+        head: (entries > 0).then(|| HeadRef {
+            seq: entries,
+            hash: hex::encode(&prev),
+        }),
         first_bad_seq: None,
         reason: None,
     })
@@ -255,15 +298,27 @@ pub async fn signed_head(state: &AppState) -> Result<SignedHead> {
     };
     let at = crate::storage::from_micros(micros(Utc::now()));
     let (key_id, sig) = state.keys.sign(signed_message(seq, &hash, &at).as_bytes());
-    Ok(SignedHead { seq, hash, at, key_id, signature: base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()) })
+    Ok(SignedHead {
+        seq,
+        hash,
+        at,
+        key_id,
+        signature: base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()),
+    })
 }
 
 /// Checks a saved head: its signature against the published keys, and that
 /// the log still holds exactly that entry at that position.
-pub async fn check_saved_head(state: &AppState, saved: &SignedHead) -> Result<std::result::Result<(), (i64, String)>> {
+pub async fn check_saved_head(
+    state: &AppState,
+    saved: &SignedHead,
+) -> Result<std::result::Result<(), (i64, String)>> {
     let keys = state.keys.verifying_keys();
     let Some((_, key)) = keys.iter().find(|(id, _)| *id == saved.key_id) else {
-        return Ok(Err((saved.seq, format!("the saved head is signed by unknown key {}", saved.key_id))));
+        return Ok(Err((
+            saved.seq,
+            format!("the saved head is signed by unknown key {}", saved.key_id),
+        )));
     };
     let sig = base64::engine::general_purpose::STANDARD
         .decode(&saved.signature)
@@ -271,14 +326,27 @@ pub async fn check_saved_head(state: &AppState, saved: &SignedHead) -> Result<st
         .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok());
     let message = signed_message(saved.seq, &saved.hash, &saved.at);
     if sig.is_none_or(|s| key.verify_strict(message.as_bytes(), &s).is_err()) {
-        return Ok(Err((saved.seq, "the saved head's signature does not verify".into())));
+        return Ok(Err((
+            saved.seq,
+            "the saved head's signature does not verify".into(),
+        )));
     }
     match store::entry_at(&state.db, saved.seq).await? {
         None if saved.seq == 0 => Ok(Ok(())),
-        None => Ok(Err((saved.seq, format!("the log no longer reaches the saved head at entry {}: it was truncated", saved.seq)))),
-        Some(row) if hex::encode(&row.hash) != saved.hash => {
-            Ok(Err((saved.seq, format!("entry {} differs from the saved head: the log was rewritten", saved.seq))))
-        }
+        None => Ok(Err((
+            saved.seq,
+            format!(
+                "the log no longer reaches the saved head at entry {}: it was truncated",
+                saved.seq
+            ),
+        ))),
+        Some(row) if hex::encode(&row.hash) != saved.hash => Ok(Err((
+            saved.seq,
+            format!(
+                "entry {} differs from the saved head: the log was rewritten",
+                saved.seq
+            ),
+        ))),
         Some(_) => Ok(Ok(())),
     }
 }
@@ -295,6 +363,10 @@ pub struct EntryView {
 
 impl From<AuditRow> for EntryView {
     fn from(r: AuditRow) -> Self {
-        Self { seq: r.seq, hash: hex::encode(&r.hash), entry: serde_json::from_str(&r.entry).unwrap_or(Value::Null) }
+        Self {
+            seq: r.seq,
+            hash: hex::encode(&r.hash),
+            entry: serde_json::from_str(&r.entry).unwrap_or(Value::Null),
+        }
     }
 }

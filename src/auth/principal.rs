@@ -68,11 +68,15 @@ impl FromRequestParts<AppState> for Principal {
                 AppError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
             })?;
         let v = state.tokens.verify(token).map_err(AppError::Unauthorized)?;
-        Ok(Self {
+        let principal = Self {
             sub: v.sub,
             role: v.role,
             carrier: v.carrier,
-        })
+        };
+        if let Some(slot) = parts.extensions.get::<PrincipalSlot>() {
+            *slot.0.lock().expect("slot lock") = Some(principal.clone());
+        }
+        Ok(principal)
     }
 }
 

@@ -45,7 +45,10 @@ impl Keyring {
     pub async fn open(db: &Db, root: &RawKey) -> anyhow::Result<Self> {
         let root = Key::from_bytes(root);
         let mut rows = storage::keys::keyring(db).await?;
-        if PURPOSES.iter().any(|p| !rows.iter().any(|r| r.purpose == *p)) {
+        if PURPOSES
+            .iter()
+            .any(|p| !rows.iter().any(|r| r.purpose == *p))
+        {
             let now = storage::micros(chrono::Utc::now());
             let mut tx = db.begin().await?;
             let master = Key::generate_raw();
@@ -67,7 +70,14 @@ impl Keyring {
             )
             .await?;
             let seed = Key::generate_raw();
-            storage::keys::insert_keyring(&mut tx, SIGNING, 1, &root.wrap(&signing_aad(1), &seed), now).await?;
+            storage::keys::insert_keyring(
+                &mut tx,
+                SIGNING,
+                1,
+                &root.wrap(&signing_aad(1), &seed),
+                now,
+            )
+            .await?;
             tx.commit().await?;
             rows = storage::keys::keyring(db).await?;
         }
@@ -93,7 +103,9 @@ impl Keyring {
                     blind = Some(BlindIndex::new(&raw));
                 }
                 SIGNING => {
-                    let seed = root.unwrap_key(&signing_aad(r.version), &r.wrapped).context(wrong_root)?;
+                    let seed = root
+                        .unwrap_key(&signing_aad(r.version), &r.wrapped)
+                        .context(wrong_root)?;
                     signers.insert(r.version, ed25519_dalek::SigningKey::from_bytes(&seed));
                 }
                 _ => {}
@@ -181,7 +193,10 @@ impl Keyring {
     /// stay published so old exports and audit heads remain verifiable.
     pub fn verifying_keys(&self) -> Vec<(String, ed25519_dalek::VerifyingKey)> {
         let signers = self.signers.read().expect("lock");
-        signers.iter().map(|(v, k)| (format!("v{v}"), k.verifying_key())).collect()
+        signers
+            .iter()
+            .map(|(v, k)| (format!("v{v}"), k.verifying_key()))
+            .collect()
     }
 
     /// Drops a destroyed subject key from memory too.

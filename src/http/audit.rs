@@ -34,7 +34,11 @@ pub struct AuditPage {
            ("action" = Option<String>, Query, description = "e.g. transfer.read, request.denied"),
            ("limit" = Option<u32>, Query, description = "1 to 1000, default 100"), ("cursor" = Option<String>, Query)),
     responses((status = 200, body = AuditPage)), security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, who: Principal, mut p: Params) -> Result<Json<AuditPage>> {
+pub async fn list(
+    State(state): State<AppState>,
+    who: Principal,
+    mut p: Params,
+) -> Result<Json<AuditPage>> {
     state.authorize(&who, "audit", "read")?;
     p.allow(&["from", "to", "actor", "action", "limit", "cursor"]);
     let mut f = AuditFilter {
@@ -42,7 +46,10 @@ pub async fn list(State(state): State<AppState>, who: Principal, mut p: Params) 
         to: p.time("to").map(micros),
         actor: p.get("actor").map(str::to_string),
         action: p.get("action").map(str::to_string),
-        before: p.parse("cursor", |s| s.parse::<i64>().map_err(|_| "is not a cursor this service issued".to_string())),
+        before: p.parse("cursor", |s| {
+            s.parse::<i64>()
+                .map_err(|_| "is not a cursor this service issued".to_string())
+        }),
         limit: p
             .parse("limit", |s| match s.parse::<i64>() {
                 Ok(n) if (1..=1000).contains(&n) => Ok(n),
@@ -55,13 +62,18 @@ pub async fn list(State(state): State<AppState>, who: Principal, mut p: Params) 
     let mut rows = store::list(&state.db, &f).await?;
     let more = rows.len() as i64 == f.limit;
     rows.truncate((f.limit - 1) as usize);
-    let next_cursor = more.then(|| rows.last().map(|r| r.seq.to_string())).flatten();
+    let next_cursor = more
+        .then(|| rows.last().map(|r| r.seq.to_string()))
+        .flatten();
     let target = json!({
         "filters": {"from": f.from, "to": f.to, "actor": f.actor, "action": f.action, "before": f.before},
         "returned": rows.len(),
     });
     audit::record(&state, Some(&who), Event::new("audit.read", target)).await?;
-    Ok(Json(AuditPage { items: rows.into_iter().map(EntryView::from).collect(), next_cursor }))
+    Ok(Json(AuditPage {
+        items: rows.into_iter().map(EntryView::from).collect(),
+        next_cursor,
+    }))
 }
 
 /// Recomputes the whole chain from the stored bytes.
@@ -82,6 +94,11 @@ pub async fn verify(State(state): State<AppState>, who: Principal) -> Result<Jso
 pub async fn head(State(state): State<AppState>, who: Principal) -> Result<Json<SignedHead>> {
     state.authorize(&who, "audit", "read")?;
     let head = audit::signed_head(&state).await?;
-    audit::record(&state, Some(&who), Event::new("audit.head", json!({"seq": head.seq}))).await?;
+    audit::record(
+        &state,
+        Some(&who),
+        Event::new("audit.head", json!({"seq": head.seq})),
+    )
+    .await?;
     Ok(Json(head))
 }

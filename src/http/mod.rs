@@ -107,15 +107,25 @@ async fn record_metrics(
 
 /// Every unauthenticated or forbidden request is audited as denied, with
 /// the caller when the token was valid.
-async fn audit_denials(axum::extract::State(state): axum::extract::State<AppState>, mut req: Request, next: Next) -> Response {
+async fn audit_denials(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let slot = PrincipalSlot::default();
     req.extensions_mut().insert(slot.clone());
-    let route = req.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_string());
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string());
     let method = req.method().to_string();
     let resp = next.run(req).await;
     let status = resp.status();
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        let detail = resp.extensions().get::<ProblemDetail>().map(|d| d.0.clone());
+        let detail = resp
+            .extensions()
+            .get::<ProblemDetail>()
+            .map(|d| d.0.clone());
         let target = serde_json::json!({"method": method, "route": route, "status": status.as_u16(), "detail": detail});
         let event = Event::new("request.denied", target).outcome(Outcome::Denied);
         if let Err(e) = trail::record(&state, slot.get().as_ref(), event).await {

@@ -22,6 +22,11 @@ pub async fn policy(
 ) -> Result<Json<RetentionPolicy>> {
     state.authorize(&who, "retention", "read")?;
     let policy = (*state.retention()).clone();
-    crate::audit::record(&state, Some(&who), crate::audit::Event::new("retention.policy.read", serde_json::json!({}))).await?;
+    crate::audit::record(
+        &state,
+        Some(&who),
+        crate::audit::Event::new("retention.policy.read", serde_json::json!({})),
+    )
+    .await?;
     Ok(Json(policy))
 }

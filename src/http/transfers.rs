@@ -230,7 +230,12 @@ pub async fn list(
         "include_payload": with_payload,
         "transfer_ids": items.iter().map(|i| i.id).collect::<Vec<_>>(),
     });
-    audit::record(&state, Some(&who), Event::new("transfer.list", target).reason(reason.0.as_deref())).await?;
+    audit::record(
+        &state,
+        Some(&who),
+        Event::new("transfer.list", target).reason(reason.0.as_deref()),
+    )
+    .await?;
     Ok(Json(TransferPage { items, next_cursor }))
 }
 
@@ -266,7 +271,9 @@ pub async fn show(
     require_decrypt(&state, &who, &reason)?;
     // A malformed id names no record: the same answer as a missing one.
     let id = Uuid::parse_str(&id).map_err(|_| AppError::NotFound(format!("no transfer {id:?}")))?;
-    Ok(Json(ledger::get(&state, &who, id, reason.0.as_deref()).await?))
+    Ok(Json(
+        ledger::get(&state, &who, id, reason.0.as_deref()).await?,
+    ))
 }
 
 /// Decrypting reads need the decrypt permission, and privacy officers must

@@ -146,7 +146,12 @@ pub async fn get(
     let row = find_one(state, who, reference, carrier).await?;
     require_reason(who, &row, reason)?;
     let shown = view(state, row.clone()).await?;
-    audit::record(state, Some(who), Event::new("consent.read", target(&row)).reason(reason)).await?;
+    audit::record(
+        state,
+        Some(who),
+        Event::new("consent.read", target(&row)).reason(reason),
+    )
+    .await?;
     Ok(shown)
 }
 
@@ -177,7 +182,12 @@ pub async fn set_status(
         let shown = view(state, row.clone()).await?;
         let mut t = target(&row);
         t["status"] = json!({"from": from, "to": to, "changed": false});
-        audit::record(state, Some(who), Event::new("consent.status", t).reason(reason)).await?;
+        audit::record(
+            state,
+            Some(who),
+            Event::new("consent.status", t).reason(reason),
+        )
+        .await?;
         return Ok(shown);
     }
     kind.may_move(from, to)
@@ -199,7 +209,12 @@ pub async fn set_status(
     }
     let mut t = target(&row);
     t["status"] = json!({"from": from, "to": to, "changed": true});
-    audit::append(&mut tx, Some(who), &Event::new("consent.status", t).reason(reason)).await?;
+    audit::append(
+        &mut tx,
+        Some(who),
+        &Event::new("consent.status", t).reason(reason),
+    )
+    .await?;
     tx.commit().await?;
     let row = find_one(state, who, reference, Some(carrier.as_str())).await?;
     view(state, row).await

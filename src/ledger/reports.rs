@@ -116,7 +116,12 @@ pub async fn processing(
         })
         .collect();
     let target = serde_json::json!({"from": from, "to": to, "activities": activities.len()});
-    crate::audit::record(state, Some(who), crate::audit::Event::new("report.processing", target)).await?;
+    crate::audit::record(
+        state,
+        Some(who),
+        crate::audit::Event::new("report.processing", target),
+    )
+    .await?;
     let c = &state.config;
     Ok(ProcessingReport {
         generated_at: Utc::now(),

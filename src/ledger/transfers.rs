@@ -325,14 +325,21 @@ async fn write(
             results[i] = results[j].clone();
         }
     }
-    let results: Vec<Recorded> = results.into_iter().map(|r| r.expect("every item resolved")).collect();
+    let results: Vec<Recorded> = results
+        .into_iter()
+        .map(|r| r.expect("every item resolved"))
+        .collect();
 
     // The audit entry commits with the records, or neither does.
     let mut carriers: Vec<&str> = items.iter().map(|t| t.carrier_id.as_str()).collect();
     carriers.sort_unstable();
     carriers.dedup();
     let event = Event::new(
-        if batch { "transfer.record_batch" } else { "transfer.record" },
+        if batch {
+            "transfer.record_batch"
+        } else {
+            "transfer.record"
+        },
         json!({
             "transfer_ids": results.iter().map(|r| r.id).collect::<Vec<_>>(),
             "carriers": carriers,
@@ -608,8 +615,20 @@ async fn decrypt_all(state: &AppState, views: &mut [TransferView]) -> Result<()>
 
 /// One record with its decrypted payload. The read is audited, found or
 /// not, before anything is returned.
-pub async fn get(state: &AppState, who: &Principal, id: Uuid, reason: Option<&str>) -> Result<TransferView> {
-    let event = |outcome| Event::new("transfer.read", json!({"transfer_id": id, "decrypted": true})).outcome(outcome).reason(reason);
+pub async fn get(
+    state: &AppState,
+    who: &Principal,
+    id: Uuid,
+    reason: Option<&str>,
+) -> Result<TransferView> {
+    let event = |outcome| {
+        Event::new(
+            "transfer.read",
+            json!({"transfer_id": id, "decrypted": true}),
+        )
+        .outcome(outcome)
+        .reason(reason)
+    };
     let Some(row) = store::get(&state.db, id, who.scope()).await? else {
         audit::record(state, Some(who), event(Outcome::NotFound)).await?;
         return Err(AppError::NotFound(format!("no transfer {id}")));

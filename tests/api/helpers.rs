@@ -242,6 +242,10 @@ impl TestApp {
             .unwrap()
     }
 
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     pub fn platform(&self) -> String {
         self.token(Role::Platform, None)
     }

@@ -1,0 +1,498 @@
+//! The audit trail: coverage, atomicity, tamper evidence, concurrency.
+
+use serde_json::{json, Value};
+use transfer_ledger::storage::Db;
+
+use crate::both;
+use crate::helpers::*;
+
+impl TestApp {
+    async fn audit_entries(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/audit?limit=1000&cursor={c}"),
+                None => "/v1/audit?limit=1000".into(),
+            };
+            let r = self
+                .get(
+                    &path,
+                    &self.token(transfer_ledger::auth::Role::Auditor, None),
+                )
+                .await
+                .expect(200);
+            out.extend(
+                r.body["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i["entry"].clone()),
+            );
+            match r.body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.into()),
+                None => break,
+            }
+        }
+        out.reverse();
+        out
+    }
+
+    async fn verify(&self) -> Value {
+        self.get(
+            "/v1/audit/verify",
+            &self.token(transfer_ledger::auth::Role::Auditor, None),
+        )
+        .await
+        .expect(200)
+        .body
+    }
+
+    /// Runs raw SQL with the audit triggers out of the way, as a database
+    /// superuser could.
+    async fn superuser(&self, sql: &str) {
+        match self.db() {
+            Db::Sqlite { write, .. } => {
+                for s in [
+                    "DROP TRIGGER IF EXISTS audit_log_no_update",
+                    "DROP TRIGGER IF EXISTS audit_log_no_delete",
+                    sql,
+                ] {
+                    sqlx::query(s).execute(write).await.unwrap();
+                }
+            }
+            Db::Postgres(p) => {
+                let mut tx = p.begin().await.unwrap();
+                for s in [
+                    "ALTER TABLE audit_log DISABLE TRIGGER USER",
+                    sql,
+                    "ALTER TABLE audit_log ENABLE TRIGGER USER",
+                ] {
+                    sqlx::query(s).execute(&mut *tx).await.unwrap();
+                }
+                tx.commit().await.unwrap();
+            }
+        }
+    }
+}
+
+fn actions(entries: &[Value]) -> Vec<&str> {
+    entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect()
+}
+
+async fn every_access_is_audited_without_personal_data(app: TestApp) {
+    let (platform, officer, carrier) = (app.platform(), app.officer(), app.carrier("carrier-a"));
+    app.consent("oc-1", "carrier-a", "tenant-1", &["FR"]).await;
+    let na = app
+        .post(
+            "/v1/transfers",
+            &platform,
+            &assignment(
+                "carrier-a",
+                "oc-1",
+                "tenant-1",
+                "+33198765432",
+                "sip:+33198765432@pbx.example",
+            ),
+        )
+        .await
+        .expect(201);
+    let batch = json!({"transfers": [cdr("carrier-a", "CALL-77a", "+14255550177", "sip:zelda@secret.example"),
+                                     quality("carrier-a", "CALL-77a", "+14255550177", "sip:zelda@secret.example")]});
+    let b = app
+        .post("/v1/transfers/batch", &platform, &batch)
+        .await
+        .expect(201);
+    let id = na.body["id"].as_str().unwrap();
+    app.read(&format!("/v1/transfers/{id}"), &officer)
+        .await
+        .expect(200);
+    app.read(
+        "/v1/transfers?subject=%2B14255550177&include=payload",
+        &officer,
+    )
+    .await
+    .expect(200);
+    app.get(&format!("/v1/transfers/{}", uuid::Uuid::now_v7()), &carrier)
+        .await
+        .expect(404);
+    app.post("/v1/consents", &carrier, &json!({"reference": "ds-1", "kind": "data_subject", "carrier_id": "carrier-a",
+        "subject": {"phone_number": "+14255550177"}, "countries": ["FR"], "granted_at": "2026-10-01T00:00:00Z"})).await.expect(201);
+    app.post(
+        "/v1/consents/oc-1/status",
+        &platform,
+        &json!({"status": "suspended"}),
+    )
+    .await
+    .expect(200);
+    app.get("/v1/reports/processing", &officer)
+        .await
+        .expect(200);
+    app.get("/v1/transfers", "garbage").await.expect(401);
+    app.get("/v1/transfers", &platform).await.expect(403);
+    app.post(
+        "/v1/transfers",
+        &carrier,
+        &duration("carrier-b", "x", "+14255550100", "+14255550101"),
+    )
+    .await
+    .expect(403);
+
+    let entries = app.audit_entries().await;
+    let acts = actions(&entries);
+    for want in [
+        "consent.register",
+        "transfer.record",
+        "transfer.record_batch",
+        "transfer.read",
+        "transfer.list",
+        "consent.status",
+        "report.processing",
+        "request.denied",
+    ] {
+        assert!(acts.contains(&want), "{want} missing from {acts:?}");
+    }
+    // One entry per batch, listing its ids.
+    let batch_entry = entries
+        .iter()
+        .find(|e| e["action"] == "transfer.record_batch")
+        .unwrap();
+    assert_eq!(batch_entry["target"]["transfer_ids"], b.body["ids"]);
+    // The decrypting read names the reader, the record and the reason.
+    let read = entries
+        .iter()
+        .find(|e| e["action"] == "transfer.read" && e["outcome"] == "success")
+        .unwrap();
+    assert_eq!(read["target"]["transfer_id"], id);
+    assert_eq!(read["reason"], "ticket PRIV-42");
+    assert_eq!(read["actor"]["role"], "privacy_officer");
+    assert!(read["request_id"].is_string());
+    // A probe of an unknown id is recorded as not found, with the carrier.
+    let probe = entries
+        .iter()
+        .find(|e| e["outcome"] == "not_found")
+        .unwrap();
+    assert_eq!(probe["actor"]["carrier"], "carrier-a");
+    // Denials: anonymous for a bad token, named for a forbidden role.
+    let denied: Vec<_> = entries
+        .iter()
+        .filter(|e| e["action"] == "request.denied")
+        .collect();
+    assert_eq!(denied.len(), 3, "{denied:#?}");
+    assert_eq!(denied[0]["actor"]["sub"], "anonymous");
+    assert_eq!(denied[1]["actor"]["role"], "platform", "{denied:#?}");
+    assert_eq!(denied[1]["target"]["route"], "/v1/transfers");
+    assert_eq!(denied[2]["actor"]["carrier"], "carrier-a");
+    // Subject lookups are recorded by blind index only.
+    let list = entries
+        .iter()
+        .find(|e| e["action"] == "transfer.list")
+        .unwrap();
+    assert_eq!(
+        list["target"]["filters"]["subject_index"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
+
+    // No plaintext personal data anywhere in the trail.
+    let all = serde_json::to_string(&entries).unwrap();
+    for secret in [
+        "33198765432",
+        "4255550177",
+        "zelda",
+        "secret.example",
+        "pbx.example",
+        "CALL-77a",
+    ] {
+        assert!(!all.contains(secret), "{secret} in the audit trail");
+    }
+    assert_eq!(app.verify().await["valid"], true);
+}
+both!(every_access_is_audited_without_personal_data);
+
+async fn entries_commit_with_their_change_or_not_at_all(app: TestApp) {
+    let platform = app.platform();
+    // A refused write leaves no entry claiming success.
+    let na = assignment(
+        "carrier-a",
+        "missing",
+        "tenant-1",
+        "+33198765432",
+        "sip:a@b.example",
+    );
+    app.post("/v1/transfers", &platform, &na).await.expect(409);
+    assert!(!actions(&app.audit_entries().await).contains(&"transfer.record"));
+
+    // If the audit append fails, the write it records fails with it.
+    match app.db() {
+        Db::Sqlite { write, .. } => {
+            sqlx::query("CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'audit down'); END")
+                .execute(write).await.unwrap();
+        }
+        Db::Postgres(p) => {
+            sqlx::query("CREATE FUNCTION fail_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'audit down'; END; $$")
+                .execute(p).await.unwrap();
+            sqlx::query("CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION fail_audit()")
+                .execute(p).await.unwrap();
+        }
+    }
+    app.post(
+        "/v1/transfers",
+        &platform,
+        &cdr("carrier-a", "c1", "+14255550100", "+14255550101"),
+    )
+    .await
+    .expect(500);
+    assert_eq!(app.count("transfers").await, 0);
+    // No unaudited read either: the read fails rather than return data.
+    match app.db() {
+        Db::Sqlite { write, .. } => {
+            sqlx::query("DROP TRIGGER fail_audit")
+                .execute(write)
+                .await
+                .unwrap();
+        }
+        Db::Postgres(p) => {
+            sqlx::query("DROP TRIGGER fail_audit ON audit_log")
+                .execute(p)
+                .await
+                .unwrap();
+        }
+    }
+    let r = app
+        .post(
+            "/v1/transfers",
+            &platform,
+            &cdr("carrier-a", "c1", "+14255550100", "+14255550101"),
+        )
+        .await
+        .expect(201);
+    let entries = app.audit_entries().await;
+    let rec = entries
+        .iter()
+        .find(|e| e["action"] == "transfer.record")
+        .unwrap();
+    assert_eq!(rec["target"]["transfer_ids"][0], r.body["id"]);
+    assert_eq!(app.verify().await["valid"], true);
+}
+both!(entries_commit_with_their_change_or_not_at_all);
+
+async fn the_log_refuses_updates_and_deletes(app: TestApp) {
+    app.get("/v1/transfers", &app.officer()).await.expect(200);
+    for sql in [
+        "UPDATE audit_log SET actor = 'someone-else'",
+        "DELETE FROM audit_log",
+    ] {
+        let refused = match app.db() {
+            Db::Sqlite { write, .. } => sqlx::query(sql).execute(write).await.is_err(),
+            Db::Postgres(p) => sqlx::query(sql).execute(p).await.is_err(),
+        };
+        assert!(refused, "{sql}");
+    }
+    if let Db::Postgres(p) = app.db() {
+        assert!(sqlx::query("TRUNCATE audit_log").execute(p).await.is_err());
+    }
+}
+both!(the_log_refuses_updates_and_deletes);
+
+async fn tampering_is_found_at_the_right_entry(app: TestApp) {
+    let officer = app.officer();
+    for _ in 0..8 {
+        app.get("/v1/transfers", &officer).await.expect(200);
+    }
+    // Entries 1..=8 are the reads; verify itself appends as it goes.
+    assert_eq!(app.verify().await["valid"], true);
+
+    // Edit entry 3's bytes.
+    app.superuser("UPDATE audit_log SET entry = REPLACE(entry, 'transfer.list', 'transfer.lisT') WHERE seq = 3").await;
+    let v = app.verify().await;
+    assert_eq!(
+        (v["valid"].clone(), v["first_bad_seq"].clone()),
+        (json!(false), json!(3)),
+        "{v}"
+    );
+}
+both!(tampering_is_found_at_the_right_entry);
+
+async fn deleting_reordering_and_inserting_are_found(app: TestApp) {
+    let officer = app.officer();
+    for _ in 0..8 {
+        app.get("/v1/transfers", &officer).await.expect(200);
+    }
+    // Reorder: swap the stored entries 4 and 5 (bytes and hashes together).
+    app.superuser(
+        "UPDATE audit_log SET entry = (SELECT entry FROM audit_log b WHERE b.seq = 9 - audit_log.seq),
+                              hash = (SELECT hash FROM audit_log b WHERE b.seq = 9 - audit_log.seq),
+                              prev_hash = (SELECT prev_hash FROM audit_log b WHERE b.seq = 9 - audit_log.seq)
+         WHERE seq IN (4, 5)",
+    )
+    .await;
+    let v = app.verify().await;
+    assert_eq!(v["first_bad_seq"], 4, "{v}");
+}
+both!(deleting_reordering_and_inserting_are_found);
+
+async fn deletion_and_insertion_are_found(app: TestApp) {
+    let officer = app.officer();
+    for _ in 0..6 {
+        app.get("/v1/transfers", &officer).await.expect(200);
+    }
+    app.superuser("DELETE FROM audit_log WHERE seq = 2").await;
+    let v = app.verify().await;
+    assert_eq!(
+        (v["valid"].clone(), v["first_bad_seq"].clone()),
+        (json!(false), json!(2)),
+        "{v}"
+    );
+    assert!(v["reason"].as_str().unwrap().contains("missing"));
+
+    // Put a forged entry in its place: well-formed, but it cannot chain.
+    let forged = r#"{"v":1,"seq":2,"prev":"00","at":"2026-01-01T00:00:00.000000Z","actor":{"sub":"x","role":"auditor"},"action":"audit.read","outcome":"success","target":{}}"#;
+    let hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(forged.as_bytes()))
+    };
+    let blob = |h: &str| match app.backend {
+        Backend::Sqlite => format!("X'{h}'"),
+        Backend::Postgres => format!("decode('{h}', 'hex')"),
+    };
+    app.superuser(&format!(
+        "INSERT INTO audit_log (seq, at, actor, action, outcome, entry, prev_hash, hash)
+         VALUES (2, 0, 'x', 'audit.read', 'success', '{forged}', {}, {})",
+        blob(&"00".repeat(32)),
+        blob(&hash)
+    ))
+    .await;
+    let v = app.verify().await;
+    assert_eq!(v["first_bad_seq"], 2, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("chain"), "{v}");
+}
+both!(deletion_and_insertion_are_found);
+
+async fn truncating_the_tail_is_found_against_a_saved_head(app: TestApp) {
+    use base64::Engine;
+    let auditor = app.token(transfer_ledger::auth::Role::Auditor, None);
+    for _ in 0..5 {
+        app.get("/v1/transfers", &app.officer()).await.expect(200);
+    }
+    // The auditor keeps a signed head.
+    let head = app.get("/v1/audit/head", &auditor).await.expect(200).body;
+    assert_eq!(head["seq"], 5);
+    let keys = app
+        .get("/v1/keys/export-signing", &auditor)
+        .await
+        .expect(200)
+        .body;
+    assert_eq!(keys["alg"], "Ed25519");
+    let pk: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(keys["public_key"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(head["signature"].as_str().unwrap())
+        .unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(head["at"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let message = transfer_ledger::audit::signed_message(5, head["hash"].as_str().unwrap(), &at);
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(&pk).unwrap();
+    vk.verify_strict(
+        message.as_bytes(),
+        &ed25519_dalek::Signature::from_slice(&sig).unwrap(),
+    )
+    .expect("head signature verifies");
+
+    let head_file = app.dir().join("head.json");
+    std::fs::write(&head_file, head.to_string()).unwrap();
+    let cli = |extra: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_transfer-ledger"));
+        c.env_clear().env("PATH", std::env::var("PATH").unwrap());
+        for (k, v) in &app.vars {
+            c.env(k, v);
+        }
+        c.args(["audit", "verify"]).args(extra);
+        c.output().unwrap()
+    };
+    let out = cli(&["--since-head", head_file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Remove the tail (entries 4 onward) and cover the tracks in the cursor.
+    app.superuser("DELETE FROM audit_log WHERE seq >= 4").await;
+    app.superuser(
+        "UPDATE audit_head SET seq = 3, hash = (SELECT hash FROM audit_log WHERE seq = 3)",
+    )
+    .await;
+    let out = cli(&[]);
+    assert!(
+        out.status.success(),
+        "without a saved head the shorter chain is self-consistent"
+    );
+    let out = cli(&["--since-head", head_file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["valid"].clone(), v["first_bad_seq"].clone()),
+        (json!(false), json!(5)),
+        "{v}"
+    );
+    assert!(v["reason"].as_str().unwrap().contains("truncated"));
+
+    // Without covering the tracks, the cursor alone gives it away.
+    app.superuser("UPDATE audit_head SET seq = 9").await;
+    let v = app.verify().await;
+    assert_eq!(v["valid"], false);
+}
+both!(truncating_the_tail_is_found_against_a_saved_head);
+
+async fn concurrent_requests_leave_a_gapless_chain(app: TestApp) {
+    let platform = app.platform();
+    let officer = app.officer();
+    let mut handles = Vec::new();
+    for i in 0..200 {
+        let (client, addr) = (app.client.clone(), app.addr.clone());
+        let (platform, officer) = (platform.clone(), officer.clone());
+        handles.push(tokio::spawn(async move {
+            let r = if i % 2 == 0 {
+                client
+                    .post(format!("{addr}/v1/transfers"))
+                    .bearer_auth(platform)
+                    .json(&cdr(
+                        "carrier-a",
+                        &format!("c{i}"),
+                        &format!("+142555501{:02}", i % 100),
+                        "+14255550199",
+                    ))
+                    .send()
+                    .await
+                    .unwrap()
+            } else {
+                client
+                    .get(format!("{addr}/v1/transfers?limit=5"))
+                    .bearer_auth(officer)
+                    .send()
+                    .await
+                    .unwrap()
+            };
+            r.status().as_u16()
+        }));
+    }
+    for h in handles {
+        let s = h.await.unwrap();
+        assert!(s == 200 || s == 201, "status {s}");
+    }
+    let v = app.verify().await;
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["entries"], 200);
+    assert_eq!(v["head"]["seq"], 200);
+}
+both!(concurrent_requests_leave_a_gapless_chain);

@@ -496,3 +496,47 @@ async fn concurrent_requests_leave_a_gapless_chain(app: TestApp) {
     assert_eq!(v["head"]["seq"], 200);
 }
 both!(concurrent_requests_leave_a_gapless_chain);
+
+/// Several service instances against one PostgreSQL: the chain never forks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_instances_share_one_unforked_chain() {
+    let Some(first) = spawn_app(Backend::Postgres).await else {
+        return;
+    };
+    let shared: std::collections::HashMap<String, String> =
+        ["LEDGER_DATABASE_URL", "LEDGER_MASTER_KEY"]
+            .iter()
+            .map(|k| (k.to_string(), first.vars[*k].clone()))
+            .collect();
+    let second = spawn_app_with(Backend::Postgres, shared).await.unwrap();
+    let mut handles = Vec::new();
+    for i in 0..120 {
+        let app = if i % 2 == 0 { &first } else { &second };
+        let (client, addr, token) = (app.client.clone(), app.addr.clone(), app.platform());
+        handles.push(tokio::spawn(async move {
+            client
+                .post(format!("{addr}/v1/transfers"))
+                .bearer_auth(token)
+                .json(&cdr(
+                    "carrier-a",
+                    &format!("c{i}"),
+                    "+14255550100",
+                    "+14255550101",
+                ))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for h in handles {
+        assert_eq!(h.await.unwrap(), 201);
+    }
+    let v = second.verify().await;
+    assert_eq!(
+        (v["valid"].clone(), v["entries"].clone()),
+        (json!(true), json!(120)),
+        "{v}"
+    );
+}

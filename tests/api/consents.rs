@@ -122,9 +122,18 @@ async fn consent_as_legal_basis_needs_the_subjects_own_consent(app: TestApp) {
     assert_eq!(r.body["subject"]["phone_number"], "+14255550100");
     assert_eq!(r.body["status"], "active");
     // A privacy officer reading a consent that names a person says why.
-    let r = app.get("/v1/consents/ds-1", &app.officer()).await.expect(400);
-    assert!(r.body["detail"].as_str().unwrap().contains("X-Access-Reason"));
-    let r = app.read("/v1/consents/ds-1", &app.officer()).await.expect(200);
+    let r = app
+        .get("/v1/consents/ds-1", &app.officer())
+        .await
+        .expect(400);
+    assert!(r.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("X-Access-Reason"));
+    let r = app
+        .read("/v1/consents/ds-1", &app.officer())
+        .await
+        .expect(200);
     assert_eq!(r.body["subject"]["phone_number"], "+14255550100");
 
     let mut t = duration("carrier-a", "call-9", "+14255550100", "+14255550101");

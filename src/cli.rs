@@ -31,6 +31,28 @@ pub enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Measure the service against raw baselines, in one run.
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchCommand {
+    /// How many transfers to ingest.
+    #[arg(long, default_value_t = 100_000)]
+    pub records: usize,
+    /// A PostgreSQL server to bench on (fresh schemas are created and
+    /// dropped); a temporary SQLite database by default.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<std::path::PathBuf>,
+    /// Transfers per batch request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Concurrent requests.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,6 +102,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audit(AuditCommand::Verify { since_head }) => {
             audit_verify(config, since_head).await
+        }
+        Command::Bench(b) => {
+            let backend = if b.database_url.is_some() {
+                "PostgreSQL"
+            } else {
+                "SQLite"
+            };
+            let args = crate::bench::BenchArgs {
+                records: b.records,
+                database_url: b.database_url,
+                json: b.json.clone(),
+                batch: b.batch.clamp(1, 10_000),
+                concurrency: b.concurrency.max(1),
+            };
+            let report = crate::bench::run(args).await?;
+            print!("{}", crate::bench::table(&report, backend));
+            if let Some(path) = b.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            }
+            Ok(())
         }
         Command::Token(TokenCommand::Issue(args)) => {
             println!("{}", issue_token(&config, &args)?);

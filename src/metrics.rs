@@ -12,6 +12,8 @@ pub struct Metrics {
     pub latency: HistogramVec,
     pub transfers_recorded: IntCounterVec,
     pub integrity_failures: IntCounterVec,
+    /// Time spent appending audit entries inside write transactions.
+    pub audit_append: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -52,6 +54,19 @@ impl Metrics {
             &["what"],
         )
         .expect("metric");
+        let audit_append = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "audit_append_seconds",
+                "Time to append one audit entry inside a write transaction",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1,
+            ]),
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(audit_append.clone()))
+            .expect("register");
         for c in [&requests, &transfers_recorded, &integrity_failures] {
             registry.register(Box::new(c.clone())).expect("register");
         }
@@ -64,6 +79,7 @@ impl Metrics {
             latency,
             transfers_recorded,
             integrity_failures,
+            audit_append,
         }
     }
 

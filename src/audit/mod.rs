@@ -97,6 +97,15 @@ struct Entry<'a> {
 struct Linked {
     seq: i64,
     prev: String,
+    at: DateTime<Utc>,
+    actor: LinkedActor,
+    action: String,
+    outcome: String,
+}
+
+#[derive(Deserialize)]
+struct LinkedActor {
+    sub: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -197,6 +206,8 @@ const VERIFY_PAGE: i64 = 5_000;
 
 /// Recomputes the chain from the first entry, from the stored bytes.
 pub async fn verify(db: &Db) -> Result<Verification> {
+    // Read the cursor first: entries appended while we verify lie beyond it.
+    let (cursor_seq, _) = store::cursor(db).await?;
     let mut expected = 1;
     let mut prev = vec![0u8; 32];
     loop {
@@ -236,6 +247,18 @@ pub async fn verify(db: &Db) -> Result<Verification> {
                     ),
                 ));
             }
+            // The columns kept for filtering must say what the hashed bytes say.
+            if linked.actor.sub != row.actor
+                || linked.action != row.action
+                || linked.outcome != row.outcome
+                || micros(linked.at) != row.at
+            {
+                return Ok(Verification::bad(
+                    entries,
+                    row.seq,
+                    "the entry's columns differ from its hashed bytes",
+                ));
+            }
             if linked.prev != hex::encode(&prev) || row.prev_hash != prev {
                 return Ok(Verification::bad(
                     entries,
@@ -251,7 +274,6 @@ pub async fn verify(db: &Db) -> Result<Verification> {
         }
     }
     let entries = expected - 1;
-    let (cursor_seq, _) = store::cursor(db).await?;
     if cursor_seq > entries {
         return Ok(Verification::bad(
             entries,

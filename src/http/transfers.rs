@@ -4,7 +4,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use chrono::Utc;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -18,7 +17,7 @@ use crate::domain::transfer::NewTransfer;
 use crate::domain::{Category, Country, Direction, LegalBasis, Purpose, SubjectId};
 use crate::error::{AppError, FieldError, Result};
 use crate::ledger::transfers::{self as ledger, Recorded, TransferView, MAX_BATCH};
-use crate::storage::transfers::LogFilter;
+use crate::storage::transfers::{decode_cursor, encode_cursor, LogFilter};
 use crate::storage::{micros, transfers as store};
 
 pub fn router() -> Router<AppState> {
@@ -286,21 +285,4 @@ fn require_decrypt(state: &AppState, who: &Principal, reason: &AccessReason) -> 
         ));
     }
     Ok(())
-}
-
-fn encode_cursor(occurred_at: i64, id: Uuid) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{occurred_at}:{id}"))
-}
-
-fn decode_cursor(s: &str) -> Result<(i64, Uuid), String> {
-    let bad = || "is not a cursor this service issued".to_string();
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(raw).map_err(|_| bad())?;
-    let (at, id) = text.split_once(':').ok_or_else(bad)?;
-    Ok((
-        at.parse().map_err(|_| bad())?,
-        Uuid::parse_str(id).map_err(|_| bad())?,
-    ))
 }

@@ -119,6 +119,13 @@ pub async fn record(
                 return Ok(out);
             }
             Err(AppError::Conflict(m)) if m == RETRY && attempt < 3 => continue,
+            Err(e) if is_transient(&e) && attempt < 3 => {
+                tracing::warn!(
+                    attempt,
+                    "transient database conflict; retrying the transaction"
+                );
+                continue;
+            }
             Err(AppError::Conflict(m)) if m == RETRY => {
                 return Err(AppError::Conflict(
                     "concurrent writes with the same idempotency key; retry".into(),
@@ -130,6 +137,11 @@ pub async fn record(
 }
 
 const RETRY: &str = "\u{0}retry";
+
+/// A deadlock or serialization failure: the transaction can simply rerun.
+fn is_transient(e: &AppError) -> bool {
+    matches!(e, AppError::Database(sqlx::Error::Database(db)) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
 
 async fn write(
     state: &AppState,
@@ -223,7 +235,10 @@ async fn write(
     }
     check_consents(tx, items, &fresh, &slot_index, batch).await?;
 
-    let mut wanted: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
+    // Carriers, and keys within each, in one global order: concurrent
+    // batches then lock subject-key rows in the same order and cannot deadlock.
+    let mut wanted: std::collections::BTreeMap<&str, Vec<Vec<u8>>> =
+        std::collections::BTreeMap::new();
     for &i in &fresh {
         for SlotIndex { key: key_index, .. } in &slot_index[i] {
             wanted
@@ -346,7 +361,9 @@ async fn write(
             "stored": fresh.len(),
         }),
     );
+    let timer = state.metrics.audit_append.start_timer();
     audit::append(tx, Some(who), &event).await?;
+    timer.observe_duration();
     Ok(results)
 }
 

@@ -17,7 +17,7 @@ use anyhow::Context;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, Postgres, Sqlite, SqlitePool, Transaction};
+use sqlx::{ConnectOptions, PgPool, Postgres, Sqlite, SqlitePool, Transaction};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -94,7 +94,9 @@ impl Db {
     /// Connects to `sqlite://…` or `postgres://…`.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let opts = PgConnectOptions::from_str(url).context("invalid PostgreSQL URL")?;
+            let opts = PgConnectOptions::from_str(url)
+                .context("invalid PostgreSQL URL")?
+                .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5));
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
@@ -109,11 +111,14 @@ impl Db {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .foreign_keys(true)
-                .busy_timeout(Duration::from_secs(30));
+                .busy_timeout(Duration::from_secs(30))
+                .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5));
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+            // The writer touches every index of every table it appends to:
+            // a 64 MiB page cache keeps them in memory instead of re-reading.
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
-                .connect_with(opts.clone())
+                .connect_with(opts.clone().pragma("cache_size", "-65536"))
                 .await
                 .context("cannot open the SQLite database")?;
             let read = if in_memory {

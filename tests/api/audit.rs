@@ -363,7 +363,7 @@ async fn deletion_and_insertion_are_found(app: TestApp) {
     };
     app.superuser(&format!(
         "INSERT INTO audit_log (seq, at, actor, action, outcome, entry, prev_hash, hash)
-         VALUES (2, 0, 'x', 'audit.read', 'success', '{forged}', {}, {})",
+         VALUES (2, 1767225600000000, 'x', 'audit.read', 'success', '{forged}', {}, {})",
         blob(&"00".repeat(32)),
         blob(&hash)
     ))
@@ -540,3 +540,13 @@ async fn several_instances_share_one_unforked_chain() {
         "{v}"
     );
 }
+
+async fn the_filter_columns_must_match_the_hashed_bytes(app: TestApp) {
+    app.get("/v1/transfers", &app.officer()).await.expect(200);
+    app.get("/v1/transfers", &app.officer()).await.expect(200);
+    app.superuser("UPDATE audit_log SET actor = 'someone-else' WHERE seq = 2")
+        .await;
+    let v = app.verify().await;
+    assert_eq!(v["first_bad_seq"], 2, "{v}");
+}
+both!(the_filter_columns_must_match_the_hashed_bytes);

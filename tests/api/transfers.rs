@@ -350,3 +350,48 @@ async fn concurrent_retries_with_one_key_record_once(app: TestApp) {
     assert_eq!(app.count("transfers").await, 1);
 }
 both!(concurrent_retries_with_one_key_record_once);
+
+async fn concurrent_batches_sharing_subjects_across_carriers_all_succeed(app: TestApp) {
+    // Each batch touches the same subjects of several carriers, in a
+    // different order: the service must not deadlock or fail any of them.
+    let carriers = ["carrier-a", "carrier-b", "carrier-c", "carrier-d"];
+    let mut handles = Vec::new();
+    for round in 0..8 {
+        let mut items = Vec::new();
+        for k in 0..60 {
+            let carrier = carriers[(k + round) % carriers.len()];
+            items.push(cdr(
+                carrier,
+                &format!("r{round}-{k}"),
+                &format!("+142555501{:02}", k % 30),
+                &format!("+142555502{:02}", (k * 7) % 30),
+            ));
+        }
+        if round % 2 == 1 {
+            items.reverse();
+        }
+        let (client, url, token) = (
+            app.client.clone(),
+            format!("{}/v1/transfers/batch", app.addr),
+            app.platform(),
+        );
+        handles.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"transfers": items}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }));
+    }
+    for h in handles {
+        let (status, body) = h.await.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+    assert_eq!(app.count("transfers").await, 480);
+    // 60 distinct numbers per carrier at most: one key per (carrier, subject).
+    assert!(app.count("subject_keys").await <= 4 * 60);
+}
+both!(concurrent_batches_sharing_subjects_across_carriers_all_succeed);

@@ -118,9 +118,22 @@ impl Application {
         let addr = self.listener.local_addr()?;
         tracing::info!(%addr, backend = self.state.db.backend(), "transfer-ledger listening");
         let router = crate::http::router(self.state.clone());
+        let config = &self.state.config;
+        let sweeper = (!config.sweep_interval.is_zero()).then(|| {
+            tracing::info!(every = ?config.sweep_interval, "retention sweeps scheduled");
+            tokio::spawn(crate::retention::sweep::schedule(
+                self.state.clone(),
+                config.sweep_interval,
+                config.sweep_batch,
+            ))
+        });
         axum::serve(self.listener, router)
             .with_graceful_shutdown(shutdown)
             .await?;
+        if let Some(s) = sweeper {
+            // A sweep cut short here resumes with the next one.
+            s.abort();
+        }
         self.state.db.close().await;
         tracing::info!("stopped");
         Ok(())

@@ -31,6 +31,12 @@ pub enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Delete expired records now (what the server does on its schedule).
+    Sweep {
+        /// Count what would go; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Measure the service against raw baselines, in one run.
     Bench(BenchCommand),
 }
@@ -102,6 +108,48 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audit(AuditCommand::Verify { since_head }) => {
             audit_verify(config, since_head).await
+        }
+        Command::Sweep { dry_run } => {
+            let state = AppState::init(config).await?;
+            let who = crate::auth::Principal {
+                sub: format!(
+                    "cli:{}",
+                    std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+                ),
+                role: Role::RetentionSweeper,
+                carrier: None,
+            };
+            let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let pb = indicatif::ProgressBar::new(0);
+                pb.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "sweeping [{bar:40}] {pos}/{len} ({per_sec}, {eta})",
+                    )
+                    .expect("template")
+                    .progress_chars("=> "),
+                );
+                pb
+            });
+            let progress = |done: u64, total: u64| {
+                if let Some(pb) = &bar {
+                    pb.set_length(total);
+                    pb.set_position(done);
+                }
+            };
+            let report = crate::retention::sweep::run(
+                &state,
+                &who,
+                dry_run,
+                state.config.sweep_batch,
+                &progress,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(pb) = bar {
+                pb.finish_and_clear();
+            }
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
         }
         Command::Bench(b) => {
             let backend = if b.database_url.is_some() {

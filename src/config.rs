@@ -34,6 +34,8 @@ pub struct Config {
     pub jwt_audience: String,
     pub policy_dir: Option<PathBuf>,
     pub sweep_interval: Duration,
+    /// Records deleted per sweep transaction.
+    pub sweep_batch: i64,
     pub db_max_connections: u32,
     pub request_timeout: Duration,
     pub body_limit_bytes: usize,
@@ -134,6 +136,14 @@ impl Config {
                 env("LEDGER_SWEEP_INTERVAL").or(file.sweep_interval),
                 "1h",
             )?,
+            sweep_batch: match env("LEDGER_SWEEP_BATCH") {
+                Some(v) => v
+                    .parse()
+                    .ok()
+                    .filter(|n: &i64| (1..=100_000).contains(n))
+                    .context("LEDGER_SWEEP_BATCH must be a whole number from 1 to 100000")?,
+                None => 1000,
+            },
             db_max_connections: match env("LEDGER_DB_MAX_CONNECTIONS") {
                 Some(v) => v
                     .parse()

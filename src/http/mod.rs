@@ -5,6 +5,7 @@ mod audit;
 mod consents;
 mod extract;
 mod health;
+mod holds;
 mod keys;
 mod openapi;
 mod reports;
@@ -44,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .merge(consents::router())
         .merge(reports::router())
         .merge(retention::router())
+        .merge(holds::router())
         .merge(audit::router())
         .merge(keys::router());
     Router::new()

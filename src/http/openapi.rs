@@ -13,7 +13,8 @@ use crate::app::AppState;
     paths(
         super::transfers::create, super::transfers::create_batch, super::transfers::list, super::transfers::show,
         super::consents::create, super::consents::show, super::consents::change_status,
-        super::reports::processing, super::retention::policy,
+        super::reports::processing, super::retention::policy, super::retention::run_sweep,
+        super::retention::list_sweeps, super::holds::place, super::holds::release, super::holds::list,
         super::audit::list, super::audit::verify, super::audit::head, super::keys::export_signing,
         super::health::healthz, super::health::readyz,
     ),
@@ -100,6 +101,22 @@ pub struct ConsentInput {
     subject: Option<SubjectInput>,
     countries: Vec<String>,
     granted_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct SweepInput {
+    /// Count what would go, change nothing.
+    dry_run: Option<bool>,
+}
+
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct HoldInput {
+    carrier_id: Option<String>,
+    subject: Option<SubjectInput>,
+    category: Option<crate::domain::Category>,
+    reason: String,
 }
 
 #[allow(dead_code)]

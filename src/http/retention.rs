@@ -1,16 +1,24 @@
-//! `/v1/retention`: the policy in force.
+//! `/v1/retention`: the policy in force and the sweeps.
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use serde_json::json;
 
+use super::extract::{JsonBody, Params};
 use crate::app::AppState;
+use crate::audit::{self, Event};
 use crate::auth::Principal;
-use crate::error::Result;
+use crate::domain::fields::{Errors, Obj};
+use crate::error::{AppError, Result};
+use crate::retention::sweep::{self, SweepReport};
 use crate::retention::RetentionPolicy;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/retention/policy", get(policy))
+    Router::new()
+        .route("/retention/policy", get(policy))
+        .route("/retention/sweeps", get(list_sweeps).post(run_sweep))
 }
 
 /// Maximum retention per category and per-jurisdiction overrides, in days.
@@ -22,11 +30,68 @@ pub async fn policy(
 ) -> Result<Json<RetentionPolicy>> {
     state.authorize(&who, "retention", "read")?;
     let policy = (*state.retention()).clone();
-    crate::audit::record(
+    audit::record(
         &state,
         Some(&who),
-        crate::audit::Event::new("retention.policy.read", serde_json::json!({})),
+        Event::new("retention.policy.read", json!({})),
     )
     .await?;
     Ok(Json(policy))
+}
+
+/// Run a sweep now. `409` if one is already running.
+#[utoipa::path(post, path = "/v1/retention/sweeps", tag = "retention",
+    request_body(content = super::openapi::SweepInput, content_type = "application/json"),
+    responses((status = 201, body = SweepReport), (status = 409, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn run_sweep(
+    State(state): State<AppState>,
+    who: Principal,
+    JsonBody(body): JsonBody,
+) -> Result<(StatusCode, Json<SweepReport>)> {
+    state.authorize(&who, "sweeps", "write")?;
+    let mut errs = Errors::default();
+    let dry_run = Obj::new(&body, "", &mut errs).map(|o| {
+        o.deny_unknown(&["dry_run"], &mut errs);
+        match o.get("dry_run") {
+            None => false,
+            Some(v) => v.as_bool().unwrap_or_else(|| {
+                errs.add("dry_run", "must be true or false");
+                false
+            }),
+        }
+    });
+    let Some(dry_run) = dry_run.filter(|_| errs.is_empty()) else {
+        return Err(AppError::Validation(errs.0));
+    };
+    let report = sweep::run(&state, &who, dry_run, state.config.sweep_batch, &|_, _| {}).await?;
+    Ok((StatusCode::CREATED, Json(report)))
+}
+
+/// Past sweeps, newest first.
+#[utoipa::path(get, path = "/v1/retention/sweeps", tag = "retention",
+    params(("limit" = Option<u32>, Query, description = "1 to 1000, default 100")),
+    responses((status = 200, body = Vec<SweepReport>)), security(("bearer" = [])))]
+pub async fn list_sweeps(
+    State(state): State<AppState>,
+    who: Principal,
+    mut p: Params,
+) -> Result<Json<Vec<SweepReport>>> {
+    state.authorize(&who, "sweeps", "read")?;
+    p.allow(&["limit"]);
+    let limit = p
+        .parse("limit", |s| match s.parse::<i64>() {
+            Ok(n) if (1..=1000).contains(&n) => Ok(n),
+            _ => Err("must be a whole number from 1 to 1000".into()),
+        })
+        .unwrap_or(100);
+    p.finish()?;
+    let rows = crate::storage::retention::list_sweeps(&state.db, limit).await?;
+    audit::record(
+        &state,
+        Some(&who),
+        Event::new("retention.sweeps.read", json!({"returned": rows.len()})),
+    )
+    .await?;
+    Ok(Json(rows.into_iter().map(SweepReport::from).collect()))
 }

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod consents;
 pub mod keys;
+pub mod retention;
 pub mod transfers;
 
 use std::str::FromStr;
@@ -33,6 +34,10 @@ pub enum Db {
     Sqlite {
         read: SqlitePool,
         write: SqlitePool,
+        /// A file beside the database that sweeps lock (`flock`), so that at
+        /// most one process sweeps; the OS releases it if the process dies.
+        /// `None` for an in-memory database, which one process owns.
+        lock_file: Option<std::path::PathBuf>,
     },
     Postgres(PgPool),
 }
@@ -121,6 +126,11 @@ impl Db {
                 .connect_with(opts.clone().pragma("cache_size", "-65536"))
                 .await
                 .context("cannot open the SQLite database")?;
+            let lock_file = (!in_memory).then(|| {
+                let mut p = opts.get_filename().as_os_str().to_owned();
+                p.push(".sweep.lock");
+                std::path::PathBuf::from(p)
+            });
             let read = if in_memory {
                 write.clone()
             } else {
@@ -129,7 +139,11 @@ impl Db {
                     .connect_with(opts)
                     .await?
             };
-            Ok(Self::Sqlite { read, write })
+            Ok(Self::Sqlite {
+                read,
+                write,
+                lock_file,
+            })
         } else {
             anyhow::bail!("LEDGER_DATABASE_URL must start with sqlite: or postgres://")
         }
@@ -181,7 +195,7 @@ impl Db {
 
     pub async fn close(&self) {
         match self {
-            Self::Sqlite { read, write } => {
+            Self::Sqlite { read, write, .. } => {
                 read.close().await;
                 write.close().await;
             }

@@ -246,6 +246,33 @@ impl TestApp {
         self._dir.path()
     }
 
+    /// Runs the binary with this app's configuration and waits.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_command(args, &[]).output().unwrap()
+    }
+
+    pub fn cli_spawn(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+        self.cli_command(args, env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn cli_command(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_transfer-ledger"));
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.args(args);
+        c
+    }
+
     pub fn platform(&self) -> String {
         self.token(Role::Platform, None)
     }

@@ -10,4 +10,5 @@ mod encryption;
 mod operations;
 mod queries;
 mod reports;
+mod retention;
 mod transfers;

@@ -1,0 +1,182 @@
+//! The retention sweep: one engine behind the HTTP endpoint, the CLI and the
+//! schedule.
+//!
+//! Expired, unheld records go in batches; each batch is one transaction that
+//! deletes the records (their slots and lookup rows cascade), destroys the
+//! subject keys left with nothing to decrypt, adds the batch to the sweep's
+//! counters and appends its audit entry. A sweep killed at any instant
+//! therefore leaves whole batches done and the rest untouched: a rerun
+//! finishes the job, and nothing is counted or audited twice. A lock that
+//! the operating system or PostgreSQL releases when its holder dies keeps
+//! sweeps to one at a time across processes and instances.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::audit::{self, Event};
+use crate::auth::Principal;
+use crate::error::{AppError, Result};
+use crate::storage::retention::{self as store, SweepRow};
+use crate::storage::{from_micros, micros};
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SweepReport {
+    pub id: Uuid,
+    pub dry_run: bool,
+    pub status: String,
+    pub examined: i64,
+    pub deleted: i64,
+    pub held: i64,
+    pub keys_shredded: i64,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub started_by: String,
+}
+
+impl From<SweepRow> for SweepReport {
+    fn from(r: SweepRow) -> Self {
+        Self {
+            id: r.id,
+            dry_run: r.dry_run,
+            status: r.status,
+            examined: r.examined,
+            deleted: r.deleted,
+            held: r.held,
+            keys_shredded: r.keys_shredded,
+            started_at: from_micros(r.started_at),
+            finished_at: r.finished_at.map(from_micros),
+            started_by: r.started_by,
+        }
+    }
+}
+
+/// Runs one sweep. `progress(deleted_so_far, to_delete)` is called after
+/// each batch. Fails with 409 if another sweep is running.
+pub async fn run(
+    state: &AppState,
+    who: &Principal,
+    dry_run: bool,
+    batch: i64,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<SweepReport> {
+    let db = &state.db;
+    let id = Uuid::now_v7();
+    let Some(lock) = store::try_lock(db).await? else {
+        return Err(AppError::Conflict(
+            "a retention sweep is already running; try again when it has finished".into(),
+        ));
+    };
+    let cutoff = store::db_now(db).await?;
+    let mut tx = db.begin().await?;
+    // Holding the lock, any sweep still marked running died mid-way.
+    store::interrupt_stale(&mut tx, id).await?;
+    let mut row = SweepRow {
+        id,
+        dry_run,
+        status: "running".into(),
+        examined: 0,
+        deleted: 0,
+        held: 0,
+        keys_shredded: 0,
+        cutoff,
+        started_at: micros(Utc::now()),
+        finished_at: None,
+        started_by: who.sub.clone(),
+    };
+    store::insert_sweep(&mut tx, &row).await?;
+    tx.commit().await?;
+
+    let result = sweep_batches(state, who, &mut row, batch, progress).await;
+    lock.release().await;
+    result?;
+    Ok(row.into())
+}
+
+async fn sweep_batches(
+    state: &AppState,
+    who: &Principal,
+    row: &mut SweepRow,
+    batch: i64,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<()> {
+    let db = &state.db;
+    let (expired, held) = store::expired_counts(db, row.cutoff).await?;
+    let to_delete = (expired - held).max(0) as u64;
+
+    if row.dry_run {
+        row.examined = expired;
+        row.deleted = expired - held;
+        row.held = held;
+        row.keys_shredded = store::keys_left_empty(db, row.cutoff).await?;
+    } else {
+        loop {
+            let mut tx = db.begin().await?;
+            let ids = store::expired_batch(&mut tx, row.cutoff, batch).await?;
+            if ids.is_empty() {
+                break;
+            }
+            let keys = store::keys_of(&mut tx, &ids).await?;
+            let deleted = store::delete_records(&mut tx, &ids).await? as i64;
+            let shredded = store::shred_unused_keys(&mut tx, &keys).await?;
+            store::add_progress(&mut tx, row.id, deleted, shredded.len() as i64).await?;
+            let target =
+                json!({"sweep_id": row.id, "deleted_ids": ids, "keys_shredded": shredded.len()});
+            audit::append(
+                &mut tx,
+                Some(who),
+                &Event::new("retention.sweep.batch", target),
+            )
+            .await?;
+            tx.commit().await?;
+            for k in &shredded {
+                state.keys.forget(*k);
+            }
+            row.deleted += deleted;
+            row.examined += deleted;
+            row.keys_shredded += shredded.len() as i64;
+            progress(row.deleted as u64, to_delete);
+        }
+        row.held = held;
+        row.examined += held;
+    }
+
+    row.status = "completed".into();
+    row.finished_at = Some(micros(Utc::now()));
+    let mut tx = db.begin().await?;
+    store::finish_sweep(&mut tx, row).await?;
+    let target = json!({
+        "sweep_id": row.id, "dry_run": row.dry_run, "examined": row.examined, "deleted": row.deleted,
+        "held": row.held, "keys_shredded": row.keys_shredded,
+    });
+    audit::append(&mut tx, Some(who), &Event::new("retention.sweep", target)).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The built-in schedule: a sweep every `interval`, as the service itself.
+/// Several instances may run it; the sweep lock lets one sweep at a time.
+pub async fn schedule(state: AppState, interval: Duration, batch: i64) {
+    let scheduler = Principal {
+        sub: "scheduler".into(),
+        role: crate::auth::Role::RetentionSweeper,
+        carrier: None,
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match run(&state, &scheduler, false, batch, &|_, _| {}).await {
+            Ok(r) => {
+                tracing::info!(sweep = %r.id, deleted = r.deleted, held = r.held, keys_shredded = r.keys_shredded, "scheduled sweep done")
+            }
+            Err(AppError::Conflict(m)) => tracing::info!(reason = %m, "scheduled sweep skipped"),
+            Err(e) => tracing::error!(error = %e, "scheduled sweep failed; the next one resumes"),
+        }
+    }
+}

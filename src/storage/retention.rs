@@ -1,0 +1,399 @@
+//! Sweeps, the lock that keeps them one at a time, and legal holds.
+
+use sqlx::{FromRow, QueryBuilder};
+use uuid::Uuid;
+
+use super::{on_db, on_tx, Db, Tx, MAX_BINDS};
+
+/// The database's own clock, in microseconds: expiry is judged by it, not
+/// by whichever instance runs the sweep.
+pub async fn db_now(db: &Db) -> sqlx::Result<i64> {
+    match db {
+        Db::Sqlite { read, .. } => {
+            sqlx::query_scalar("SELECT CAST(unixepoch('subsec') * 1000000 AS INTEGER)")
+                .fetch_one(read)
+                .await
+        }
+        Db::Postgres(p) => {
+            sqlx::query_scalar(
+                "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)",
+            )
+            .fetch_one(p)
+            .await
+        }
+    }
+}
+
+/// Proof that this process is the one sweeping. Dropping it (or the
+/// process dying) lets the next sweep start.
+pub enum SweepLock {
+    /// A session advisory lock, held on a connection of its own: PostgreSQL
+    /// releases it when that connection closes, however the process ends.
+    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    /// An exclusive `flock` on a file beside the SQLite database.
+    File(std::fs::File),
+    InMemory,
+}
+
+/// The advisory lock key of sweeps ("tl-sweep").
+const SWEEP_LOCK_KEY: i64 = 0x746c_2d73_7765_6570;
+
+/// Takes the sweep lock without waiting; `None` if another sweep holds it.
+pub async fn try_lock(db: &Db) -> anyhow::Result<Option<SweepLock>> {
+    match db {
+        Db::Postgres(pool) => {
+            let mut conn = pool.acquire().await?;
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(SWEEP_LOCK_KEY)
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(got.then_some(SweepLock::Postgres(conn)))
+        }
+        Db::Sqlite {
+            lock_file: Some(path),
+            ..
+        } => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)?;
+            match file.try_lock() {
+                Ok(()) => Ok(Some(SweepLock::File(file))),
+                Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+                Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+            }
+        }
+        Db::Sqlite {
+            lock_file: None, ..
+        } => Ok(Some(SweepLock::InMemory)),
+    }
+}
+
+impl SweepLock {
+    pub async fn release(self) {
+        match self {
+            SweepLock::Postgres(mut conn) => {
+                let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(SWEEP_LOCK_KEY)
+                    .execute(&mut *conn)
+                    .await;
+                if unlocked.is_err() {
+                    // Never hand a connection still holding the lock back to the pool.
+                    let _ = conn.detach();
+                }
+            }
+            SweepLock::File(file) => drop(file),
+            SweepLock::InMemory => {}
+        }
+    }
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct SweepRow {
+    pub id: Uuid,
+    pub dry_run: bool,
+    pub status: String,
+    pub examined: i64,
+    pub deleted: i64,
+    pub held: i64,
+    pub keys_shredded: i64,
+    pub cutoff: i64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub started_by: String,
+}
+
+const SWEEP_COLUMNS: &str =
+    "id, dry_run, status, examined, deleted, held, keys_shredded, cutoff, started_at, finished_at, started_by";
+
+pub async fn insert_sweep(tx: &mut Tx, s: &SweepRow) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query(&format!(
+            "INSERT INTO sweeps ({SWEEP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        ))
+        .bind(s.id)
+        .bind(s.dry_run)
+        .bind(&s.status)
+        .bind(s.examined)
+        .bind(s.deleted)
+        .bind(s.held)
+        .bind(s.keys_shredded)
+        .bind(s.cutoff)
+        .bind(s.started_at)
+        .bind(s.finished_at)
+        .bind(&s.started_by)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+/// Sweeps left `running` by a process that died are marked interrupted.
+pub async fn interrupt_stale(tx: &mut Tx, except: Uuid) -> sqlx::Result<u64> {
+    on_tx!(tx, c => {
+        sqlx::query("UPDATE sweeps SET status = 'interrupted' WHERE status = 'running' AND id <> $1")
+            .bind(except)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })
+}
+
+pub async fn add_progress(tx: &mut Tx, id: Uuid, deleted: i64, keys: i64) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query(
+            "UPDATE sweeps SET examined = examined + $1, deleted = deleted + $1, keys_shredded = keys_shredded + $2
+             WHERE id = $3",
+        )
+        .bind(deleted)
+        .bind(keys)
+        .bind(id)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn finish_sweep(tx: &mut Tx, s: &SweepRow) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query(
+            "UPDATE sweeps SET status = $1, examined = $2, deleted = $3, held = $4, keys_shredded = $5, finished_at = $6
+             WHERE id = $7",
+        )
+        .bind(&s.status)
+        .bind(s.examined)
+        .bind(s.deleted)
+        .bind(s.held)
+        .bind(s.keys_shredded)
+        .bind(s.finished_at)
+        .bind(s.id)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn sweep(db: &Db, id: Uuid) -> sqlx::Result<Option<SweepRow>> {
+    on_db!(db, c => {
+        sqlx::query_as(&format!("SELECT {SWEEP_COLUMNS} FROM sweeps WHERE id = $1")).bind(id).fetch_optional(c).await
+    })
+}
+
+pub async fn list_sweeps(db: &Db, limit: i64) -> sqlx::Result<Vec<SweepRow>> {
+    on_db!(db, c => {
+        sqlx::query_as(&format!("SELECT {SWEEP_COLUMNS} FROM sweeps ORDER BY started_at DESC, id DESC LIMIT $1"))
+            .bind(limit)
+            .fetch_all(c)
+            .await
+    })
+}
+
+/// A record is held when an active hold matches it on every criterion the
+/// hold sets (carrier, category, subject through the blind index).
+const HELD: &str = "EXISTS (SELECT 1 FROM holds h WHERE h.released_at IS NULL
+       AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
+       AND (h.category IS NULL OR h.category = t.category)
+       AND (h.subject_index IS NULL OR EXISTS (
+             SELECT 1 FROM subject_lookup l WHERE l.transfer_id = t.id AND l.blind_index = h.subject_index)))";
+
+/// The next expired, unheld records, oldest expiry first.
+pub async fn expired_batch(tx: &mut Tx, cutoff: i64, limit: i64) -> sqlx::Result<Vec<Uuid>> {
+    on_tx!(tx, c => {
+        sqlx::query_scalar(&format!(
+            "SELECT t.id FROM transfers t WHERE t.retain_until < $1 AND NOT {HELD} ORDER BY t.retain_until LIMIT $2"
+        ))
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(c)
+        .await
+    })
+}
+
+/// Counts of expired records, held and not held.
+pub async fn expired_counts(db: &Db, cutoff: i64) -> sqlx::Result<(i64, i64)> {
+    on_db!(db, c => {
+        sqlx::query_as(&format!(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN {HELD} THEN 1 ELSE 0 END), 0) FROM transfers t WHERE t.retain_until < $1"
+        ))
+        .bind(cutoff)
+        .fetch_one(c)
+        .await
+    })
+}
+
+/// Subject keys that would be left with nothing to decrypt if every
+/// expired, unheld record went.
+pub async fn keys_left_empty(db: &Db, cutoff: i64) -> sqlx::Result<i64> {
+    on_db!(db, c => {
+        sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM subject_keys k
+             WHERE EXISTS (SELECT 1 FROM transfer_slots s WHERE s.subject_key_id = k.id)
+               AND NOT EXISTS (SELECT 1 FROM transfer_slots s JOIN transfers t ON t.id = s.transfer_id
+                               WHERE s.subject_key_id = k.id AND (t.retain_until >= $1 OR {HELD}))
+               AND NOT EXISTS (SELECT 1 FROM consents co WHERE co.subject_key_id = k.id)"
+        ))
+        .bind(cutoff)
+        .fetch_one(c)
+        .await
+    })
+}
+
+/// The subject keys sealing slots of these records.
+pub async fn keys_of(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(MAX_BINDS) {
+        let keys: Vec<Uuid> = on_tx!(tx, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new("SELECT DISTINCT subject_key_id FROM transfer_slots WHERE transfer_id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+            qb.build_query_scalar().fetch_all(&mut *c).await
+        })?;
+        out.extend(keys);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Deletes records; their slots and lookup rows go with them (cascade).
+pub async fn delete_records(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<u64> {
+    let mut n = 0;
+    for chunk in ids.chunks(MAX_BINDS) {
+        n += on_tx!(tx, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfers WHERE id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+            qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
+        })?;
+    }
+    Ok(n)
+}
+
+/// Destroys those of `keys` that no slot and no consent uses any more:
+/// crypto-shredding. Returns the ids destroyed.
+pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    let mut out = Vec::new();
+    for chunk in keys.chunks(MAX_BINDS) {
+        let gone: Vec<Uuid> = on_tx!(tx, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new("DELETE FROM subject_keys WHERE id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            qb.push(
+                ") AND NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.subject_key_id = subject_keys.id)
+                   AND NOT EXISTS (SELECT 1 FROM consents co WHERE co.subject_key_id = subject_keys.id)
+                 RETURNING id",
+            );
+            qb.build_query_scalar().fetch_all(&mut *c).await
+        })?;
+        out.extend(gone);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct HoldRow {
+    pub id: Uuid,
+    pub carrier_id: Option<String>,
+    pub subject_index: Option<Vec<u8>>,
+    pub category: Option<String>,
+    pub reason: String,
+    pub created_at: i64,
+    pub created_by: String,
+    pub released_at: Option<i64>,
+    pub released_by: Option<String>,
+}
+
+const HOLD_COLUMNS: &str =
+    "id, carrier_id, subject_index, category, reason, created_at, created_by, released_at, released_by";
+
+pub async fn insert_hold(tx: &mut Tx, h: &HoldRow) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query(&format!("INSERT INTO holds ({HOLD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"))
+            .bind(h.id)
+            .bind(&h.carrier_id)
+            .bind(&h.subject_index)
+            .bind(&h.category)
+            .bind(&h.reason)
+            .bind(h.created_at)
+            .bind(&h.created_by)
+            .bind(h.released_at)
+            .bind(&h.released_by)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn release_hold(tx: &mut Tx, id: Uuid, at: i64, by: &str) -> sqlx::Result<bool> {
+    let n = on_tx!(tx, c => {
+        sqlx::query("UPDATE holds SET released_at = $1, released_by = $2 WHERE id = $3 AND released_at IS NULL")
+            .bind(at)
+            .bind(by)
+            .bind(id)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })?;
+    Ok(n == 1)
+}
+
+pub async fn hold(db: &Db, id: Uuid) -> sqlx::Result<Option<HoldRow>> {
+    on_db!(db, c => {
+        sqlx::query_as(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1")).bind(id).fetch_optional(c).await
+    })
+}
+
+pub async fn list_holds(db: &Db, active_only: bool) -> sqlx::Result<Vec<HoldRow>> {
+    on_db!(db, c => {
+        sqlx::query_as(&format!(
+            "SELECT {HOLD_COLUMNS} FROM holds WHERE ($1 = FALSE OR released_at IS NULL) ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(active_only)
+        .fetch_all(c)
+        .await
+    })
+}
+
+/// Active holds that cover any of these records, with what they hold.
+pub async fn holds_covering(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<Vec<(Uuid, Uuid)>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(MAX_BINDS) {
+        let rows: Vec<(Uuid, Uuid)> = on_tx!(tx, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new(
+                "SELECT t.id, h.id FROM transfers t JOIN holds h ON h.released_at IS NULL
+                   AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
+                   AND (h.category IS NULL OR h.category = t.category)
+                   AND (h.subject_index IS NULL OR EXISTS (
+                        SELECT 1 FROM subject_lookup l WHERE l.transfer_id = t.id AND l.blind_index = h.subject_index))
+                 WHERE t.id IN (",
+            );
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+            qb.build_query_as().fetch_all(&mut *c).await
+        })?;
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+pub async fn hold_in(tx: &mut Tx, id: Uuid) -> sqlx::Result<Option<HoldRow>> {
+    on_tx!(tx, c => {
+        sqlx::query_as(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = $1")).bind(id).fetch_optional(c).await
+    })
+}

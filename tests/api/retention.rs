@@ -1,0 +1,504 @@
+//! Retention: the policy, sweeps, legal holds, crash safety.
+
+use std::collections::HashSet;
+
+use serde_json::{json, Value};
+use transfer_ledger::auth::Role;
+
+use crate::both;
+use crate::helpers::*;
+
+/// A CDR that occurred ten days ago and was kept one day: expired.
+fn expired(carrier: &str, call: &str, caller: &str) -> Value {
+    let mut t = cdr(carrier, call, caller, "+14255550199");
+    t["occurred_at"] = json!((chrono::Utc::now() - chrono::Duration::days(10)).to_rfc3339());
+    t["retention_days"] = json!(1);
+    t
+}
+
+impl TestApp {
+    fn sweeper(&self) -> String {
+        self.token(Role::RetentionSweeper, None)
+    }
+
+    async fn ids_left(&self) -> HashSet<String> {
+        let mut out = HashSet::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/transfers?limit=1000&cursor={c}"),
+                None => "/v1/transfers?limit=1000".into(),
+            };
+            let r = self.get(&path, &self.officer()).await.expect(200);
+            out.extend(
+                r.body["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i["id"].as_str().unwrap().to_string()),
+            );
+            match r.body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.into()),
+                None => return out,
+            }
+        }
+    }
+
+    async fn batch(&self, items: Vec<Value>) -> Vec<String> {
+        let r = self
+            .post(
+                "/v1/transfers/batch",
+                &self.platform(),
+                &json!({"transfers": items}),
+            )
+            .await
+            .expect(201);
+        r.body["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+async fn the_policy_in_force_is_shown(app: TestApp) {
+    let r = app
+        .get("/v1/retention/policy", &app.officer())
+        .await
+        .expect(200);
+    assert_eq!(r.body["categories"]["call_detail_record"], 180);
+    assert_eq!(r.body["jurisdictions"]["US"]["call_detail_record"], 548);
+}
+both!(the_policy_in_force_is_shown);
+
+#[tokio::test]
+async fn an_invalid_policy_stops_the_service_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+    for f in ["model.conf", "policy.csv"] {
+        std::fs::copy(format!("{src}/{f}"), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("retention.toml"),
+        "[categories]\nnumber_assignment = 30\ncall_detail_record = 30\ncall_quality = -1\ncall_duration = 30\n",
+    )
+    .unwrap();
+    let extra = [(
+        "LEDGER_POLICY_DIR".to_string(),
+        dir.path().display().to_string(),
+    )]
+    .into_iter()
+    .collect();
+    let err = tokio::spawn(spawn_app_with(Backend::Sqlite, extra))
+        .await
+        .err()
+        .expect("start refused");
+    let msg = err
+        .into_panic()
+        .downcast::<String>()
+        .map(|s| *s)
+        .unwrap_or_default();
+    assert!(msg.contains("retention.toml line 4"), "{msg}");
+}
+
+async fn sweeps_delete_what_expired_and_keep_what_is_held(app: TestApp) {
+    // Given expired records of two carriers, one of them under a legal hold,
+    // and records still within retention.
+    let gone = app
+        .batch(
+            (0..30)
+                .map(|i| expired("carrier-a", &format!("a{i}"), &format!("+142555501{i:02}")))
+                .collect(),
+        )
+        .await;
+    let held = app
+        .batch(
+            (0..10)
+                .map(|i| expired("carrier-h", &format!("h{i}"), &format!("+142555503{i:02}")))
+                .collect(),
+        )
+        .await;
+    let kept = app
+        .batch(
+            (0..5)
+                .map(|i| {
+                    cdr(
+                        "carrier-a",
+                        &format!("k{i}"),
+                        "+14255550400",
+                        "+14255550401",
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    let officer = app.officer();
+    let hold = app
+        .post(
+            "/v1/holds",
+            &officer,
+            &json!({"carrier_id": "carrier-h", "reason": "litigation L-7"}),
+        )
+        .await
+        .expect(201);
+    let keys_before = app.count("subject_keys").await;
+
+    // A dry run reports what would go and changes nothing.
+    let dry = app
+        .post(
+            "/v1/retention/sweeps",
+            &app.sweeper(),
+            &json!({"dry_run": true}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(
+        (
+            dry.body["examined"].clone(),
+            dry.body["deleted"].clone(),
+            dry.body["held"].clone()
+        ),
+        (json!(40), json!(30), json!(10))
+    );
+    // 30 callers of carrier-a and their common callee have nothing else: 31 keys would go.
+    assert_eq!(dry.body["keys_shredded"], 31);
+    assert_eq!(app.count("transfers").await, 45);
+
+    // The sweep deletes exactly the expired, unheld records and their keys.
+    let r = app
+        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
+        .await
+        .expect(201);
+    assert_eq!(
+        (
+            r.body["deleted"].clone(),
+            r.body["held"].clone(),
+            r.body["keys_shredded"].clone()
+        ),
+        (json!(30), json!(10), json!(31))
+    );
+    assert_eq!(r.body["dry_run"], false);
+    let left = app.ids_left().await;
+    assert!(gone.iter().all(|id| !left.contains(id)));
+    assert!(held.iter().chain(&kept).all(|id| left.contains(id)));
+    assert_eq!(app.count("subject_keys").await, keys_before - 31);
+    assert_eq!(app.count("transfer_slots").await, 30);
+
+    // Released, the held records go with the next sweep.
+    let id = hold.body["id"].as_str().unwrap();
+    let released = app
+        .raw(
+            app.client
+                .delete(format!("{}/v1/holds/{id}", app.addr))
+                .bearer_auth(&officer),
+        )
+        .await;
+    assert_eq!(released.status, 200, "{}", released.text);
+    assert_eq!(released.body["active"], false);
+    let r = app
+        .post(
+            "/v1/retention/sweeps",
+            &app.sweeper(),
+            &json!({"dry_run": false}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(r.body["deleted"], 10);
+    assert_eq!(app.ids_left().await, kept.iter().cloned().collect());
+
+    // Sweeps are listed and audited; the chain verifies.
+    let list = app.get("/v1/retention/sweeps", &officer).await.expect(200);
+    assert_eq!(list.body.as_array().unwrap().len(), 3);
+    let auditor = app.token(Role::Auditor, None);
+    let entries = app
+        .get("/v1/audit?action=retention.sweep&limit=10", &auditor)
+        .await
+        .expect(200);
+    assert_eq!(entries.body["items"].as_array().unwrap().len(), 3);
+    let batches = app
+        .get("/v1/audit?action=retention.sweep.batch&limit=100", &auditor)
+        .await
+        .expect(200);
+    let deleted: usize = batches.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["entry"]["target"]["deleted_ids"]
+                .as_array()
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(deleted, 40);
+    assert_eq!(
+        app.get("/v1/audit/verify", &auditor).await.body["valid"],
+        true
+    );
+}
+both!(sweeps_delete_what_expired_and_keep_what_is_held);
+
+async fn holds_match_by_subject_and_category_and_are_validated(app: TestApp) {
+    let officer = app.officer();
+    app.batch(vec![
+        expired("carrier-a", "s1", "+14255550111"),
+        expired("carrier-a", "s2", "+14255550112"),
+        {
+            let mut q = quality("carrier-a", "s3", "+14255550113", "+14255550199");
+            q["occurred_at"] =
+                json!((chrono::Utc::now() - chrono::Duration::days(10)).to_rfc3339());
+            q["retention_days"] = json!(1);
+            q
+        },
+    ])
+    .await;
+    // Held by subject (any spelling) and by category.
+    app.post(
+        "/v1/holds",
+        &officer,
+        &json!({"subject": {"phone_number": "+1 425 555 0111"}, "reason": "DSAR dispute"}),
+    )
+    .await
+    .expect(201);
+    let h = app
+        .post(
+            "/v1/holds",
+            &officer,
+            &json!({"category": "call_quality", "reason": "regulator inquiry"}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(h.body["category"], "call_quality");
+    assert!(h.body["subject_index"].is_null());
+    let r = app
+        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
+        .await
+        .expect(201);
+    assert_eq!(
+        (r.body["deleted"].clone(), r.body["held"].clone()),
+        (json!(1), json!(2))
+    );
+
+    // Bad holds: every field named; a hold must say what it holds.
+    let r = app
+        .post(
+            "/v1/holds",
+            &officer,
+            &json!({"category": "x", "subject": {"phone_number": "1"}, "extra": 1}),
+        )
+        .await
+        .expect(422);
+    let mut f = r.bad_fields();
+    f.sort();
+    assert_eq!(f, ["category", "extra", "reason", "subject.phone_number"]);
+    app.post("/v1/holds", &officer, &json!({"reason": "everything"}))
+        .await
+        .expect(422);
+    // Only privacy officers place holds; auditors read them.
+    app.post(
+        "/v1/holds",
+        &app.carrier("carrier-a"),
+        &json!({"carrier_id": "carrier-a", "reason": "x"}),
+    )
+    .await
+    .expect(403);
+    let listed = app
+        .get("/v1/holds?active=true", &app.token(Role::Auditor, None))
+        .await
+        .expect(200);
+    assert_eq!(listed.body.as_array().unwrap().len(), 2);
+    // Releasing twice, or an unknown hold.
+    let id = h.body["id"].as_str().unwrap();
+    let del = |id: String| {
+        app.raw(
+            app.client
+                .delete(format!("{}/v1/holds/{id}", app.addr))
+                .bearer_auth(&officer),
+        )
+    };
+    assert_eq!(del(id.into()).await.status, 200);
+    assert_eq!(del(id.into()).await.status, 409);
+    assert_eq!(del(uuid::Uuid::now_v7().to_string()).await.status, 404);
+}
+both!(holds_match_by_subject_and_category_and_are_validated);
+
+async fn one_sweep_at_a_time(app: TestApp) {
+    // Another process holds the sweep lock.
+    use transfer_ledger::storage::{retention, Db};
+    let other = Db::connect(&app.vars["LEDGER_DATABASE_URL"], 2)
+        .await
+        .unwrap();
+    let lock = retention::try_lock(&other)
+        .await
+        .unwrap()
+        .expect("free at first");
+    let r = app
+        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
+        .await
+        .expect(409);
+    assert!(r.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("already running"));
+    // The CLI beside the server is refused the same way.
+    let out = app.cli(&["sweep"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+    lock.release().await;
+    app.post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
+        .await
+        .expect(201);
+}
+both!(one_sweep_at_a_time);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_sweeps_on_its_schedule() {
+    let extra = [("LEDGER_SWEEP_INTERVAL".to_string(), "1s".to_string())]
+        .into_iter()
+        .collect();
+    let app = spawn_app_with(Backend::Sqlite, extra).await.unwrap();
+    app.batch(vec![expired("carrier-a", "x", "+14255550100")])
+        .await;
+    for _ in 0..50 {
+        if app.count("transfers").await == 0 {
+            let sweeps = app
+                .get("/v1/retention/sweeps", &app.officer())
+                .await
+                .expect(200);
+            assert_eq!(sweeps.body[0]["started_by"], "scheduler");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the scheduled sweep did not run");
+}
+
+/// Kill a sweep with SIGKILL at random instants, many times: a rerun
+/// finishes the job, exactly the unexpired and held records are left, and
+/// nothing is deleted, counted or audited twice.
+async fn sweeps_survive_being_killed_at_any_instant(app: TestApp) {
+    let expired_ids = app
+        .batch(
+            (0..1500)
+                .map(|i| {
+                    expired(
+                        "carrier-a",
+                        &format!("e{i}"),
+                        &format!("+1425555{:04}", i % 700),
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    let held = app
+        .batch(
+            (0..40)
+                .map(|i| expired("carrier-h", &format!("h{i}"), "+14255559999"))
+                .collect(),
+        )
+        .await;
+    let kept = app
+        .batch(
+            (0..60)
+                .map(|i| {
+                    cdr(
+                        "carrier-a",
+                        &format!("k{i}"),
+                        &format!("+1425555{:04}", i),
+                        "+14255550199",
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    app.post(
+        "/v1/holds",
+        &app.officer(),
+        &json!({"carrier_id": "carrier-h", "reason": "litigation"}),
+    )
+    .await
+    .expect(201);
+
+    let mut kills = 0;
+    for round in 0..12u64 {
+        let mut child = app.cli_spawn(&["sweep"], &[("LEDGER_SWEEP_BATCH", "5")]);
+        // Somewhere between start-up and the end of the job.
+        let delay = 15 + (round * 7919 % 23) * 6;
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        if child.try_wait().unwrap().is_none() {
+            std::process::Command::new("kill")
+                .args(["-KILL", &child.id().to_string()])
+                .status()
+                .unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(
+        kills >= 3,
+        "the sweeps finished before they could be killed"
+    );
+    let out = app.cli(&["sweep"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let left = app.ids_left().await;
+    let expected: HashSet<String> = held.iter().chain(&kept).cloned().collect();
+    assert_eq!(
+        left, expected,
+        "exactly the unexpired and held records are left"
+    );
+
+    // Every expired record deleted once, counted once, audited once.
+    let auditor = app.token(Role::Auditor, None);
+    let sweeps = app
+        .get("/v1/retention/sweeps?limit=1000", &auditor)
+        .await
+        .expect(200);
+    let counted: i64 = sweeps
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["deleted"].as_i64().unwrap())
+        .sum();
+    assert_eq!(counted, expired_ids.len() as i64);
+    let mut audited = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/audit?action=retention.sweep.batch&limit=1000&cursor={c}"),
+            None => "/v1/audit?action=retention.sweep.batch&limit=1000".into(),
+        };
+        let r = app.get(&path, &auditor).await.expect(200);
+        for e in r.body["items"].as_array().unwrap() {
+            audited.extend(
+                e["entry"]["target"]["deleted_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string()),
+            );
+        }
+        match r.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.into()),
+            None => break,
+        }
+    }
+    let unique: HashSet<_> = audited.iter().cloned().collect();
+    assert_eq!(unique.len(), audited.len(), "no record audited twice");
+    assert_eq!(unique, expired_ids.iter().cloned().collect::<HashSet<_>>());
+    assert_eq!(
+        app.get("/v1/audit/verify", &auditor).await.body["valid"],
+        true
+    );
+    // Keys of the deleted-only subjects are gone; every remaining slot still opens.
+    app.read("/v1/transfers?include=payload&limit=1000", &app.officer())
+        .await
+        .expect(200);
+}
+both!(sweeps_survive_being_killed_at_any_instant);

@@ -116,7 +116,7 @@ pub fn generate(records: usize, seed: u64, now: DateTime<Utc>) -> Workload {
         let (carrier, country) = CARRIERS[s.carrier];
         let callee = &subscribers[rng.gen_range(0..subscribers.len())].number;
         // Half the calls are old and kept one day: expired, for the sweep.
-        let expired = call % 2 == 0;
+        let expired = call.is_multiple_of(2);
         let duration = rng.gen_range(5..3_600i64);
         let ago = rng.gen_range(if expired {
             3 * 86_400..30 * 86_400

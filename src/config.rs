@@ -142,7 +142,7 @@ impl Config {
                     .ok()
                     .filter(|n: &i64| (1..=100_000).contains(n))
                     .context("LEDGER_SWEEP_BATCH must be a whole number from 1 to 100000")?,
-                None => 1000,
+                None => 5000,
             },
             db_max_connections: match env("LEDGER_DB_MAX_CONNECTIONS") {
                 Some(v) => v

@@ -27,3 +27,6 @@ CREATE TABLE holds (
     released_by   TEXT
 );
 CREATE INDEX holds_active ON holds (released_at);
+
+-- Shredding a subject key checks that no consent still uses it.
+CREATE INDEX consents_subject_key ON consents (subject_key_id);

@@ -21,6 +21,9 @@ pub struct AppState {
     pub tokens: Arc<TokenVerifier>,
     pub config: Arc<Config>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub catalogs: Arc<crate::i18n::Catalogs>,
+    /// Wakes the subject-request processor.
+    pub requests_ready: Arc<tokio::sync::Notify>,
     policy: Arc<RwLock<Arc<Policy>>>,
     retention: Arc<RwLock<Arc<RetentionPolicy>>>,
 }
@@ -72,6 +75,8 @@ impl AppState {
             tokens: Arc::new(tokens),
             config: Arc::new(config),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            catalogs: Arc::new(crate::i18n::Catalogs::load()?),
+            requests_ready: Arc::new(tokio::sync::Notify::new()),
             policy: Arc::new(RwLock::new(Arc::new(policy))),
             retention: Arc::new(RwLock::new(Arc::new(retention))),
         })
@@ -127,9 +132,17 @@ impl Application {
                 config.sweep_batch,
             ))
         });
+        let stop_worker = Arc::new(tokio::sync::Notify::new());
+        let worker = tokio::spawn(crate::requests::run_worker(
+            self.state.clone(),
+            stop_worker.clone(),
+        ));
         axum::serve(self.listener, router)
             .with_graceful_shutdown(shutdown)
             .await?;
+        // A request cut short here is picked up again by the next processor.
+        stop_worker.notify_one();
+        worker.abort();
         if let Some(s) = sweeper {
             // A sweep cut short here resumes with the next one.
             s.abort();

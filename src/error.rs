@@ -39,6 +39,8 @@ pub enum AppError {
     Validation(Vec<FieldError>),
     #[error("conflict: {0}")]
     Conflict(String),
+    #[error("gone: {0}")]
+    Gone(String),
     #[error("payload too large: {0}")]
     PayloadTooLarge(String),
     /// Stored ciphertext failed authentication: tampering or corruption.
@@ -67,6 +69,7 @@ impl AppError {
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Gone(_) => StatusCode::GONE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Integrity(_) | Self::Database(_) | Self::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -83,6 +86,7 @@ impl AppError {
             Self::Validation(_) => "validation",
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge(_) => "payload-too-large",
+            Self::Gone(_) => "gone",
             Self::Unavailable(_) => "unavailable",
             Self::Integrity(_) => "integrity",
             Self::Database(_) | Self::Internal(_) => "internal",
@@ -174,6 +178,7 @@ impl IntoResponse for AppError {
             | Self::BadRequest(d)
             | Self::Conflict(d)
             | Self::PayloadTooLarge(d)
+            | Self::Gone(d)
             | Self::Unavailable(d) => (Some(d), Vec::new()),
             Self::Validation(errors) => {
                 let n = errors.len();

@@ -182,6 +182,30 @@ impl Keyring {
         Ok(key)
     }
 
+    /// Seals `plaintext` directly under the current master key (for small
+    /// values such as export keys and request identifiers).
+    pub fn seal_with_master(&self, aad: &str, plaintext: &[u8]) -> (i64, Vec<u8>) {
+        let masters = self.masters.read().expect("lock");
+        let (&version, master) = masters.iter().next_back().expect("at least one master key");
+        (
+            version,
+            master.seal(format!("{aad}/m{version}").as_bytes(), plaintext),
+        )
+    }
+
+    pub fn open_with_master(
+        &self,
+        version: i64,
+        aad: &str,
+        sealed: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, IntegrityError> {
+        let masters = self.masters.read().expect("lock");
+        let master = masters
+            .get(&version)
+            .ok_or(IntegrityError("unknown master key version"))?;
+        master.open(format!("{aad}/m{version}").as_bytes(), sealed)
+    }
+
     /// Signs `message` with the current signing key: `(key id, signature)`.
     pub fn sign(&self, message: &[u8]) -> (String, ed25519_dalek::Signature) {
         use ed25519_dalek::Signer;

@@ -10,6 +10,7 @@ mod keys;
 mod openapi;
 mod reports;
 mod retention;
+mod subject_requests;
 mod transfers;
 
 use std::time::Duration;
@@ -46,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .merge(reports::router())
         .merge(retention::router())
         .merge(holds::router())
+        .merge(subject_requests::router())
         .merge(audit::router())
         .merge(keys::router());
     Router::new()

@@ -123,6 +123,8 @@ pub async fn release(state: &AppState, who: &Principal, id: Uuid) -> Result<Hold
     )
     .await?;
     tx.commit().await?;
+    // Erasures this hold kept from finishing can finish now.
+    state.requests_ready.notify_one();
     Ok(row.into())
 }
 

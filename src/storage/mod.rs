@@ -7,7 +7,9 @@
 
 pub mod audit;
 pub mod consents;
+pub mod erasure;
 pub mod keys;
+pub mod requests;
 pub mod retention;
 pub mod transfers;
 

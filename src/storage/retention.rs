@@ -194,7 +194,7 @@ pub async fn list_sweeps(db: &Db, limit: i64) -> sqlx::Result<Vec<SweepRow>> {
 
 /// A record is held when an active hold matches it on every criterion the
 /// hold sets (carrier, category, subject through the blind index).
-const HELD: &str = "EXISTS (SELECT 1 FROM holds h WHERE h.released_at IS NULL
+pub(crate) const HELD: &str = "EXISTS (SELECT 1 FROM holds h WHERE h.released_at IS NULL
        AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
        AND (h.category IS NULL OR h.category = t.category)
        AND (h.subject_index IS NULL OR EXISTS (

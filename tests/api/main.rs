@@ -11,4 +11,5 @@ mod operations;
 mod queries;
 mod reports;
 mod retention;
+mod subject_requests;
 mod transfers;

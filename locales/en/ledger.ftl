@@ -1,0 +1,35 @@
+### Plain-language explanations for the GDPR Art. 15 access export (English).
+
+export-title = Your personal data held in the transfer ledger
+export-intro = This document is a copy of the personal data about you that was transferred between the platform and your telephone carrier. For each record it shows why the data was transferred, on what legal basis, to whom, and how long it is kept, as required by Article 15 of the GDPR.
+export-subject = This export concerns { $identifier }.
+category-number_assignment = A phone number and its SIP address (the address used to route calls over the internet) were assigned to a user of a business customer. The platform shared this assignment with the carrier that provides the number.
+category-call_detail_record = Call detail records show who called whom, when, for how long, and how the call ended.
+category-call_quality = Call quality data are technical measurements of a call, such as an audio quality score, jitter (variation in delay), packet loss and delay, together with the phone numbers of the call.
+category-call_duration = Call durations are the lengths of calls, reported by the carrier to the platform together with the phone numbers of the call.
+purpose-service_provisioning = To set up and provide the phone number and the calling service.
+purpose-troubleshooting = To find and fix problems with calls.
+purpose-service_operation = To run and maintain the calling service.
+purpose-usage_reporting = To report how much the calling service was used.
+purpose-reconciliation = To check that the platform's and the carrier's records of calls agree, for example for billing.
+legal_basis-contract = The processing is necessary to perform a contract (GDPR Art. 6(1)(b)).
+legal_basis-legal_obligation = The processing is necessary to comply with a legal obligation (GDPR Art. 6(1)(c)).
+legal_basis-legitimate_interest = The processing is necessary for legitimate interests, which must be balanced against your rights and interests (GDPR Art. 6(1)(f)).
+legal_basis-consent = You gave your consent to the processing. You may withdraw it at any time; this does not affect processing carried out before the withdrawal (GDPR Art. 6(1)(a)).
+direction-platform_to_carrier = Sent by the platform to your carrier.
+direction-carrier_to_platform = Sent by your carrier to the platform.
+source-platform = The data came from the platform (the calling service).
+source-carrier = The data came from the carrier { $carrier }.
+recipient-platform = The recipient was the platform.
+recipient-carrier = The recipient was the carrier { $carrier }.
+retention-until = This record is kept until { $date } and then deleted, unless a legal hold requires it to be kept longer.
+right-access = Right of access (GDPR Art. 15): you can find out whether data about you is processed and get a copy of it.
+right-rectification = Right to rectification (GDPR Art. 16): you can have inaccurate data about you corrected.
+right-erasure = Right to erasure (GDPR Art. 17): you can have your data deleted where the law allows it.
+right-restriction = Right to restriction of processing (GDPR Art. 18): in certain cases you can have the use of your data limited.
+right-portability = Right to data portability (GDPR Art. 20): you can receive your data in a structured, machine-readable format.
+right-objection = Right to object (GDPR Art. 21): you can object to processing that is based on legitimate interests.
+right-withdraw-consent = Right to withdraw consent: where processing is based on your consent, you can withdraw it at any time.
+right-complaint = Right to lodge a complaint: you can complain to a data protection supervisory authority.
+automated-decision-making = No decision with legal or similarly significant effects is made about you by automated means, including profiling (GDPR Art. 22).
+erased-identifier = (erased)

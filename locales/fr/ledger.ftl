@@ -1,0 +1,35 @@
+### Explications en langage clair pour l'export d'accès (art. 15 du RGPD) (français).
+
+export-title = Vos données personnelles conservées dans le registre des transferts
+export-intro = Ce document est une copie des données personnelles vous concernant qui ont été transférées entre la plateforme et votre opérateur téléphonique. Pour chaque enregistrement, il indique la finalité du transfert, sa base légale, son destinataire et la durée de conservation, conformément à l'article 15 du RGPD.
+export-subject = Cet export concerne { $identifier }.
+category-number_assignment = Un numéro de téléphone et son adresse SIP (l'adresse utilisée pour acheminer les appels sur Internet) ont été attribués à un utilisateur d'une entreprise cliente. La plateforme a communiqué cette attribution à l'opérateur qui fournit ce numéro.
+category-call_detail_record = Les enregistrements détaillés des appels indiquent qui a appelé qui, quand, pendant combien de temps et comment l'appel s'est terminé.
+category-call_quality = Les données de qualité des appels sont des mesures techniques, comme un score de qualité audio, la gigue (variation du délai), la perte de paquets et le délai de transmission, accompagnées des numéros de téléphone de l'appel.
+category-call_duration = Les durées d'appel sont communiquées par l'opérateur à la plateforme, avec les numéros de téléphone de l'appel.
+purpose-service_provisioning = Mettre en service et fournir le numéro de téléphone et le service d'appels.
+purpose-troubleshooting = Détecter et résoudre les problèmes liés aux appels.
+purpose-service_operation = Faire fonctionner et maintenir le service d'appels.
+purpose-usage_reporting = Rendre compte de l'utilisation du service d'appels.
+purpose-reconciliation = Vérifier que les relevés d'appels de la plateforme et ceux de l'opérateur concordent, par exemple pour la facturation.
+legal_basis-contract = Le traitement est nécessaire à l'exécution d'un contrat (art. 6, paragraphe 1, point b, du RGPD).
+legal_basis-legal_obligation = Le traitement est nécessaire au respect d'une obligation légale (art. 6, paragraphe 1, point c, du RGPD).
+legal_basis-legitimate_interest = Le traitement est nécessaire aux fins d'intérêts légitimes, qui doivent être mis en balance avec vos droits et intérêts (art. 6, paragraphe 1, point f, du RGPD).
+legal_basis-consent = Vous avez donné votre consentement au traitement. Vous pouvez le retirer à tout moment, sans effet sur le traitement effectué avant ce retrait (art. 6, paragraphe 1, point a, du RGPD).
+direction-platform_to_carrier = Transmis par la plateforme à votre opérateur.
+direction-carrier_to_platform = Transmis par votre opérateur à la plateforme.
+source-platform = Les données proviennent de la plateforme (le service d'appels).
+source-carrier = Les données proviennent de l'opérateur { $carrier }.
+recipient-platform = Le destinataire était la plateforme.
+recipient-carrier = Le destinataire était l'opérateur { $carrier }.
+retention-until = Cet enregistrement est conservé jusqu'au { $date }, puis supprimé, sauf si une mesure de conservation légale (legal hold) impose de le garder plus longtemps.
+right-access = Droit d'accès (art. 15 du RGPD) : savoir si des données vous concernant sont traitées et, le cas échéant, en obtenir une copie.
+right-rectification = Droit de rectification (art. 16 du RGPD) : faire corriger les données inexactes vous concernant.
+right-erasure = Droit à l'effacement (art. 17 du RGPD) : faire supprimer vos données lorsque la loi le permet.
+right-restriction = Droit à la limitation du traitement (art. 18 du RGPD) : dans certains cas, faire limiter l'utilisation de vos données.
+right-portability = Droit à la portabilité des données (art. 20 du RGPD) : recevoir vos données dans un format structuré et lisible par machine.
+right-objection = Droit d'opposition (art. 21 du RGPD) : vous opposer à un traitement fondé sur des intérêts légitimes.
+right-withdraw-consent = Droit de retirer votre consentement : lorsque le traitement repose sur votre consentement, vous pouvez le retirer à tout moment.
+right-complaint = Droit d'introduire une réclamation : vous pouvez saisir une autorité de contrôle chargée de la protection des données.
+automated-decision-making = Aucune décision produisant des effets juridiques ou des effets similaires importants à votre égard n'est prise par des moyens automatisés, y compris le profilage (art. 22 du RGPD).
+erased-identifier = (effacé)

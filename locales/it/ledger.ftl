@@ -1,0 +1,35 @@
+### Spiegazioni in linguaggio semplice per l'esportazione di accesso (art. 15 del GDPR) (italiano).
+
+export-title = I suoi dati personali conservati nel registro dei trasferimenti
+export-intro = Questo documento è una copia dei dati personali che la riguardano trasferiti tra la piattaforma e il suo gestore telefonico. Per ciascun record indica la finalità del trasferimento, la base giuridica, il destinatario e il periodo di conservazione, come previsto dall'art. 15 del GDPR.
+export-subject = La presente esportazione riguarda { $identifier }.
+category-number_assignment = Un numero di telefono e il relativo indirizzo SIP (l'indirizzo usato per instradare le chiamate via Internet) sono stati assegnati a un utente di un cliente aziendale. La piattaforma ha comunicato questa assegnazione al gestore telefonico che fornisce il numero.
+category-call_detail_record = I record di dettaglio delle chiamate indicano chi ha chiamato chi, quando, per quanto tempo e come si è conclusa la chiamata.
+category-call_quality = I dati sulla qualità delle chiamate sono misurazioni tecniche, come il punteggio di qualità audio, il jitter (variazione del ritardo), la perdita di pacchetti e il ritardo, associate ai numeri di telefono della chiamata.
+category-call_duration = Le durate delle chiamate sono comunicate dal gestore telefonico alla piattaforma, insieme ai numeri di telefono della chiamata.
+purpose-service_provisioning = Attivare e fornire il numero di telefono e il servizio di chiamata.
+purpose-troubleshooting = Individuare e risolvere i problemi delle chiamate.
+purpose-service_operation = Gestire e mantenere in funzione il servizio di chiamata.
+purpose-usage_reporting = Produrre report sull'utilizzo del servizio di chiamata.
+purpose-reconciliation = Verificare che i registri delle chiamate della piattaforma e del gestore telefonico coincidano, ad esempio ai fini della fatturazione.
+legal_basis-contract = Il trattamento è necessario all'esecuzione di un contratto (art. 6, par. 1, lett. b) del GDPR).
+legal_basis-legal_obligation = Il trattamento è necessario per adempiere un obbligo legale (art. 6, par. 1, lett. c) del GDPR).
+legal_basis-legitimate_interest = Il trattamento è necessario per il perseguimento di legittimi interessi, che devono essere bilanciati con i suoi diritti e interessi (art. 6, par. 1, lett. f) del GDPR).
+legal_basis-consent = Lei ha dato il suo consenso al trattamento. Può revocarlo in qualsiasi momento, senza che ciò incida sul trattamento effettuato prima della revoca (art. 6, par. 1, lett. a) del GDPR).
+direction-platform_to_carrier = Inviato dalla piattaforma al suo gestore telefonico.
+direction-carrier_to_platform = Inviato dal suo gestore telefonico alla piattaforma.
+source-platform = I dati provengono dalla piattaforma (il servizio di chiamata).
+source-carrier = I dati provengono dal gestore telefonico { $carrier }.
+recipient-platform = Il destinatario dei dati è la piattaforma.
+recipient-carrier = Il destinatario dei dati è il gestore telefonico { $carrier }.
+retention-until = Questo record è conservato fino al { $date } e poi cancellato, salvo che un vincolo di conservazione per motivi legali (legal hold) ne imponga la conservazione più a lungo.
+right-access = Diritto di accesso (art. 15 del GDPR): sapere se sono trattati dati che la riguardano e riceverne una copia.
+right-rectification = Diritto di rettifica (art. 16 del GDPR): ottenere la correzione dei dati inesatti che la riguardano.
+right-erasure = Diritto alla cancellazione (art. 17 del GDPR): ottenere la cancellazione dei suoi dati nei casi consentiti dalla legge.
+right-restriction = Diritto di limitazione del trattamento (art. 18 del GDPR): in determinati casi, ottenere che l'uso dei suoi dati venga limitato.
+right-portability = Diritto alla portabilità dei dati (art. 20 del GDPR): ricevere i suoi dati in un formato strutturato e leggibile da dispositivo automatico.
+right-objection = Diritto di opposizione (art. 21 del GDPR): opporsi al trattamento basato su legittimi interessi.
+right-withdraw-consent = Diritto di revocare il consenso: se il trattamento si basa sul suo consenso, può revocarlo in qualsiasi momento.
+right-complaint = Diritto di reclamo: può proporre reclamo a un'autorità di controllo per la protezione dei dati.
+automated-decision-making = Nessuna decisione che produca effetti giuridici o effetti analogamente significativi nei suoi confronti viene presa con mezzi automatizzati, compresa la profilazione (art. 22 del GDPR).
+erased-identifier = (cancellato)

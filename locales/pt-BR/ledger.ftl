@@ -1,0 +1,35 @@
+### Explicações em linguagem simples para a exportação de acesso (art. 15 do GDPR) (português do Brasil).
+
+export-title = Seus dados pessoais mantidos no registro de transferências
+export-intro = Este documento é uma cópia dos dados pessoais sobre você que foram transferidos entre a plataforma e sua operadora de telefonia. Para cada registro, ele informa a finalidade da transferência, a base legal, o destinatário e por quanto tempo os dados são mantidos, conforme o art. 15 do GDPR.
+export-subject = Esta exportação se refere a { $identifier }.
+category-number_assignment = Um número de telefone e seu endereço SIP (o endereço usado para encaminhar chamadas pela internet) foram atribuídos a um usuário de um cliente empresarial. A plataforma compartilhou essa atribuição com a operadora que fornece o número.
+category-call_detail_record = Os registros de detalhes de chamadas mostram quem ligou para quem, quando, por quanto tempo e como a chamada terminou.
+category-call_quality = Os dados de qualidade de chamada são medições técnicas, como a pontuação de qualidade do áudio, o jitter (variação do atraso), a perda de pacotes e o atraso, acompanhadas dos números de telefone da chamada.
+category-call_duration = As durações das chamadas são informadas pela operadora à plataforma, junto com os números de telefone da chamada.
+purpose-service_provisioning = Configurar e fornecer o número de telefone e o serviço de chamadas.
+purpose-troubleshooting = Identificar e corrigir problemas nas chamadas.
+purpose-service_operation = Operar e manter o serviço de chamadas.
+purpose-usage_reporting = Informar quanto o serviço de chamadas foi utilizado.
+purpose-reconciliation = Verificar se os registros de chamadas da plataforma e da operadora coincidem, por exemplo, para faturamento.
+legal_basis-contract = O tratamento é necessário para a execução de um contrato (art. 6(1)(b) do GDPR).
+legal_basis-legal_obligation = O tratamento é necessário para o cumprimento de uma obrigação legal (art. 6(1)(c) do GDPR).
+legal_basis-legitimate_interest = O tratamento é necessário para atender a interesses legítimos, que devem ser ponderados com seus direitos e interesses (art. 6(1)(f) do GDPR).
+legal_basis-consent = Você deu seu consentimento para o tratamento. Você pode revogá-lo a qualquer momento, sem que isso afete o tratamento realizado antes da revogação (art. 6(1)(a) do GDPR).
+direction-platform_to_carrier = Enviado pela plataforma à sua operadora.
+direction-carrier_to_platform = Enviado pela sua operadora à plataforma.
+source-platform = Os dados vieram da plataforma (o serviço de chamadas).
+source-carrier = Os dados vieram da operadora { $carrier }.
+recipient-platform = O destinatário foi a plataforma.
+recipient-carrier = O destinatário foi a operadora { $carrier }.
+retention-until = Este registro é mantido até { $date } e depois excluído, a menos que uma retenção por obrigação legal (legal hold) exija mantê-lo por mais tempo.
+right-access = Direito de acesso (art. 15 do GDPR): saber se dados sobre você são tratados e obter uma cópia deles.
+right-rectification = Direito de retificação (art. 16 do GDPR): pedir a correção de dados inexatos sobre você.
+right-erasure = Direito ao apagamento (art. 17 do GDPR): pedir a exclusão dos seus dados quando a lei permitir.
+right-restriction = Direito à limitação do tratamento (art. 18 do GDPR): em determinados casos, pedir que o uso dos seus dados seja limitado.
+right-portability = Direito à portabilidade dos dados (art. 20 do GDPR): receber seus dados em um formato estruturado e legível por máquina.
+right-objection = Direito de oposição (art. 21 do GDPR): opor-se ao tratamento baseado em interesses legítimos.
+right-withdraw-consent = Direito de revogar o consentimento: quando o tratamento se basear no seu consentimento, você pode revogá-lo a qualquer momento.
+right-complaint = Direito de reclamação: você pode apresentar uma reclamação a uma autoridade de controle de proteção de dados.
+automated-decision-making = Nenhuma decisão com efeitos jurídicos ou efeitos igualmente significativos sobre você é tomada por meios automatizados, incluindo a criação de perfis (art. 22 do GDPR).
+erased-identifier = (apagado)

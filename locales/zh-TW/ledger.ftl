@@ -1,0 +1,35 @@
+### GDPR 第 15 條存取匯出資料的淺白說明（繁體中文，台灣）。
+
+export-title = 傳輸記錄簿中保存的您的個人資料
+export-intro = 本文件為平台與您的電信公司之間所傳輸、與您有關的個人資料副本。依 GDPR 第 15 條規定，本文件亦逐筆說明資料傳輸的目的、法律依據、接收者及保存期限。
+export-subject = 本次匯出資料的對象為 { $identifier }。
+category-number_assignment = 某個電話號碼及其 SIP 位址（用於透過網際網路轉接通話的位址）已指派給企業客戶的使用者。平台已將此指派資訊提供給提供該號碼的電信公司。
+category-call_detail_record = 通話詳細記錄載明誰撥打給誰、通話時間、通話長度，以及通話如何結束。
+category-call_quality = 通話品質資料是技術性的量測數據，例如音訊品質分數、抖動（延遲的變化）、封包遺失及延遲，並附有該通話的電話號碼。
+category-call_duration = 通話持續時間由電信公司提供給平台，並附有該通話的電話號碼。
+purpose-service_provisioning = 用於設定並提供電話號碼及通話服務。
+purpose-troubleshooting = 用於找出並解決通話問題。
+purpose-service_operation = 用於運作及維護通話服務。
+purpose-usage_reporting = 用於報告通話服務的使用量。
+purpose-reconciliation = 用於核對平台與電信公司的通話記錄是否一致，例如供計費之用。
+legal_basis-contract = 此處理為履行契約所必要（GDPR 第 6 條第 1 項第 b 款）。
+legal_basis-legal_obligation = 此處理為遵守法定義務所必要（GDPR 第 6 條第 1 項第 c 款）。
+legal_basis-legitimate_interest = 此處理為追求正當利益所必要，且該利益須與您的權利及利益相互權衡（GDPR 第 6 條第 1 項第 f 款）。
+legal_basis-consent = 您已同意此處理。您可隨時撤回同意，撤回前已進行的處理不受影響（GDPR 第 6 條第 1 項第 a 款）。
+direction-platform_to_carrier = 由平台傳送給您的電信公司。
+direction-carrier_to_platform = 由您的電信公司傳送給平台。
+source-platform = 資料來自平台（即通話服務）。
+source-carrier = 資料來自電信公司 { $carrier }。
+recipient-platform = 接收者為平台。
+recipient-carrier = 接收者為電信公司 { $carrier }。
+retention-until = 此記錄將保存至 { $date }，之後即予刪除；但如因法律上的保存要求（legal hold）須延長保存者，不在此限。
+right-access = 存取權（GDPR 第 15 條）：確認與您有關的資料是否受到處理，並取得其副本。
+right-rectification = 更正權（GDPR 第 16 條）：要求更正與您有關的不正確資料。
+right-erasure = 刪除權（GDPR 第 17 條）：在法律允許的情況下，要求刪除您的資料。
+right-restriction = 限制處理權（GDPR 第 18 條）：在特定情況下，要求限制對您資料的使用。
+right-portability = 資料可攜權（GDPR 第 20 條）：以結構化、機器可讀的格式取得您的資料。
+right-objection = 反對權（GDPR 第 21 條）：對基於正當利益所進行的處理表示反對。
+right-withdraw-consent = 撤回同意權：若處理係基於您的同意，您可隨時撤回同意。
+right-complaint = 申訴權：您可向資料保護監管機關提出申訴。
+automated-decision-making = 我們不會以自動化方式（包括剖析）對您作出具有法律效果或類似重大影響的決定（GDPR 第 22 條）。
+erased-identifier = （已刪除）

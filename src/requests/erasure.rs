@@ -1,0 +1,199 @@
+//! Erasure: a subject's records in one carrier's scope lose that subject's
+//! identifiers (records with no other subject go entirely), and the
+//! subject's key in that scope is destroyed, so copies of the ciphertext in
+//! old backups cannot be opened either. What a legal hold protects stays,
+//! is reported, and is erased when the hold is released.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use chrono::Utc;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::audit::{self, Event};
+use crate::auth::{Principal, Role};
+use crate::error::Result;
+use crate::storage::requests::{self as store, RequestRow};
+use crate::storage::{erasure as erase, micros};
+
+/// Records handled per transaction.
+const BATCH: i64 = 1000;
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    deleted: BTreeMap<String, i64>,
+    keys_destroyed: i64,
+}
+
+fn system() -> Principal {
+    Principal {
+        sub: "system".into(),
+        role: Role::Admin,
+        carrier: None,
+    }
+}
+
+/// Erases what it can now, in batches; completes the request with a
+/// signed receipt.
+pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
+    let mut progress: Progress = r
+        .progress
+        .as_deref()
+        .and_then(|p| serde_json::from_str(p).ok())
+        .unwrap_or_default();
+    erase_batches(state, r.id, &r.carrier_id, &r.subject_index, &mut progress).await?;
+
+    let mut tx = state.db.begin().await?;
+    let held = erase::held_records(&mut tx, &r.carrier_id, &r.subject_index).await?;
+    let keys_destroyed = erase::forget_subject(&mut tx, &r.carrier_id, &r.subject_index).await?;
+    for k in &keys_destroyed {
+        state.keys.forget(*k);
+    }
+    progress.keys_destroyed += keys_destroyed.len() as i64;
+    let mut held_counts: BTreeMap<String, i64> = BTreeMap::new();
+    let mut hold_ids: Vec<Uuid> = Vec::new();
+    for (_, category, hold) in &held {
+        *held_counts.entry(category.clone()).or_default() += 1;
+        hold_ids.push(*hold);
+    }
+    hold_ids.sort();
+    hold_ids.dedup();
+    let held_records = held
+        .iter()
+        .map(|(id, ..)| *id)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    if held_records > 0 {
+        store::add_pending_erasure(&mut tx, r.id, &r.carrier_id, &r.subject_index).await?;
+    }
+
+    let target = json!({
+        "request_id": r.id, "carrier_id": r.carrier_id, "subject_index": hex::encode(&r.subject_index),
+        "deleted": progress.deleted, "held": held_counts, "hold_ids": hold_ids, "keys_destroyed": progress.keys_destroyed,
+    });
+    let appended = audit::append(
+        &mut tx,
+        Some(&system()),
+        &Event::new("subject_request.erasure_completed", target),
+    )
+    .await?;
+    let mut receipt = json!({
+        "request_id": r.id,
+        "carrier_id": r.carrier_id,
+        "completed_at": Utc::now(),
+        "deleted": progress.deleted,
+        "held": held_counts,
+        "hold_ids": hold_ids,
+        "keys_destroyed": progress.keys_destroyed,
+        "audit_seq": appended.seq,
+        "audit_hash": hex::encode(appended.hash),
+    });
+    let (key_id, signature) = state.keys.sign(&receipt_digest(&receipt));
+    receipt["key_id"] = json!(key_id);
+    receipt["signature"] =
+        json!(base64::engine::general_purpose::STANDARD.encode(signature.to_bytes()));
+    // The identifier is not kept past an erasure: only its blind index.
+    store::complete(
+        &mut tx,
+        r.id,
+        micros(Utc::now()),
+        Some(&receipt.to_string()),
+        false,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// SHA-256 of the receipt without `key_id` and `signature`, serialized
+/// compactly with keys in sorted order: the bytes its signature covers.
+pub fn receipt_digest(receipt: &Value) -> [u8; 32] {
+    let mut unsigned = receipt.clone();
+    if let Value::Object(m) = &mut unsigned {
+        m.remove("signature");
+        m.remove("key_id");
+    }
+    // serde_json maps are ordered by key: this is the canonical form.
+    Sha256::digest(serde_json::to_vec(&unsigned).expect("JSON")).into()
+}
+
+async fn erase_batches(
+    state: &AppState,
+    request: Uuid,
+    carrier: &str,
+    index: &[u8],
+    progress: &mut Progress,
+) -> Result<()> {
+    loop {
+        let mut tx = state.db.begin().await?;
+        let records = erase::unheld_records(&mut tx, carrier, index, BATCH).await?;
+        if records.is_empty() {
+            tx.commit().await?;
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = records.iter().map(|(id, _)| *id).collect();
+        let removed = erase::remove_subject(&mut tx, &ids, index).await?;
+        let mut batch: BTreeMap<String, i64> = BTreeMap::new();
+        for (_, category) in &records {
+            *batch.entry(category.clone()).or_default() += 1;
+            *progress.deleted.entry(category.clone()).or_default() += 1;
+        }
+        store::set_progress(
+            &mut tx,
+            request,
+            &serde_json::to_string(progress).expect("JSON"),
+        )
+        .await?;
+        store::renew_claim(&mut tx, request, micros(Utc::now())).await?;
+        let target = json!({"request_id": request, "transfer_ids": ids, "records_deleted": removed, "by_category": batch});
+        audit::append(
+            &mut tx,
+            Some(&system()),
+            &Event::new("subject_request.erasure_batch", target),
+        )
+        .await?;
+        tx.commit().await?;
+    }
+}
+
+/// Erasures that holds kept from finishing: finish them for the records no
+/// longer held, and note them done when nothing is held any more.
+pub async fn redo_pending(state: &AppState) -> Result<()> {
+    for (request, carrier, index) in store::pending_erasures(&state.db).await? {
+        let Some(r) = store::get(&state.db, request, None).await? else {
+            continue;
+        };
+        let mut progress: Progress = r
+            .progress
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok())
+            .unwrap_or_default();
+        let before = progress.deleted.values().sum::<i64>();
+        erase_batches(state, request, &carrier, &index, &mut progress).await?;
+        let mut tx = state.db.begin().await?;
+        let still_held = erase::held_records(&mut tx, &carrier, &index).await?;
+        let mut destroyed = Vec::new();
+        if still_held.is_empty() {
+            destroyed = erase::forget_subject(&mut tx, &carrier, &index).await?;
+            store::remove_pending_erasure(&mut tx, request).await?;
+        }
+        let after = progress.deleted.values().sum::<i64>();
+        if after > before || !destroyed.is_empty() {
+            let target = json!({"request_id": request, "records": after - before, "keys_destroyed": destroyed.len(), "finished": still_held.is_empty()});
+            audit::append(
+                &mut tx,
+                Some(&system()),
+                &Event::new("subject_request.erasure_released", target),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        for k in destroyed {
+            state.keys.forget(k);
+        }
+    }
+    Ok(())
+}

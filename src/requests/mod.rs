@@ -1,0 +1,354 @@
+//! Data-subject requests: access (GDPR Art. 15/20) and erasure (Art. 17).
+//!
+//! A request is recorded and answered `202`; a background processor
+//! (notified at once, and polling for requests a dead process left behind)
+//! prepares the signed export or performs the erasure. Work is resumable:
+//! a half-written export is discarded and rebuilt; erasure proceeds in
+//! batches that each commit whole.
+
+pub mod erasure;
+pub mod export;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Months, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::audit::{self, Event, Outcome};
+use crate::auth::Principal;
+use crate::domain::consent::parse_subject;
+use crate::domain::fields::{Errors, Obj};
+use crate::domain::{CarrierId, SubjectId};
+use crate::error::{AppError, Result};
+use crate::storage::requests::{self as store, RequestRow};
+use crate::storage::{from_micros, micros};
+
+/// A processor that has not renewed its claim for this long is presumed dead.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RequestView {
+    pub id: Uuid,
+    pub kind: String,
+    pub carrier_id: String,
+    pub status: String,
+    pub language: String,
+    pub received_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub overdue: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extended_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extension_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<DateTime<Utc>>,
+    /// The signed erasure receipt, once an erasure is completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub receipt: Option<Value>,
+}
+
+impl From<RequestRow> for RequestView {
+    fn from(r: RequestRow) -> Self {
+        let due = from_micros(r.due_at);
+        Self {
+            overdue: r.status != "completed" && Utc::now() > due,
+            id: r.id,
+            kind: r.kind,
+            carrier_id: r.carrier_id,
+            status: r.status,
+            language: r.language,
+            received_at: from_micros(r.received_at),
+            due_at: due,
+            extended_at: r.extended_at.map(from_micros),
+            extension_reason: r.extension_reason,
+            completed_at: r.completed_at.map(from_micros),
+            receipt: r.receipt.and_then(|s| serde_json::from_str(&s).ok()),
+        }
+    }
+}
+
+fn subject_aad(id: Uuid) -> String {
+    format!("tl/request-subject/{id}")
+}
+
+/// Records a request and wakes the processor.
+pub async fn create(
+    state: &AppState,
+    who: &Principal,
+    body: &Value,
+    accept_language: Option<&str>,
+) -> Result<RequestView> {
+    state.authorize_any(who, &["subject_requests"], "write")?;
+    let mut errs = Errors::default();
+    let parsed = Obj::new(body, "", &mut errs).map(|o| {
+        o.deny_unknown(&["kind", "carrier_id", "subject", "language"], &mut errs);
+        let kind = o.str("kind", true, &mut errs).and_then(|k| match k {
+            "access" | "erasure" => Some(k.to_string()),
+            _ => {
+                errs.add("kind", "must be one of: access, erasure");
+                None
+            }
+        });
+        let carrier = o.str("carrier_id", true, &mut errs).and_then(|s| {
+            CarrierId::parse(s)
+                .map_err(|e| errs.add("carrier_id", e))
+                .ok()
+        });
+        let subject = parse_subject(&o, "subject", &mut errs);
+        let language = o.str("language", false, &mut errs).and_then(|l| {
+            let ok = !l.is_empty()
+                && l.len() <= 35
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok {
+                errs.add("language", "must be a language tag such as en, fr or pt-BR");
+            }
+            ok.then(|| l.to_string())
+        });
+        (kind, carrier, subject, language)
+    });
+    let Some((Some(kind), Some(carrier), Some(subject), language)) =
+        parsed.filter(|_| errs.is_empty())
+    else {
+        return Err(AppError::Validation(errs.0));
+    };
+    state.authorize_for(who, &carrier, "subject_requests", "write")?;
+    let language =
+        crate::i18n::negotiate(language.as_deref().or(accept_language).unwrap_or("en")).to_string();
+
+    let now = Utc::now();
+    let id = Uuid::now_v7();
+    let (master, sealed) = state.keys.seal_with_master(
+        &subject_aad(id),
+        subject_json(&subject).to_string().as_bytes(),
+    );
+    let row = RequestRow {
+        id,
+        kind,
+        carrier_id: carrier.to_string(),
+        subject_index: state.keys.blind().of(&subject),
+        subject_sealed: Some(sealed),
+        subject_master: Some(master),
+        language,
+        status: "received".into(),
+        received_at: micros(now),
+        // GDPR Art. 12(3): one month after receipt.
+        due_at: micros(now.checked_add_months(Months::new(1)).expect("in range")),
+        extended_at: None,
+        extension_reason: None,
+        completed_at: None,
+        requested_by: who.sub.clone(),
+        claimed_at: None,
+        progress: None,
+        receipt: None,
+    };
+    let mut tx = state.db.begin().await?;
+    store::insert(&mut tx, &row).await?;
+    let target = json!({"request_id": id, "kind": row.kind, "carrier_id": row.carrier_id, "subject_index": hex::encode(&row.subject_index)});
+    audit::append(
+        &mut tx,
+        Some(who),
+        &Event::new("subject_request.create", target),
+    )
+    .await?;
+    tx.commit().await?;
+    state.requests_ready.notify_one();
+    Ok(row.into())
+}
+
+pub fn subject_json(s: &SubjectId) -> Value {
+    match s {
+        SubjectId::Phone(p) => json!({"phone_number": p.as_str()}),
+        SubjectId::Sip(u) => json!({"sip_uri": u.as_str()}),
+    }
+}
+
+/// The request's subject, while the request still keeps it.
+pub fn open_subject(state: &AppState, r: &RequestRow) -> Result<Option<SubjectId>> {
+    let (Some(sealed), Some(master)) = (&r.subject_sealed, r.subject_master) else {
+        return Ok(None);
+    };
+    let pt = state
+        .keys
+        .open_with_master(master, &subject_aad(r.id), sealed)
+        .map_err(|e| AppError::Integrity(format!("request {} subject: {e}", r.id)))?;
+    let v: Value = serde_json::from_slice(&pt)
+        .map_err(|_| AppError::Integrity("request subject is not JSON".into()))?;
+    let s = v
+        .get("phone_number")
+        .or_else(|| v.get("sip_uri"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    SubjectId::parse(s)
+        .map(Some)
+        .map_err(|_| AppError::Integrity("request subject does not parse".into()))
+}
+
+async fn find(state: &AppState, who: &Principal, id: &str) -> Result<RequestRow> {
+    let not_found = || AppError::NotFound(format!("no subject request {id:?}"));
+    let id = Uuid::parse_str(id).map_err(|_| not_found())?;
+    store::get(&state.db, id, who.scope())
+        .await?
+        .ok_or_else(not_found)
+}
+
+pub async fn get(state: &AppState, who: &Principal, id: &str) -> Result<RequestView> {
+    state.authorize(who, "subject_requests", "read")?;
+    let row = find(state, who, id).await?;
+    audit::record(
+        state,
+        Some(who),
+        Event::new("subject_request.read", json!({"request_id": row.id})),
+    )
+    .await?;
+    Ok(row.into())
+}
+
+pub async fn list(state: &AppState, who: &Principal, limit: i64) -> Result<Vec<RequestView>> {
+    state.authorize(who, "subject_requests", "read")?;
+    let rows = store::list(&state.db, who.scope(), limit).await?;
+    audit::record(
+        state,
+        Some(who),
+        Event::new("subject_request.list", json!({"returned": rows.len()})),
+    )
+    .await?;
+    Ok(rows.into_iter().map(RequestView::from).collect())
+}
+
+/// Extends the deadline once, by two further months (Art. 12(3)).
+pub async fn extend(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+    body: &Value,
+) -> Result<RequestView> {
+    state.authorize_any(who, &["subject_requests"], "write")?;
+    let mut errs = Errors::default();
+    let reason = Obj::new(body, "", &mut errs).and_then(|o| {
+        o.deny_unknown(&["reason"], &mut errs);
+        o.text("reason", 1000, true, &mut errs)
+    });
+    let Some(reason) = reason.filter(|_| errs.is_empty()) else {
+        return Err(AppError::Validation(errs.0));
+    };
+    let row = find(state, who, id).await?;
+    if row.extended_at.is_some() {
+        return Err(AppError::Conflict(format!(
+            "subject request {} was already extended once",
+            row.id
+        )));
+    }
+    let due = from_micros(row.due_at)
+        .checked_add_months(Months::new(2))
+        .expect("in range");
+    let mut tx = state.db.begin().await?;
+    if !store::extend(&mut tx, row.id, micros(due), micros(Utc::now()), &reason).await? {
+        return Err(AppError::Conflict(format!(
+            "subject request {} was already extended once",
+            row.id
+        )));
+    }
+    audit::append(
+        &mut tx,
+        Some(who),
+        &Event::new(
+            "subject_request.extend",
+            json!({"request_id": row.id, "due_at": due}),
+        )
+        .reason(Some(&reason)),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(store::get(&state.db, row.id, None)
+        .await?
+        .expect("just updated")
+        .into())
+}
+
+/// Processes one request if it can be claimed.
+pub async fn process(state: &AppState, id: Uuid) -> Result<()> {
+    let now = micros(Utc::now());
+    if !store::claim(&state.db, id, now, now - CLAIM_TIMEOUT.as_micros() as i64).await? {
+        return Ok(());
+    }
+    let row = store::get(&state.db, id, None)
+        .await?
+        .ok_or_else(|| AppError::NotFound("request vanished".into()))?;
+    match row.kind.as_str() {
+        "access" => export::prepare(state, &row).await,
+        _ => erasure::perform(state, &row).await,
+    }
+}
+
+/// The background processor: wakes on new requests, polls for abandoned
+/// ones, expires old exports, and redoes erasures whose holds were released.
+pub async fn run_worker(state: AppState, stop: Arc<tokio::sync::Notify>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.requests_ready.notified() => {}
+            _ = tick.tick() => {}
+            _ = stop.notified() => return,
+        }
+        if let Err(e) = housekeeping(&state).await {
+            tracing::error!(error = %e, "subject-request housekeeping failed");
+        }
+        let now = micros(Utc::now());
+        let pending = match store::pending(&state.db, now - CLAIM_TIMEOUT.as_micros() as i64).await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list pending subject requests");
+                continue;
+            }
+        };
+        for id in pending {
+            if let Err(e) = process(&state, id).await {
+                tracing::error!(request = %id, error = %e, "subject request failed; it will be retried");
+            }
+        }
+    }
+}
+
+async fn housekeeping(state: &AppState) -> Result<()> {
+    let mut tx = state.db.begin().await?;
+    let expired = store::expire_exports(&mut tx, micros(Utc::now())).await?;
+    if !expired.is_empty() {
+        let system = Principal {
+            sub: "system".into(),
+            role: crate::auth::Role::Admin,
+            carrier: None,
+        };
+        audit::append(
+            &mut tx,
+            Some(&system),
+            &Event::new("subject_export.expire", json!({"request_ids": expired})),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    erasure::redo_pending(state).await
+}
+
+/// Records a read that found nothing (for the audit trail's sake).
+pub async fn audit_not_found(
+    state: &AppState,
+    who: &Principal,
+    action: &'static str,
+    id: &str,
+) -> Result<()> {
+    audit::record(
+        state,
+        Some(who),
+        Event::new(action, json!({"request_id": id})).outcome(Outcome::NotFound),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! Removing one data subject from the records of one carrier.
+
+use sqlx::QueryBuilder;
+use uuid::Uuid;
+
+use super::retention::{shred_unused_keys, HELD};
+use super::{on_tx, Tx, MAX_BINDS};
+
+/// Records of the subject in the carrier's scope that no active hold
+/// protects, with their category.
+pub async fn unheld_records(
+    tx: &mut Tx,
+    carrier: &str,
+    index: &[u8],
+    limit: i64,
+) -> sqlx::Result<Vec<(Uuid, String)>> {
+    on_tx!(tx, c => {
+        sqlx::query_as(&format!(
+            "SELECT t.id, t.category FROM subject_lookup l JOIN transfers t ON t.id = l.transfer_id
+             WHERE l.blind_index = $1 AND t.carrier_id = $2 AND NOT {HELD} LIMIT $3"
+        ))
+        .bind(index)
+        .bind(carrier)
+        .bind(limit)
+        .fetch_all(c)
+        .await
+    })
+}
+
+/// Held records of the subject: (record, category, hold).
+pub async fn held_records(
+    tx: &mut Tx,
+    carrier: &str,
+    index: &[u8],
+) -> sqlx::Result<Vec<(Uuid, String, Uuid)>> {
+    on_tx!(tx, c => {
+        sqlx::query_as(
+            "SELECT t.id, t.category, h.id FROM subject_lookup l JOIN transfers t ON t.id = l.transfer_id
+             JOIN holds h ON h.released_at IS NULL
+               AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
+               AND (h.category IS NULL OR h.category = t.category)
+               AND (h.subject_index IS NULL OR EXISTS (
+                    SELECT 1 FROM subject_lookup hl WHERE hl.transfer_id = t.id AND hl.blind_index = h.subject_index))
+             WHERE l.blind_index = $1 AND t.carrier_id = $2",
+        )
+        .bind(index)
+        .bind(carrier)
+        .fetch_all(c)
+        .await
+    })
+}
+
+/// Removes the subject's slots and lookup rows from these records, and the
+/// records left with no subject at all. Returns how many records went.
+pub async fn remove_subject(tx: &mut Tx, ids: &[Uuid], index: &[u8]) -> sqlx::Result<u64> {
+    let mut deleted = 0;
+    for chunk in ids.chunks(MAX_BINDS / 2) {
+        deleted += on_tx!(tx, c, DB => {
+            let in_list = |qb: &mut QueryBuilder<'_, DB>| {
+                let mut sep = qb.separated(", ");
+                for id in chunk {
+                    sep.push_bind(*id);
+                }
+            };
+            // The subject's own slots; a number assignment has one slot, the
+            // subject's, whichever of its identifiers found it.
+            let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfer_slots WHERE transfer_id IN (");
+            in_list(&mut qb);
+            qb.push(") AND (subject_key_id IN (SELECT k.id FROM subject_keys k WHERE k.blind_index = ");
+            qb.push_bind(index);
+            qb.push(") OR EXISTS (SELECT 1 FROM transfers t WHERE t.id = transfer_slots.transfer_id AND t.category = 'number_assignment'))");
+            qb.build().execute(&mut *c).await?;
+
+            let mut qb = QueryBuilder::<DB>::new("DELETE FROM subject_lookup WHERE blind_index = ");
+            qb.push_bind(index);
+            qb.push(" AND transfer_id IN (");
+            in_list(&mut qb);
+            qb.push(")");
+            qb.build().execute(&mut *c).await?;
+
+            let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfers WHERE id IN (");
+            in_list(&mut qb);
+            qb.push(") AND NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.transfer_id = transfers.id)");
+            qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
+        })?;
+    }
+    Ok(deleted)
+}
+
+/// Clears the subject from the carrier's consents and destroys the
+/// subject's key there unless a held record still needs it. Returns the
+/// keys destroyed.
+pub async fn forget_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<Vec<Uuid>> {
+    let keys: Vec<Uuid> = on_tx!(tx, c => {
+        sqlx::query(
+            "UPDATE consents SET subject_index = NULL, subject_sealed = NULL, subject_key_id = NULL
+             WHERE carrier_id = $1 AND subject_index = $2",
+        )
+        .bind(carrier)
+        .bind(index)
+        .execute(&mut *c)
+        .await?;
+        sqlx::query_scalar("SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index = $2")
+            .bind(carrier)
+            .bind(index)
+            .fetch_all(&mut *c)
+            .await
+    })?;
+    shred_unused_keys(tx, &keys).await
+}

@@ -1,0 +1,312 @@
+//! Data-subject requests and their prepared exports.
+
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use super::{on_db, on_tx, Db, Tx};
+
+#[derive(Debug, Clone, FromRow)]
+pub struct RequestRow {
+    pub id: Uuid,
+    pub kind: String,
+    pub carrier_id: String,
+    pub subject_index: Vec<u8>,
+    pub subject_sealed: Option<Vec<u8>>,
+    pub subject_master: Option<i64>,
+    pub language: String,
+    pub status: String,
+    pub received_at: i64,
+    pub due_at: i64,
+    pub extended_at: Option<i64>,
+    pub extension_reason: Option<String>,
+    pub completed_at: Option<i64>,
+    pub requested_by: String,
+    pub claimed_at: Option<i64>,
+    pub progress: Option<String>,
+    pub receipt: Option<String>,
+}
+
+const COLUMNS: &str = "id, kind, carrier_id, subject_index, subject_sealed, subject_master, language, status, \
+     received_at, due_at, extended_at, extension_reason, completed_at, requested_by, claimed_at, progress, receipt";
+
+pub async fn insert(tx: &mut Tx, r: &RequestRow) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query(&format!(
+            "INSERT INTO subject_requests ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+        ))
+        .bind(r.id)
+        .bind(&r.kind)
+        .bind(&r.carrier_id)
+        .bind(&r.subject_index)
+        .bind(&r.subject_sealed)
+        .bind(r.subject_master)
+        .bind(&r.language)
+        .bind(&r.status)
+        .bind(r.received_at)
+        .bind(r.due_at)
+        .bind(r.extended_at)
+        .bind(&r.extension_reason)
+        .bind(r.completed_at)
+        .bind(&r.requested_by)
+        .bind(r.claimed_at)
+        .bind(&r.progress)
+        .bind(&r.receipt)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn get(db: &Db, id: Uuid, scope: Option<&str>) -> sqlx::Result<Option<RequestRow>> {
+    on_db!(db, c => {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM subject_requests WHERE id = $1 AND ($2 IS NULL OR carrier_id = $2)"
+        ))
+        .bind(id)
+        .bind(scope)
+        .fetch_optional(c)
+        .await
+    })
+}
+
+pub async fn list(db: &Db, scope: Option<&str>, limit: i64) -> sqlx::Result<Vec<RequestRow>> {
+    on_db!(db, c => {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM subject_requests WHERE ($1 IS NULL OR carrier_id = $1)
+             ORDER BY received_at DESC, id DESC LIMIT $2"
+        ))
+        .bind(scope)
+        .bind(limit)
+        .fetch_all(c)
+        .await
+    })
+}
+
+/// Claims a request for processing: one that is new, or whose processor
+/// stopped (its claim is older than `stale_before`).
+pub async fn claim(db: &Db, id: Uuid, now: i64, stale_before: i64) -> sqlx::Result<bool> {
+    let mut tx = db.begin().await?;
+    let n = on_tx!(&mut tx, c => {
+        sqlx::query(
+            "UPDATE subject_requests SET status = 'processing', claimed_at = $1
+             WHERE id = $2 AND (status = 'received' OR (status = 'processing' AND claimed_at < $3))",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(stale_before)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    tx.commit().await?;
+    Ok(n == 1)
+}
+
+/// Requests waiting for processing, or abandoned by a processor that died.
+pub async fn pending(db: &Db, stale_before: i64) -> sqlx::Result<Vec<Uuid>> {
+    on_db!(db, c => {
+        sqlx::query_scalar(
+            "SELECT id FROM subject_requests WHERE status = 'received' OR (status = 'processing' AND claimed_at < $1)
+             ORDER BY received_at LIMIT 100",
+        )
+        .bind(stale_before)
+        .fetch_all(c)
+        .await
+    })
+}
+
+pub async fn renew_claim(tx: &mut Tx, id: Uuid, now: i64) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query("UPDATE subject_requests SET claimed_at = $1 WHERE id = $2").bind(now).bind(id).execute(c).await.map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn set_progress(tx: &mut Tx, id: Uuid, progress: &str) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query("UPDATE subject_requests SET progress = $1 WHERE id = $2").bind(progress).bind(id).execute(c).await.map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn complete(
+    tx: &mut Tx,
+    id: Uuid,
+    now: i64,
+    receipt: Option<&str>,
+    keep_subject: bool,
+) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query(
+            "UPDATE subject_requests SET status = 'completed', completed_at = $1, receipt = $2,
+               subject_sealed = CASE WHEN $3 THEN subject_sealed ELSE NULL END,
+               subject_master = CASE WHEN $3 THEN subject_master ELSE NULL END
+             WHERE id = $4",
+        )
+        .bind(now)
+        .bind(receipt)
+        .bind(keep_subject)
+        .bind(id)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn extend(
+    tx: &mut Tx,
+    id: Uuid,
+    due_at: i64,
+    now: i64,
+    reason: &str,
+) -> sqlx::Result<bool> {
+    let n = on_tx!(tx, c => {
+        sqlx::query(
+            "UPDATE subject_requests SET due_at = $1, extended_at = $2, extension_reason = $3
+             WHERE id = $4 AND extended_at IS NULL",
+        )
+        .bind(due_at)
+        .bind(now)
+        .bind(reason)
+        .bind(id)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(n == 1)
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct ExportRow {
+    pub request_id: Uuid,
+    pub master: i64,
+    pub wrapped_key: Vec<u8>,
+    pub chunks: i64,
+    pub size: i64,
+    pub records: i64,
+    pub sha256: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub key_id: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+const EXPORT_COLUMNS: &str =
+    "request_id, master, wrapped_key, chunks, size, records, sha256, signature, key_id, created_at, expires_at";
+
+/// Removes a half-written export of a request (a processor died mid-way).
+pub async fn discard_export(tx: &mut Tx, id: Uuid) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query("DELETE FROM subject_export_chunks WHERE request_id = $1").bind(id).execute(&mut *c).await?;
+        sqlx::query("DELETE FROM subject_exports WHERE request_id = $1").bind(id).execute(&mut *c).await.map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn insert_chunk(tx: &mut Tx, id: Uuid, seq: i64, sealed: &[u8]) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query("INSERT INTO subject_export_chunks (request_id, seq, sealed) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(seq)
+            .bind(sealed)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn insert_export(tx: &mut Tx, e: &ExportRow) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query(&format!("INSERT INTO subject_exports ({EXPORT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"))
+            .bind(e.request_id)
+            .bind(e.master)
+            .bind(&e.wrapped_key)
+            .bind(e.chunks)
+            .bind(e.size)
+            .bind(e.records)
+            .bind(&e.sha256)
+            .bind(&e.signature)
+            .bind(&e.key_id)
+            .bind(e.created_at)
+            .bind(e.expires_at)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn export(db: &Db, id: Uuid) -> sqlx::Result<Option<ExportRow>> {
+    on_db!(db, c => {
+        sqlx::query_as(&format!("SELECT {EXPORT_COLUMNS} FROM subject_exports WHERE request_id = $1"))
+            .bind(id)
+            .fetch_optional(c)
+            .await
+    })
+}
+
+pub async fn chunk(db: &Db, id: Uuid, seq: i64) -> sqlx::Result<Option<Vec<u8>>> {
+    on_db!(db, c => {
+        sqlx::query_scalar("SELECT sealed FROM subject_export_chunks WHERE request_id = $1 AND seq = $2")
+            .bind(id)
+            .bind(seq)
+            .fetch_optional(c)
+            .await
+    })
+}
+
+/// Deletes exports past their expiry, and the identifiers their requests
+/// kept for them. Returns the request ids.
+pub async fn expire_exports(tx: &mut Tx, now: i64) -> sqlx::Result<Vec<Uuid>> {
+    let ids: Vec<Uuid> = on_tx!(tx, c => {
+        sqlx::query_scalar("SELECT request_id FROM subject_exports WHERE expires_at < $1").bind(now).fetch_all(c).await
+    })?;
+    for id in &ids {
+        discard_export(tx, *id).await?;
+        on_tx!(tx, c => {
+            sqlx::query("UPDATE subject_requests SET subject_sealed = NULL, subject_master = NULL WHERE id = $1")
+                .bind(*id)
+                .execute(c)
+                .await
+                .map(|r| r.rows_affected())
+        })?;
+    }
+    Ok(ids)
+}
+
+pub async fn add_pending_erasure(
+    tx: &mut Tx,
+    id: Uuid,
+    carrier: &str,
+    subject_index: &[u8],
+) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query(
+            "INSERT INTO erasures_pending (request_id, carrier_id, subject_index) VALUES ($1, $2, $3)
+             ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(carrier)
+        .bind(subject_index)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn remove_pending_erasure(tx: &mut Tx, id: Uuid) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query("DELETE FROM erasures_pending WHERE request_id = $1").bind(id).execute(c).await.map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+pub async fn pending_erasures(db: &Db) -> sqlx::Result<Vec<(Uuid, String, Vec<u8>)>> {
+    on_db!(db, c => {
+        sqlx::query_as("SELECT request_id, carrier_id, subject_index FROM erasures_pending").fetch_all(c).await
+    })
+}

@@ -1,0 +1,623 @@
+//! Data-subject access exports and erasure.
+
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{json, Value};
+use sha2::Digest;
+use transfer_ledger::auth::Role;
+
+use crate::both;
+use crate::helpers::*;
+
+const X: &str = "+14255550100";
+
+impl TestApp {
+    async fn request(
+        &self,
+        token: &str,
+        kind: &str,
+        carrier: &str,
+        subject: Value,
+        language: Option<&str>,
+    ) -> Value {
+        let mut body = json!({"kind": kind, "carrier_id": carrier, "subject": subject});
+        if let Some(l) = language {
+            body["language"] = json!(l);
+        }
+        let r = self
+            .post("/v1/subject-requests", token, &body)
+            .await
+            .expect(202);
+        assert_eq!(r.body["status"], "received");
+        r.body
+    }
+
+    async fn completed(&self, token: &str, id: &str) -> Value {
+        for _ in 0..100 {
+            let r = self
+                .get(&format!("/v1/subject-requests/{id}"), token)
+                .await
+                .expect(200);
+            if r.body["status"] == "completed" {
+                return r.body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("request {id} did not complete");
+    }
+
+    async fn export(&self, token: &str, id: &str) -> (reqwest::header::HeaderMap, Vec<u8>) {
+        let r = self
+            .client
+            .get(format!("{}/v1/subject-requests/{id}/export", self.addr))
+            .bearer_auth(token)
+            .header("X-Access-Reason", "DSAR")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let headers = r.headers().clone();
+        (headers, r.bytes().await.unwrap().to_vec())
+    }
+
+    async fn signing_key(&self) -> ed25519_compact::PublicKey {
+        let k = self
+            .get("/v1/keys/export-signing", &self.officer())
+            .await
+            .expect(200)
+            .body;
+        assert_eq!(k["alg"], "Ed25519");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(k["public_key"].as_str().unwrap())
+            .unwrap();
+        ed25519_compact::PublicKey::from_slice(&raw).unwrap()
+    }
+}
+
+/// Verifies an export with an Ed25519 implementation independent of the service's.
+fn verify_export(
+    key: &ed25519_compact::PublicKey,
+    headers: &reqwest::header::HeaderMap,
+    body: &[u8],
+) -> Result<(), String> {
+    let digest = sha2::Sha256::digest(body);
+    if hex::encode(digest) != headers["x-export-sha256"].to_str().unwrap() {
+        return Err("digest header does not match the body".into());
+    }
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(headers["x-export-signature"].to_str().unwrap())
+        .unwrap();
+    let sig = ed25519_compact::Signature::from_slice(&sig).map_err(|e| e.to_string())?;
+    key.verify(digest, &sig).map_err(|e| e.to_string())
+}
+
+async fn seed(app: &TestApp) {
+    app.consent("oc-1", "carrier-a", "tenant-1", &["FR"]).await;
+    let p = app.platform();
+    app.post(
+        "/v1/transfers",
+        &p,
+        &assignment(
+            "carrier-a",
+            "oc-1",
+            "tenant-1",
+            X,
+            &format!("sip:{X}@sbc.example"),
+        ),
+    )
+    .await
+    .expect(201);
+    app.post(
+        "/v1/transfers",
+        &p,
+        &cdr("carrier-a", "c1", X, "+14255550101"),
+    )
+    .await
+    .expect(201);
+    app.post(
+        "/v1/transfers",
+        &p,
+        &cdr("carrier-a", "c2", "+14255550102", "+1 425 555 0100"),
+    )
+    .await
+    .expect(201);
+    app.post("/v1/transfers", &p, &cdr("carrier-a", "c3", X, X))
+        .await
+        .expect(201);
+    app.post(
+        "/v1/transfers",
+        &p,
+        &quality("carrier-a", "c1", X, "+14255550101"),
+    )
+    .await
+    .expect(201);
+    app.post(
+        "/v1/transfers",
+        &app.carrier("carrier-a"),
+        &duration("carrier-a", "c1", X, "+14255550101"),
+    )
+    .await
+    .expect(201);
+    // The same person's number at another carrier, and someone else's records.
+    app.post(
+        "/v1/transfers",
+        &p,
+        &cdr("carrier-b", "b1", X, "+14255550101"),
+    )
+    .await
+    .expect(201);
+    app.post(
+        "/v1/transfers",
+        &p,
+        &cdr("carrier-a", "c9", "+14255550101", "+14255550102"),
+    )
+    .await
+    .expect(201);
+}
+
+async fn access_exports_are_complete_localized_and_signed(app: TestApp) {
+    seed(&app).await;
+    let carrier = app.carrier("carrier-a");
+    let req = app
+        .request(
+            &carrier,
+            "access",
+            "carrier-a",
+            json!({"phone_number": "+1 (425) 555-0100"}),
+            Some("fr"),
+        )
+        .await;
+    // Due one calendar month after receipt.
+    let received =
+        chrono::DateTime::parse_from_rfc3339(req["received_at"].as_str().unwrap()).unwrap();
+    let due = chrono::DateTime::parse_from_rfc3339(req["due_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        due,
+        received.checked_add_months(chrono::Months::new(1)).unwrap()
+    );
+    let id = req["id"].as_str().unwrap();
+    app.completed(&carrier, id).await;
+
+    let (headers, body) = app.export(&carrier, id).await;
+    let key = app.signing_key().await;
+    verify_export(&key, &headers, &body).expect("the export verifies");
+    let mut tampered = body.clone();
+    let pos = tampered.len() / 2;
+    tampered[pos] ^= 0x20;
+    assert!(
+        verify_export(&key, &headers, &tampered).is_err(),
+        "a modified export is rejected"
+    );
+
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["subject"]["phone_number"], X);
+    assert_eq!(doc["language"], "fr");
+    assert_eq!(
+        doc["record_count"], 6,
+        "every carrier-a record of the subject, none of carrier-b"
+    );
+    let records = doc["records"].as_array().unwrap();
+    assert!(records.iter().all(|r| r["carrier_id"] == "carrier-a"));
+    for field in [
+        "category",
+        "purpose",
+        "legal_basis",
+        "direction",
+        "source",
+        "recipient",
+        "jurisdiction",
+        "occurred_at",
+        "retain_until",
+        "payload",
+    ] {
+        assert!(records.iter().all(|r| !r[field].is_null()), "{field}");
+    }
+    // The other party of a call is withheld; the subject's own data is there.
+    let c1 = records
+        .iter()
+        .find(|r| r["payload"]["call_id"] == "c1" && r["category"] == "call_detail_record")
+        .unwrap();
+    assert_eq!(c1["payload"]["caller"], X);
+    assert_eq!(c1["payload"]["callee"], "(other party)");
+    let na = records
+        .iter()
+        .find(|r| r["category"] == "number_assignment")
+        .unwrap();
+    assert_eq!(na["payload"]["sip_uri"], format!("sip:{X}@sbc.example"));
+    // Rights, no automated decisions, explanations in French.
+    let rights: Vec<&str> = doc["rights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["right"].as_str().unwrap())
+        .collect();
+    for r in ["access", "rectification", "erasure", "complaint"] {
+        assert!(rights.contains(&r), "{r}");
+    }
+    assert_eq!(doc["automated_decision_making"]["exists"], false);
+    assert!(doc["explanations"]["purposes"]["troubleshooting"]
+        .as_str()
+        .unwrap()
+        .contains("appels"));
+    assert!(c1["recipient"].as_str().unwrap().contains("carrier-a"));
+
+    // Accept-Language is honoured when the body names no language; unknown ones fall back to English.
+    let r = app
+        .raw(app.client.post(format!("{}/v1/subject-requests", app.addr)).bearer_auth(&carrier).header("Accept-Language", "zh-TW,zh;q=0.9")
+            .json(&json!({"kind": "access", "carrier_id": "carrier-a", "subject": {"phone_number": X}})))
+        .await;
+    assert_eq!(r.body["language"], "zh-TW");
+    let de = app
+        .request(
+            &carrier,
+            "access",
+            "carrier-a",
+            json!({"phone_number": X}),
+            Some("de"),
+        )
+        .await;
+    assert_eq!(de["language"], "en");
+}
+both!(access_exports_are_complete_localized_and_signed);
+
+async fn a_subject_with_no_records_gets_an_empty_valid_export(app: TestApp) {
+    let officer = app.officer();
+    let req = app
+        .request(
+            &officer,
+            "access",
+            "carrier-a",
+            json!({"sip_uri": "sip:nobody@example.com"}),
+            None,
+        )
+        .await;
+    let id = req["id"].as_str().unwrap();
+    app.completed(&officer, id).await;
+    let (headers, body) = app.export(&officer, id).await;
+    verify_export(&app.signing_key().await, &headers, &body).unwrap();
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["record_count"], 0);
+    assert_eq!(doc["records"], json!([]));
+    assert_eq!(doc["subject"]["sip_uri"], "sip:nobody@example.com");
+    // Privacy officers say why they download.
+    let r = app
+        .get(&format!("/v1/subject-requests/{id}/export"), &officer)
+        .await
+        .expect(400);
+    assert!(r.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("X-Access-Reason"));
+}
+both!(a_subject_with_no_records_gets_an_empty_valid_export);
+
+async fn carriers_only_reach_their_own_requests(app: TestApp) {
+    let a = app.carrier("carrier-a");
+    let b = app.carrier("carrier-b");
+    let req = app
+        .request(&a, "access", "carrier-a", json!({"phone_number": X}), None)
+        .await;
+    let id = req["id"].as_str().unwrap();
+    app.get(&format!("/v1/subject-requests/{id}"), &b)
+        .await
+        .expect(404);
+    app.get(&format!("/v1/subject-requests/{id}/export"), &b)
+        .await
+        .expect(404);
+    app.post(
+        &format!("/v1/subject-requests/{id}/extend"),
+        &b,
+        &json!({"reason": "x"}),
+    )
+    .await
+    .expect(404);
+    app.post(
+        "/v1/subject-requests",
+        &b,
+        &json!({"kind": "erasure", "carrier_id": "carrier-a", "subject": {"phone_number": X}}),
+    )
+    .await
+    .expect(403);
+    let list = app.get("/v1/subject-requests", &b).await.expect(200);
+    assert_eq!(list.body, json!([]));
+    // Bad requests name every bad field.
+    let r = app.post("/v1/subject-requests", &a, &json!({"kind": "forget", "carrier_id": "carrier-a", "subject": {"phone_number": "12"}, "language": "??"})).await.expect(422);
+    let mut f = r.bad_fields();
+    f.sort();
+    assert_eq!(f, ["kind", "language", "subject.phone_number"]);
+}
+both!(carriers_only_reach_their_own_requests);
+
+async fn deadlines_extend_once_by_two_months(app: TestApp) {
+    let officer = app.officer();
+    let req = app
+        .request(
+            &officer,
+            "access",
+            "carrier-a",
+            json!({"phone_number": X}),
+            None,
+        )
+        .await;
+    let id = req["id"].as_str().unwrap();
+    let r = app
+        .post(
+            &format!("/v1/subject-requests/{id}/extend"),
+            &officer,
+            &json!({"reason": "complex request"}),
+        )
+        .await
+        .expect(200);
+    let due = chrono::DateTime::parse_from_rfc3339(req["due_at"].as_str().unwrap()).unwrap();
+    let extended =
+        chrono::DateTime::parse_from_rfc3339(r.body["due_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        extended,
+        due.checked_add_months(chrono::Months::new(2)).unwrap()
+    );
+    assert_eq!(r.body["extension_reason"], "complex request");
+    app.post(
+        &format!("/v1/subject-requests/{id}/extend"),
+        &officer,
+        &json!({"reason": "again"}),
+    )
+    .await
+    .expect(409);
+    app.post(
+        &format!("/v1/subject-requests/{id}/extend"),
+        &officer,
+        &json!({}),
+    )
+    .await
+    .expect(422);
+    let list = app.get("/v1/subject-requests", &officer).await.expect(200);
+    assert_eq!(list.body[0]["overdue"], false);
+}
+both!(deadlines_extend_once_by_two_months);
+
+async fn erasure_removes_the_subject_in_scope_and_keeps_what_is_held(app: TestApp) {
+    seed(&app).await;
+    let officer = app.officer();
+    let hold = app
+        .post(
+            "/v1/holds",
+            &officer,
+            &json!({"carrier_id": "carrier-a", "category": "call_quality", "reason": "dispute"}),
+        )
+        .await
+        .expect(201);
+    let hold_id = hold.body["id"].as_str().unwrap().to_string();
+
+    let carrier = app.carrier("carrier-a");
+    let req = app
+        .request(
+            &carrier,
+            "erasure",
+            "carrier-a",
+            json!({"phone_number": X}),
+            None,
+        )
+        .await;
+    let id = req["id"].as_str().unwrap();
+    let done = app.completed(&carrier, id).await;
+    let receipt = &done["receipt"];
+    assert_eq!(
+        receipt["deleted"],
+        json!({"call_detail_record": 3, "call_duration": 1, "number_assignment": 1})
+    );
+    assert_eq!(receipt["held"], json!({"call_quality": 1}));
+    assert_eq!(receipt["hold_ids"], json!([hold_id]));
+    assert_eq!(
+        receipt["keys_destroyed"], 0,
+        "the held record still needs the key"
+    );
+
+    // The receipt is signed (independent implementation) and anchored in the audit trail.
+    let mut unsigned = receipt.clone();
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(unsigned["signature"].as_str().unwrap())
+        .unwrap();
+    unsigned.as_object_mut().unwrap().remove("signature");
+    unsigned.as_object_mut().unwrap().remove("key_id");
+    let digest = sha2::Sha256::digest(serde_json::to_vec(&unsigned).unwrap());
+    app.signing_key()
+        .await
+        .verify(
+            digest,
+            &ed25519_compact::Signature::from_slice(&sig).unwrap(),
+        )
+        .expect("receipt verifies");
+    let auditor = app.token(Role::Auditor, None);
+    let entries = app
+        .get(
+            "/v1/audit?action=subject_request.erasure_completed",
+            &auditor,
+        )
+        .await
+        .expect(200);
+    let entry = &entries.body["items"][0];
+    assert_eq!(entry["seq"], receipt["audit_seq"]);
+    assert_eq!(entry["hash"], receipt["audit_hash"]);
+
+    // In carrier-a, no lookup or decrypt returns the subject any more, except the held record.
+    let found = app
+        .get(
+            &format!(
+                "/v1/transfers?subject={}&carrier_id=carrier-a",
+                "%2B14255550100"
+            ),
+            &officer,
+        )
+        .await
+        .expect(200);
+    let items = found.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["category"], "call_quality");
+    let all = app
+        .read(
+            "/v1/transfers?carrier_id=carrier-a&include=payload&limit=1000",
+            &officer,
+        )
+        .await
+        .expect(200);
+    let unheld: Vec<&Value> = all.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["category"] != "call_quality")
+        .collect();
+    assert!(!serde_json::to_string(&unheld)
+        .unwrap()
+        .contains("4255550100"));
+    // The other party's data stays: c1 keeps its callee, its caller is gone.
+    let c1 = unheld
+        .iter()
+        .find(|i| i["payload"]["call_id"] == "c1" && i["category"] == "call_detail_record")
+        .unwrap();
+    assert_eq!(c1["payload"]["caller"], Value::Null);
+    assert_eq!(c1["payload"]["callee"], "+14255550101");
+    // c3 (caller and callee both the subject) is gone entirely; so is the number assignment.
+    assert!(!unheld.iter().any(|i| i["payload"]["call_id"] == "c3"));
+    assert!(!unheld.iter().any(|i| i["category"] == "number_assignment"));
+    // Carrier-b's records of the same number are untouched.
+    let b = app
+        .read(
+            "/v1/transfers?carrier_id=carrier-b&include=payload",
+            &officer,
+        )
+        .await
+        .expect(200);
+    assert_eq!(b.body["items"][0]["payload"]["caller"], X);
+
+    // Released, the hold lets the erasure finish: the record and the key go.
+    let keys_before = app.count("subject_keys").await;
+    app.raw(
+        app.client
+            .delete(format!("{}/v1/holds/{hold_id}", app.addr))
+            .bearer_auth(&officer),
+    )
+    .await;
+    for _ in 0..100 {
+        if app
+            .get(
+                "/v1/transfers?subject=%2B14255550100&carrier_id=carrier-a",
+                &officer,
+            )
+            .await
+            .body["items"]
+            == json!([])
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.get(
+            "/v1/transfers?subject=%2B14255550100&carrier_id=carrier-a",
+            &officer
+        )
+        .await
+        .body["items"],
+        json!([])
+    );
+    for _ in 0..50 {
+        if app.count("subject_keys").await == keys_before - 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.count("subject_keys").await,
+        keys_before - 1,
+        "the subject's carrier-a key is destroyed"
+    );
+    // The export of the erased subject in scope is empty.
+    let req = app
+        .request(
+            &carrier,
+            "access",
+            "carrier-a",
+            json!({"phone_number": X}),
+            None,
+        )
+        .await;
+    let rid = req["id"].as_str().unwrap();
+    app.completed(&carrier, rid).await;
+    let (_, body) = app.export(&carrier, rid).await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["record_count"],
+        0
+    );
+    assert_eq!(
+        app.get("/v1/audit/verify", &auditor).await.body["valid"],
+        true
+    );
+}
+both!(erasure_removes_the_subject_in_scope_and_keeps_what_is_held);
+
+async fn a_request_abandoned_mid_way_is_finished_and_never_served_half_done(app: TestApp) {
+    seed(&app).await;
+    let carrier = app.carrier("carrier-a");
+    let req = app
+        .request(
+            &carrier,
+            "access",
+            "carrier-a",
+            json!({"phone_number": X}),
+            None,
+        )
+        .await;
+    let id = req["id"].as_str().unwrap();
+    app.completed(&carrier, id).await;
+    let (_, good) = app.export(&carrier, id).await;
+    // Pretend a processor died half way through rebuilding it: the request is
+    // back in processing under a stale claim, with a stray chunk.
+    let uuid = uuid::Uuid::parse_str(id).unwrap();
+    app.exec(
+        "UPDATE subject_requests SET status = 'processing', claimed_at = 0 WHERE id = $1",
+        None,
+        Some(uuid),
+    )
+    .await;
+    app.exec(
+        "DELETE FROM subject_export_chunks WHERE request_id = $1",
+        None,
+        Some(uuid),
+    )
+    .await;
+    app.exec(
+        "DELETE FROM subject_exports WHERE request_id = $1",
+        None,
+        Some(uuid),
+    )
+    .await;
+    app.exec(
+        "INSERT INTO subject_export_chunks (request_id, seq, sealed) VALUES ($2, 0, $1)",
+        Some(vec![1, 2, 3]),
+        Some(uuid),
+    )
+    .await;
+    let r = app
+        .get(&format!("/v1/subject-requests/{id}/export"), &carrier)
+        .await;
+    assert_eq!(r.status, 409, "not served while processing: {}", r.text);
+    // Any wake-up (here: a new request) makes the processor pick it up again.
+    app.request(
+        &carrier,
+        "access",
+        "carrier-a",
+        json!({"phone_number": "+14255550101"}),
+        None,
+    )
+    .await;
+    app.completed(&carrier, id).await;
+    let (headers, body) = app.export(&carrier, id).await;
+    verify_export(&app.signing_key().await, &headers, &body).unwrap();
+    let (a, b): (Value, Value) = (
+        serde_json::from_slice(&good).unwrap(),
+        serde_json::from_slice(&body).unwrap(),
+    );
+    assert_eq!(a["records"], b["records"]);
+}
+both!(a_request_abandoned_mid_way_is_finished_and_never_served_half_done);

@@ -59,6 +59,9 @@ pub struct BenchCommand {
     /// Concurrent requests.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// Records of the one subject whose access export is measured (at most --records).
+    #[arg(long, default_value_t = 200_000)]
+    pub export_records: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -163,6 +166,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 json: b.json.clone(),
                 batch: b.batch.clamp(1, 10_000),
                 concurrency: b.concurrency.max(1),
+                export_records: b.export_records,
             };
             let report = crate::bench::run(args).await?;
             print!("{}", crate::bench::table(&report, backend));

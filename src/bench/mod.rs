@@ -32,6 +32,8 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
     pub batch: usize,
     pub concurrency: usize,
+    /// Records of the one subject whose export is measured.
+    pub export_records: usize,
 }
 
 /// The JSON report; keys are part of the bench's contract. Figures of
@@ -403,7 +405,72 @@ async fn run_on(args: &BenchArgs, dbs: &Databases) -> anyhow::Result<Report> {
     service_db.close().await;
     let pages = timed_sorted(pages);
 
-    // 5. The retention sweep: about half the calls were kept one day.
+    // 5. Data-subject requests: 20 subjects with 10 records each for the
+    // access and erasure latencies, and one heavy subject for the export.
+    let fr = workload::CARRIERS
+        .iter()
+        .position(|(c, _)| *c == "carrier-fr")
+        .expect("carrier-fr");
+    let carrier_fr = &carrier_tokens[fr];
+    let mut small = Vec::new();
+    for i in 0..40 {
+        let number = workload::dedicated_number(i);
+        post_batches(
+            &client,
+            &server.url,
+            &platform,
+            workload::calls_of(fr, &number, 10, &work.subscribers, i as u64, now),
+            args.batch,
+        )
+        .await?;
+        small.push(number);
+    }
+    let mut access = Vec::new();
+    let mut erasure = Vec::new();
+    for (i, number) in small.iter().enumerate() {
+        let kind = if i < 20 { "access" } else { "erasure" };
+        let started = Instant::now();
+        request_until_done(&client, &server.url, carrier_fr, kind, number).await?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        if i < 20 {
+            access.push(ms)
+        } else {
+            erasure.push(ms)
+        }
+    }
+    let (access, erasure) = (timed_sorted(access), timed_sorted(erasure));
+
+    let heavy = workload::dedicated_number(999);
+    let export_records = args.export_records.min(args.records);
+    eprintln!("ingesting {export_records} records of one subject for the export");
+    post_batches(
+        &client,
+        &server.url,
+        &platform,
+        workload::calls_of(fr, &heavy, export_records, &work.subscribers, 999, now),
+        args.batch,
+    )
+    .await?;
+    // Forget the peak so far (ingest): measure the export's own.
+    let _ = std::fs::write(format!("/proc/{}/clear_refs", server.child.id()), "5");
+    let started = Instant::now();
+    let id = request_until_done(&client, &server.url, carrier_fr, "access", &heavy).await?;
+    let r = client
+        .get(format!("{}/v1/subject-requests/{id}/export", server.url))
+        .bearer_auth(carrier_fr)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 200, "export download failed: {}", r.status());
+    let mut bytes = 0usize;
+    let mut stream = r.bytes_stream();
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        bytes += chunk?.len();
+    }
+    let export_seconds = started.elapsed().as_secs_f64();
+    let export_peak_rss_mb = server.peak_rss_mb();
+    eprintln!("export of {export_records} records: {bytes} bytes in {export_seconds:.1} s");
+
+    // 6. The retention sweep: about half the calls were kept one day.
     let sweeper = issuer.issue("bench-sweeper", Role::RetentionSweeper, None, ttl)?;
     let started = Instant::now();
     let r = client
@@ -431,12 +498,74 @@ async fn run_on(args: &BenchArgs, dbs: &Databases) -> anyhow::Result<Report> {
         log_page_p99_ms: percentile(&pages, 0.99),
         baseline_delete_per_s,
         sweep_per_s: Some(sweep_per_s),
+        export_records: Some(export_records as u64),
+        export_seconds: Some(export_seconds),
+        export_peak_rss_mb: Some(export_peak_rss_mb),
+        access_request_p50_ms: Some(percentile(&access, 0.5)),
+        erasure_request_p50_ms: Some(percentile(&erasure, 0.5)),
         sweep_ratio: Some(sweep_per_s / baseline_delete_per_s),
         server_peak_rss_mb: server.peak_rss_mb(),
         ..Report::default()
     };
     let _ = work.call_pairs;
     Ok(report)
+}
+
+async fn post_batches(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    items: Vec<Value>,
+    batch: usize,
+) -> anyhow::Result<()> {
+    for chunk in items.chunks(batch) {
+        let r = client
+            .post(format!("{url}/v1/transfers/batch"))
+            .bearer_auth(token)
+            .json(&json!({"transfers": chunk}))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status() == 201, "batch refused: {}", r.text().await?);
+    }
+    Ok(())
+}
+
+/// Posts a subject request and polls until it is completed; returns its id.
+async fn request_until_done(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    kind: &str,
+    number: &str,
+) -> anyhow::Result<String> {
+    let body =
+        json!({"kind": kind, "carrier_id": "carrier-fr", "subject": {"phone_number": number}});
+    let r = client
+        .post(format!("{url}/v1/subject-requests"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 202, "request refused: {}", r.text().await?);
+    let id = r.json::<Value>().await?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        let v: Value = client
+            .get(format!("{url}/v1/subject-requests/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if v["status"] == "completed" {
+            return Ok(id);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    anyhow::bail!("subject request {id} did not complete")
 }
 
 async fn wait_ready(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
@@ -590,7 +719,26 @@ pub fn table(r: &Report, backend: &str) -> String {
                 r.sweep_ratio.map(|v| format!("{v:.2}")).unwrap_or_default()
             ),
         ),
-        ("export", opt(r.export_seconds), "issue 5".into()),
+        (
+            "export seconds",
+            opt(r.export_seconds),
+            format!("{} records", r.export_records.unwrap_or(0)),
+        ),
+        (
+            "export peak RSS",
+            opt(r.export_peak_rss_mb),
+            "MiB, target < 150 (issue 5), < 200 (issue 8)".into(),
+        ),
+        (
+            "access p50",
+            opt(r.access_request_p50_ms),
+            "ms, target < 15".into(),
+        ),
+        (
+            "erasure p50",
+            opt(r.erasure_request_p50_ms),
+            "ms, target < 25".into(),
+        ),
         ("reconcile", opt(r.reconcile_seconds), "issue 6".into()),
         (
             "server peak RSS",

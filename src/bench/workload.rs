@@ -183,3 +183,38 @@ pub fn generate(records: usize, seed: u64, now: DateTime<Utc>) -> Workload {
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+/// `n` call detail records of one caller, for the export measurements; all
+/// within retention.
+pub fn calls_of(
+    carrier: usize,
+    caller: &str,
+    n: usize,
+    callees: &[Subscriber],
+    seed: u64,
+    now: DateTime<Utc>,
+) -> Vec<Value> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (carrier_id, country) = CARRIERS[carrier];
+    (0..n)
+        .map(|i| {
+            let duration = rng.gen_range(5..600i64);
+            let start = now - Duration::seconds(rng.gen_range(3_600..20 * 86_400) + duration);
+            let end = start + Duration::seconds(duration);
+            json!({
+                "carrier_id": carrier_id, "direction": "platform_to_carrier", "category": "call_detail_record",
+                "purpose": "troubleshooting", "legal_basis": "legitimate_interest", "jurisdiction": country,
+                "occurred_at": rfc3339(end + Duration::seconds(30)),
+                "payload": {"call_id": format!("x-{seed}-{i}"), "caller": caller,
+                            "callee": callees[rng.gen_range(0..callees.len())].number,
+                            "start_time": rfc3339(start), "end_time": rfc3339(end), "duration_seconds": duration,
+                            "call_direction": "outbound", "disconnect_reason": 200}
+            })
+        })
+        .collect()
+}
+
+/// A number no generated subscriber has (they are random mobile numbers).
+pub fn dedicated_number(i: usize) -> String {
+    format!("+33123{:06}", 100_000 + i)
+}

@@ -64,7 +64,15 @@ pub async fn run_sweep(
     let Some(dry_run) = dry_run.filter(|_| errs.is_empty()) else {
         return Err(AppError::Validation(errs.0));
     };
-    let report = sweep::run(&state, &who, dry_run, state.config.sweep_batch, &|_, _| {}).await?;
+    // Its own task: a client that disconnects, or a request timeout, does
+    // not cut the sweep short.
+    let (task_state, batch) = (state.clone(), state.config.sweep_batch);
+    let report =
+        tokio::spawn(
+            async move { sweep::run(&task_state, &who, dry_run, batch, &|_, _| {}).await },
+        )
+        .await
+        .map_err(|e| AppError::Internal(anyhow::anyhow!("sweep task failed: {e}")))??;
     Ok((StatusCode::CREATED, Json(report)))
 }
 

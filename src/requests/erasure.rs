@@ -55,8 +55,12 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
     progress.keys_destroyed += keys_destroyed.len() as i64;
     let mut held_counts: BTreeMap<String, i64> = BTreeMap::new();
     let mut hold_ids: Vec<Uuid> = Vec::new();
-    for (_, category, hold) in &held {
-        *held_counts.entry(category.clone()).or_default() += 1;
+    let mut counted = std::collections::HashSet::new();
+    for (record, category, hold) in &held {
+        // A record under two holds is one record kept.
+        if counted.insert(*record) {
+            *held_counts.entry(category.clone()).or_default() += 1;
+        }
         hold_ids.push(*hold);
     }
     hold_ids.sort();

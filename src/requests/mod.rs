@@ -238,6 +238,12 @@ pub async fn extend(
         return Err(AppError::Validation(errs.0));
     };
     let row = find(state, who, id).await?;
+    if row.status == "completed" {
+        return Err(AppError::Conflict(format!(
+            "subject request {} is already completed",
+            row.id
+        )));
+    }
     if row.extended_at.is_some() {
         return Err(AppError::Conflict(format!(
             "subject request {} was already extended once",

@@ -100,6 +100,17 @@ pub async fn forget_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::R
         .bind(index)
         .execute(&mut *c)
         .await?;
+        // Exports prepared earlier for this subject in this scope go too.
+        for sql in [
+            "DELETE FROM subject_export_chunks WHERE request_id IN
+               (SELECT id FROM subject_requests WHERE carrier_id = $1 AND subject_index = $2 AND kind = 'access')",
+            "DELETE FROM subject_exports WHERE request_id IN
+               (SELECT id FROM subject_requests WHERE carrier_id = $1 AND subject_index = $2 AND kind = 'access')",
+            "UPDATE subject_requests SET subject_sealed = NULL, subject_master = NULL
+               WHERE carrier_id = $1 AND subject_index = $2 AND kind = 'access' AND status = 'completed'",
+        ] {
+            sqlx::query(sql).bind(carrier).bind(index).execute(&mut *c).await?;
+        }
         sqlx::query_scalar("SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index = $2")
             .bind(carrier)
             .bind(index)

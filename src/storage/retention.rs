@@ -29,7 +29,8 @@ pub async fn db_now(db: &Db) -> sqlx::Result<i64> {
 pub enum SweepLock {
     /// A session advisory lock, held on a connection of its own: PostgreSQL
     /// releases it when that connection closes, however the process ends.
-    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    /// `None` once released.
+    Postgres(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>),
     /// An exclusive `flock` on a file beside the SQLite database.
     File(std::fs::File),
     InMemory,
@@ -47,7 +48,7 @@ pub async fn try_lock(db: &Db) -> anyhow::Result<Option<SweepLock>> {
                 .bind(SWEEP_LOCK_KEY)
                 .fetch_one(&mut *conn)
                 .await?;
-            Ok(got.then_some(SweepLock::Postgres(conn)))
+            Ok(got.then_some(SweepLock::Postgres(Some(conn))))
         }
         Db::Sqlite {
             lock_file: Some(path),
@@ -71,20 +72,30 @@ pub async fn try_lock(db: &Db) -> anyhow::Result<Option<SweepLock>> {
 }
 
 impl SweepLock {
-    pub async fn release(self) {
-        match self {
-            SweepLock::Postgres(mut conn) => {
+    pub async fn release(mut self) {
+        if let SweepLock::Postgres(slot) = &mut self {
+            if let Some(mut conn) = slot.take() {
                 let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
                     .bind(SWEEP_LOCK_KEY)
                     .execute(&mut *conn)
                     .await;
                 if unlocked.is_err() {
                     // Never hand a connection still holding the lock back to the pool.
-                    let _ = conn.detach();
+                    drop(conn.detach());
                 }
             }
-            SweepLock::File(file) => drop(file),
-            SweepLock::InMemory => {}
+        }
+    }
+}
+
+impl Drop for SweepLock {
+    /// A sweep cancelled before it released its lock (a dropped request, a
+    /// shutdown) closes the lock's connection, which releases the lock.
+    fn drop(&mut self) {
+        if let SweepLock::Postgres(slot) = self {
+            if let Some(conn) = slot.take() {
+                drop(conn.detach());
+            }
         }
     }
 }

@@ -37,6 +37,19 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Compare a carrier's call durations with the platform's call records.
+    Reconcile {
+        #[arg(long)]
+        carrier: String,
+        /// RFC 3339, inclusive (occurred_at).
+        #[arg(long)]
+        from: Option<String>,
+        /// RFC 3339, exclusive.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        tolerance_seconds: i64,
+    },
     /// Measure the service against raw baselines, in one run.
     Bench(BenchCommand),
 }
@@ -152,6 +165,62 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 pb.finish_and_clear();
             }
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Reconcile {
+            carrier,
+            from,
+            to,
+            tolerance_seconds,
+        } => {
+            let time = |name: &str,
+                        v: Option<String>|
+             -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+                v.map(|s| {
+                    chrono::DateTime::parse_from_rfc3339(&s)
+                        .map(|t| t.with_timezone(&chrono::Utc))
+                        .map_err(|_| anyhow::anyhow!("--{name} must be an RFC 3339 date-time"))
+                })
+                .transpose()
+            };
+            let q = crate::ledger::reconciliation::Query {
+                carrier: CarrierId::parse(&carrier)
+                    .map_err(|e| anyhow::anyhow!("--carrier {e}"))?,
+                from: time("from", from)?,
+                to: time("to", to)?,
+                tolerance_seconds: tolerance_seconds.max(0),
+                outcome: crate::storage::reconciliation::Outcome::Mismatched,
+                limit: 0,
+                cursor: None,
+            };
+            let state = AppState::init(config).await?;
+            let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let s = indicatif::ProgressBar::new_spinner();
+                s.set_message(format!("reconciling {carrier}"));
+                s.enable_steady_tick(std::time::Duration::from_millis(100));
+                s
+            });
+            let started = std::time::Instant::now();
+            let s = crate::ledger::reconciliation::summary(&state, &q)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(sp) = spinner {
+                sp.finish_and_clear();
+            }
+            println!(
+                "reconciliation of {carrier} (tolerance {tolerance_seconds} s, {:.1} s)",
+                started.elapsed().as_secs_f64()
+            );
+            for (k, v) in [
+                ("matched", s.matched),
+                ("mismatched", s.mismatched),
+                ("missing at carrier", s.missing_at_carrier),
+                ("missing at platform", s.missing_at_platform),
+                ("platform seconds", s.total_platform_seconds),
+                ("carrier seconds", s.total_carrier_seconds),
+            ] {
+                println!("  {k:<22} {v:>12}");
+            }
             Ok(())
         }
         Command::Bench(b) => {

@@ -8,6 +8,7 @@ mod health;
 mod holds;
 mod keys;
 mod openapi;
+mod reconciliation;
 mod reports;
 mod retention;
 mod subject_requests;
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .merge(reports::router())
         .merge(retention::router())
         .merge(holds::router())
+        .merge(reconciliation::router())
         .merge(subject_requests::router())
         .merge(audit::router())
         .merge(keys::router());

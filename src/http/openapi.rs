@@ -14,7 +14,7 @@ use crate::app::AppState;
         super::transfers::create, super::transfers::create_batch, super::transfers::list, super::transfers::show,
         super::consents::create, super::consents::show, super::consents::change_status,
         super::reports::processing, super::retention::policy, super::retention::run_sweep,
-        super::retention::list_sweeps, super::subject_requests::create, super::subject_requests::list,
+        super::retention::list_sweeps, super::reconciliation::reconcile, super::subject_requests::create, super::subject_requests::list,
         super::subject_requests::show, super::subject_requests::extend, super::subject_requests::download, super::holds::place, super::holds::release, super::holds::list,
         super::audit::list, super::audit::verify, super::audit::head, super::keys::export_signing,
         super::health::healthz, super::health::readyz,

@@ -2,5 +2,6 @@
 //! ledger, independent of HTTP so the CLI and the bench share them.
 
 pub mod consents;
+pub mod reconciliation;
 pub mod reports;
 pub mod transfers;

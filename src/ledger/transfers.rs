@@ -21,6 +21,15 @@ use crate::storage::keys::{self, SubjectKeyRow};
 use crate::storage::transfers::{self as store, NewLookup, NewRecord, NewSlot, TransferRow};
 use crate::storage::{from_micros, micros, Tx};
 
+/// The keyed hash reconciliation matches calls by: the same call id of the
+/// same carrier gives the same key; without the key it reveals nothing.
+pub fn call_key(state: &AppState, carrier: &str, call_id: &str) -> Vec<u8> {
+    state
+        .keys
+        .blind()
+        .of_str("call", &format!("{carrier}\u{0}{call_id}"))
+}
+
 /// Blind indexes of one slot: the key's, and every identifier's.
 struct SlotIndex {
     key: Vec<u8>,
@@ -313,6 +322,18 @@ async fn write(
             idempotency_key: t.idempotency_key.clone(),
             request_hash: hashes[i].clone(),
             body,
+            call_key: t
+                .payload
+                .call_id()
+                .map(|c| call_key(state, t.carrier_id.as_str(), c)),
+            duration_seconds: match t.category {
+                Category::CallDetailRecord | Category::CallDuration => t
+                    .payload
+                    .body
+                    .get("duration_seconds")
+                    .and_then(Value::as_i64),
+                _ => None,
+            },
         });
         results[i] = Some(Recorded {
             id,

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod consents;
 pub mod erasure;
 pub mod keys;
+pub mod reconciliation;
 pub mod requests;
 pub mod retention;
 pub mod transfers;

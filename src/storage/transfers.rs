@@ -22,6 +22,10 @@ pub struct NewRecord {
     pub idempotency_key: Option<String>,
     pub request_hash: Vec<u8>,
     pub body: Vec<u8>,
+    /// Keyed hash of the call id, for reconciliation (calls only).
+    pub call_key: Option<Vec<u8>>,
+    /// The call's duration, for reconciliation (CDRs and call durations).
+    pub duration_seconds: Option<i64>,
 }
 
 pub struct NewSlot {
@@ -85,12 +89,12 @@ pub struct IdempotentRow {
 }
 
 pub async fn insert_records(tx: &mut Tx, records: &[NewRecord]) -> sqlx::Result<()> {
-    for chunk in records.chunks(MAX_BINDS / 15) {
+    for chunk in records.chunks(MAX_BINDS / 17) {
         on_tx!(tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new(
                 "INSERT INTO transfers (id, carrier_id, direction, category, purpose, legal_basis, jurisdiction, \
                  consent_reference, occurred_at, recorded_at, retain_until, recorded_by, idempotency_key, \
-                 request_hash, body) ",
+                 request_hash, body, call_key, duration_seconds) ",
             );
             qb.push_values(chunk, |mut b, r| {
                 b.push_bind(r.id)
@@ -107,7 +111,9 @@ pub async fn insert_records(tx: &mut Tx, records: &[NewRecord]) -> sqlx::Result<
                     .push_bind(r.recorded_by.as_str())
                     .push_bind(r.idempotency_key.as_deref())
                     .push_bind(r.request_hash.as_slice())
-                    .push_bind(r.body.as_slice());
+                    .push_bind(r.body.as_slice())
+                    .push_bind(r.call_key.as_deref())
+                    .push_bind(r.duration_seconds);
             });
             qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
         })?;
@@ -331,4 +337,22 @@ pub fn decode_cursor(s: &str) -> Result<(i64, Uuid), String> {
         at.parse().map_err(|_| bad())?,
         Uuid::parse_str(id).map_err(|_| bad())?,
     ))
+}
+
+/// Metadata of the given records (any carrier: callers scope beforehand).
+pub async fn get_many(db: &Db, ids: &[Uuid]) -> sqlx::Result<Vec<TransferRow>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(MAX_BINDS) {
+        let rows: Vec<TransferRow> = on_db!(db, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new(format!("SELECT {TRANSFER_COLUMNS} FROM transfers t WHERE t.id IN ("));
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+            qb.build_query_as().fetch_all(c).await
+        })?;
+        out.extend(rows);
+    }
+    Ok(out)
 }

@@ -9,6 +9,7 @@ mod consents;
 mod encryption;
 mod operations;
 mod queries;
+mod reconciliation;
 mod reports;
 mod retention;
 mod subject_requests;

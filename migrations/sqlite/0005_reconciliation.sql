@@ -4,4 +4,4 @@
 
 ALTER TABLE transfers ADD COLUMN call_key BLOB;
 ALTER TABLE transfers ADD COLUMN duration_seconds BIGINT;
-CREATE INDEX transfers_call_key ON transfers (carrier_id, category, occurred_at, call_key);
+CREATE INDEX transfers_call_key ON transfers (carrier_id, category, call_key, occurred_at, duration_seconds);

@@ -90,7 +90,12 @@ pub async fn reconcile(state: &AppState, who: &Principal, q: Query) -> Result<Re
         .flatten();
 
     // Call ids of this page only: one record per call is decrypted.
-    let ids: Vec<Uuid> = page.iter().filter_map(|i| i.pid.or(i.cid)).collect();
+    let keys: Vec<Vec<u8>> = page.iter().map(|i| i.call_key.clone()).collect();
+    let mut record_of: HashMap<Vec<u8>, Uuid> = HashMap::new();
+    for (key, id) in store::record_per_call(&state.db, q.carrier.as_str(), &keys).await? {
+        record_of.entry(key).or_insert(id);
+    }
+    let ids: Vec<Uuid> = record_of.values().copied().collect();
     let mut views: Vec<TransferView> = transfers::get_many(&state.db, &ids)
         .await?
         .into_iter()
@@ -110,7 +115,9 @@ pub async fn reconcile(state: &AppState, who: &Principal, q: Query) -> Result<Re
     let items = page
         .iter()
         .map(|i| CallItem {
-            call_id: i.pid.or(i.cid).and_then(|id| call_ids.get(&id).cloned()),
+            call_id: record_of
+                .get(&i.call_key)
+                .and_then(|id| call_ids.get(id).cloned()),
             outcome: q.outcome.as_str(),
             platform_seconds: i.pd,
             carrier_seconds: i.cd,

@@ -6,25 +6,22 @@ use uuid::Uuid;
 
 use super::{on_db, Db};
 
-/// One side per call: the latest record of each call key (a retried
-/// submission of the same call counts once), then both sides joined.
+/// One duration per call and side (a retried submission of the same call
+/// counts once; if retries disagree, the longest duration stands), then the
+/// two sides side by side, keyed by call.
 const JOINED: &str = "
-WITH p AS (
-    SELECT call_key, duration_seconds AS d, id,
-           ROW_NUMBER() OVER (PARTITION BY call_key ORDER BY recorded_at DESC, id DESC) AS rn
+WITH per_side AS (
+    SELECT call_key, category, MAX(duration_seconds) AS d
     FROM transfers
-    WHERE carrier_id = $1 AND category = 'call_detail_record' AND occurred_at >= $2 AND occurred_at < $3
-      AND call_key IS NOT NULL AND duration_seconds IS NOT NULL
-), c AS (
-    SELECT call_key, duration_seconds AS d, id,
-           ROW_NUMBER() OVER (PARTITION BY call_key ORDER BY recorded_at DESC, id DESC) AS rn
-    FROM transfers
-    WHERE carrier_id = $1 AND category = 'call_duration' AND occurred_at >= $2 AND occurred_at < $3
-      AND call_key IS NOT NULL AND duration_seconds IS NOT NULL
+    WHERE carrier_id = $1 AND category IN ('call_detail_record', 'call_duration')
+      AND occurred_at >= $2 AND occurred_at < $3 AND call_key IS NOT NULL AND duration_seconds IS NOT NULL
+    GROUP BY call_key, category
 ), j AS (
-    SELECT COALESCE(p.call_key, c.call_key) AS call_key, p.d AS pd, c.d AS cd, p.id AS pid, c.id AS cid
-    FROM (SELECT * FROM p WHERE rn = 1) p
-    FULL OUTER JOIN (SELECT * FROM c WHERE rn = 1) c ON p.call_key = c.call_key
+    SELECT call_key,
+           MAX(CASE WHEN category = 'call_detail_record' THEN d END) AS pd,
+           MAX(CASE WHEN category = 'call_duration' THEN d END) AS cd
+    FROM per_side
+    GROUP BY call_key
 )";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,8 +105,6 @@ pub struct Item {
     pub call_key: Vec<u8>,
     pub pd: Option<i64>,
     pub cd: Option<i64>,
-    pub pid: Option<Uuid>,
-    pub cid: Option<Uuid>,
 }
 
 /// A page of the calls with one outcome, in call-key order.
@@ -126,11 +121,32 @@ pub async fn items(
 ) -> sqlx::Result<Vec<Item>> {
     let sql = format!(
         "{JOINED}
-        SELECT call_key, pd, cd, pid, cid FROM j
+        SELECT call_key, pd, cd FROM j
         WHERE {} AND ($5 IS NULL OR call_key > $5) ORDER BY call_key LIMIT $6",
         outcome.condition()
     );
     on_db!(db, c => {
         sqlx::query_as(&sql).bind(carrier).bind(from).bind(to).bind(tolerance).bind(after).bind(limit).fetch_all(c).await
+    })
+}
+
+/// One record of each call key (to decrypt its call id).
+pub async fn record_per_call(
+    db: &Db,
+    carrier: &str,
+    keys: &[Vec<u8>],
+) -> sqlx::Result<Vec<(Vec<u8>, Uuid)>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    on_db!(db, c, DB => {
+        let mut qb = sqlx::QueryBuilder::<DB>::new("SELECT call_key, id FROM transfers WHERE carrier_id = ");
+        qb.push_bind(carrier).push(" AND call_key IN (");
+        let mut sep = qb.separated(", ");
+        for k in keys {
+            sep.push_bind(k.as_slice());
+        }
+        qb.push(")");
+        qb.build_query_as().fetch_all(c).await
     })
 }

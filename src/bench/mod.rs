@@ -531,7 +531,6 @@ async fn run_on(args: &BenchArgs, dbs: &Databases) -> anyhow::Result<Report> {
         erasure_request_p50_ms: Some(percentile(&erasure, 0.5)),
         sweep_ratio: Some(sweep_per_s / baseline_delete_per_s),
         server_peak_rss_mb: server.peak_rss_mb(),
-        ..Report::default()
     };
     let _ = work.call_pairs;
     Ok(report)

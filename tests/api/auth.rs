@@ -117,6 +117,16 @@ async fn every_endpoint_for_every_role(app: TestApp) {
         .await
         .expect(201);
     let id = rec.body["id"].as_str().unwrap().to_string();
+    let req = app
+        .post(
+            "/v1/subject-requests",
+            &app.officer(),
+            &json!({"kind": "access", "carrier_id": "carrier-a",
+            "subject": {"phone_number": "+14255550100"}}),
+        )
+        .await
+        .expect(202);
+    let request_id = req.body["id"].as_str().unwrap().to_string();
 
     let roles = [
         (Role::PrivacyOfficer, None),
@@ -194,12 +204,92 @@ async fn every_endpoint_for_every_role(app: TestApp) {
             None,
             [200, 403, 403, 403, 200, 200],
         ),
+        (
+            "GET",
+            "/v1/retention/sweeps".into(),
+            None,
+            [200, 403, 403, 200, 200, 403],
+        ),
+        (
+            "POST",
+            "/v1/retention/sweeps".into(),
+            Some(json!({"dry_run": true})),
+            [201, 403, 403, 201, 403, 403],
+        ),
+        (
+            "GET",
+            "/v1/holds".into(),
+            None,
+            [200, 403, 403, 403, 200, 403],
+        ),
+        (
+            "POST",
+            "/v1/holds".into(),
+            Some(json!({"carrier_id": "carrier-a", "reason": "r"})),
+            [201, 403, 403, 403, 403, 403],
+        ),
+        (
+            "DELETE",
+            format!("/v1/holds/{}", uuid::Uuid::now_v7()),
+            None,
+            [404, 403, 403, 403, 403, 403],
+        ),
+        (
+            "POST",
+            "/v1/subject-requests".into(),
+            Some(json!({"kind": "access", "carrier_id": "carrier-a",
+            "subject": {"phone_number": "+14255550100"}})),
+            [202, 202, 403, 403, 403, 403],
+        ),
+        (
+            "GET",
+            "/v1/subject-requests".into(),
+            None,
+            [200, 200, 403, 403, 403, 403],
+        ),
+        (
+            "GET",
+            format!("/v1/subject-requests/{request_id}"),
+            None,
+            [200, 200, 403, 403, 403, 403],
+        ),
+        (
+            "GET",
+            "/v1/reconciliation?carrier_id=carrier-a".into(),
+            None,
+            [200, 200, 403, 403, 403, 403],
+        ),
+        (
+            "GET",
+            "/v1/audit".into(),
+            None,
+            [200, 403, 403, 403, 200, 403],
+        ),
+        (
+            "GET",
+            "/v1/audit/verify".into(),
+            None,
+            [200, 403, 403, 403, 200, 403],
+        ),
+        (
+            "GET",
+            "/v1/audit/head".into(),
+            None,
+            [200, 403, 403, 403, 200, 403],
+        ),
+        (
+            "GET",
+            "/v1/keys/export-signing".into(),
+            None,
+            [200, 200, 200, 200, 200, 200],
+        ),
     ];
     for (n, (method, path, body, expected)) in cases.into_iter().enumerate() {
         for ((role, carrier), want) in roles.iter().zip(expected) {
             let token = app.token(*role, *carrier);
             let mut req = match method {
                 "GET" => app.client.get(format!("{}{path}", app.addr)),
+                "DELETE" => app.client.delete(format!("{}{path}", app.addr)),
                 _ => app.client.post(format!("{}{path}", app.addr)),
             }
             .bearer_auth(&token)

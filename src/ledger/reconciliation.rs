@@ -65,22 +65,33 @@ fn bounds(q: &Query) -> (i64, i64) {
 /// The summary only (the CLI, the bench).
 pub async fn summary(state: &AppState, q: &Query) -> Result<store::Summary> {
     let (from, to) = bounds(q);
-    Ok(store::summary(&state.db, q.carrier.as_str(), from, to, q.tolerance_seconds).await?)
-}
-
-pub async fn reconcile(state: &AppState, who: &Principal, q: Query) -> Result<Reconciliation> {
-    state.authorize_for(who, &q.carrier, "reconciliation", "read")?;
-    let (from, to) = bounds(&q);
-    let s = store::summary(&state.db, q.carrier.as_str(), from, to, q.tolerance_seconds).await?;
-    let mut page = store::items(
+    Ok(store::reconcile(
         &state.db,
         q.carrier.as_str(),
         from,
         to,
         q.tolerance_seconds,
-        q.outcome,
-        q.cursor.as_deref(),
-        q.limit + 1,
+        None,
+    )
+    .await?
+    .0)
+}
+
+pub async fn reconcile(state: &AppState, who: &Principal, q: Query) -> Result<Reconciliation> {
+    state.authorize_for(who, &q.carrier, "reconciliation", "read")?;
+    let (from, to) = bounds(&q);
+    let listing = store::Listing {
+        outcome: q.outcome,
+        after: q.cursor.as_deref(),
+        limit: q.limit as usize + 1,
+    };
+    let (s, mut page) = store::reconcile(
+        &state.db,
+        q.carrier.as_str(),
+        from,
+        to,
+        q.tolerance_seconds,
+        Some(listing),
     )
     .await?;
     let more = page.len() as i64 > q.limit;

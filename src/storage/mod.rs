@@ -126,7 +126,11 @@ impl Db {
             // a 64 MiB page cache keeps them in memory instead of re-reading.
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
-                .connect_with(opts.clone().pragma("cache_size", "-16384"))
+                .connect_with(
+                    opts.clone()
+                        .pragma("cache_size", "-16384")
+                        .pragma("wal_autocheckpoint", "10000"),
+                )
                 .await
                 .context("cannot open the SQLite database")?;
             let lock_file = (!in_memory).then(|| {

@@ -75,6 +75,21 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Resident set size of the service process now, in MiB.
+    fn rss_mb(&self) -> f64 {
+        self.status_kb("VmRSS:") / 1024.0
+    }
+
+    fn status_kb(&self, field: &str) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    }
+
     /// Peak resident set size of the service process, in MiB.
     fn peak_rss_mb(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -452,6 +467,13 @@ async fn run_on(args: &BenchArgs, dbs: &Databases) -> anyhow::Result<Report> {
     )
     .await?;
     // Forget the peak so far (ingest): measure the export's own.
+    let rss_before_export = server.rss_mb();
+    eprintln!(
+        "server memory before the export: anonymous {:.0} MiB, file-backed {:.0} MiB, shared {:.0} MiB",
+        server.status_kb("RssAnon:") / 1024.0,
+        server.status_kb("RssFile:") / 1024.0,
+        server.status_kb("RssShmem:") / 1024.0
+    );
     let _ = std::fs::write(format!("/proc/{}/clear_refs", server.child.id()), "5");
     let started = Instant::now();
     let id = request_until_done(&client, &server.url, carrier_fr, "access", &heavy).await?;
@@ -468,7 +490,9 @@ async fn run_on(args: &BenchArgs, dbs: &Databases) -> anyhow::Result<Report> {
     }
     let export_seconds = started.elapsed().as_secs_f64();
     let export_peak_rss_mb = server.peak_rss_mb();
-    eprintln!("export of {export_records} records: {bytes} bytes in {export_seconds:.1} s");
+    eprintln!(
+        "export of {export_records} records: {bytes} bytes in {export_seconds:.1} s; server RSS {rss_before_export:.0} MiB before, peak {export_peak_rss_mb:.0} MiB during"
+    );
 
     // 6. Reconciliation of every carrier's calls over the whole period.
     let started = Instant::now();
@@ -588,7 +612,7 @@ async fn request_until_done(
         if v["status"] == "completed" {
             return Ok(id);
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     anyhow::bail!("subject request {id} did not complete")
 }

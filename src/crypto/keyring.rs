@@ -16,8 +16,8 @@ const BLIND_INDEX: &str = "blind_index";
 const SIGNING: &str = "signing";
 const PURPOSES: [&str; 3] = [MASTER, BLIND_INDEX, SIGNING];
 /// Unwrapped subject keys kept in memory; each costs about 1 KiB (AES key
-/// schedule and GHASH tables), so this bounds the cache near 20 MiB.
-const SUBJECT_KEY_CACHE: usize = 20_000;
+/// schedule and GHASH tables), so this bounds the cache near 10 MiB.
+const SUBJECT_KEY_CACHE: usize = 10_000;
 
 pub struct Keyring {
     masters: RwLock<BTreeMap<i64, Key>>,

@@ -104,7 +104,10 @@ impl Db {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = PgConnectOptions::from_str(url)
                 .context("invalid PostgreSQL URL")?
-                .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5));
+                .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5))
+                // Batch statements vary in size; caching a hundred of them
+                // per connection costs more memory than re-preparing them.
+                .statement_cache_capacity(24);
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
@@ -120,7 +123,10 @@ impl Db {
                 .synchronous(SqliteSynchronous::Normal)
                 .foreign_keys(true)
                 .busy_timeout(Duration::from_secs(30))
-                .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5));
+                .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5))
+                // Batch statements vary in size; caching a hundred of them
+                // per connection costs more memory than re-preparing them.
+                .statement_cache_capacity(24);
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
             // The writer touches every index of every table it appends to:
             // a 64 MiB page cache keeps them in memory instead of re-reading.
@@ -142,7 +148,8 @@ impl Db {
                 write.clone()
             } else {
                 SqlitePoolOptions::new()
-                    .max_connections(max_connections.max(2))
+                    // Readers beyond a few per core only add page caches and threads.
+                    .max_connections(max_connections.clamp(2, 4))
                     .connect_with(opts)
                     .await?
             };

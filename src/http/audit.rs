@@ -50,12 +50,7 @@ pub async fn list(
             s.parse::<i64>()
                 .map_err(|_| "is not a cursor this service issued".to_string())
         }),
-        limit: p
-            .parse("limit", |s| match s.parse::<i64>() {
-                Ok(n) if (1..=1000).contains(&n) => Ok(n),
-                _ => Err("must be a whole number from 1 to 1000".into()),
-            })
-            .unwrap_or(100),
+        limit: p.limit(),
     };
     p.finish()?;
     f.limit += 1;

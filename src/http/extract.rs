@@ -143,6 +143,15 @@ impl Params {
         }
     }
 
+    /// `limit`: a page size from 1 to 1000, 100 when absent.
+    pub fn limit(&mut self) -> i64 {
+        self.parse("limit", |s| match s.parse::<i64>() {
+            Ok(n) if (1..=1000).contains(&n) => Ok(n),
+            _ => Err("must be a whole number from 1 to 1000".into()),
+        })
+        .unwrap_or(100)
+    }
+
     pub fn time(&mut self, name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         self.parse(name, |s| {
             chrono::DateTime::parse_from_rfc3339(s)

@@ -73,12 +73,7 @@ pub async fn reconcile(
             })
         })
         .unwrap_or(Outcome::Mismatched);
-    let limit = p
-        .parse("limit", |s| match s.parse::<i64>() {
-            Ok(n) if (1..=1000).contains(&n) => Ok(n),
-            _ => Err("must be a whole number from 1 to 1000".into()),
-        })
-        .unwrap_or(100);
+    let limit = p.limit();
     let cursor = p.parse("cursor", |s| {
         hex::decode(s).map_err(|_| "is not a cursor this service issued".to_string())
     });

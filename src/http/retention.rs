@@ -87,12 +87,7 @@ pub async fn list_sweeps(
 ) -> Result<Json<Vec<SweepReport>>> {
     state.authorize(&who, "sweeps", "read")?;
     p.allow(&["limit"]);
-    let limit = p
-        .parse("limit", |s| match s.parse::<i64>() {
-            Ok(n) if (1..=1000).contains(&n) => Ok(n),
-            _ => Err("must be a whole number from 1 to 1000".into()),
-        })
-        .unwrap_or(100);
+    let limit = p.limit();
     p.finish()?;
     let rows = crate::storage::retention::list_sweeps(&state.db, limit).await?;
     audit::record(

@@ -52,12 +52,7 @@ pub async fn list(
     mut p: Params,
 ) -> Result<Json<Vec<RequestView>>> {
     p.allow(&["limit"]);
-    let limit = p
-        .parse("limit", |s| match s.parse::<i64>() {
-            Ok(n) if (1..=1000).contains(&n) => Ok(n),
-            _ => Err("must be a whole number from 1 to 1000".into()),
-        })
-        .unwrap_or(100);
+    let limit = p.limit();
     p.finish()?;
     Ok(Json(requests::list(&state, &who, limit).await?))
 }

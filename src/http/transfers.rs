@@ -192,12 +192,7 @@ pub async fn list(
             SubjectId::parse(s).map(|id| state.keys.blind().of(&id))
         }),
         after: p.parse("cursor", decode_cursor),
-        limit: p
-            .parse("limit", |s| match s.parse::<i64>() {
-                Ok(n) if (1..=1000).contains(&n) => Ok(n),
-                _ => Err("must be a whole number from 1 to 1000".into()),
-            })
-            .unwrap_or(100),
+        limit: p.limit(),
     };
     let with_payload = match p.get("include") {
         None => false,

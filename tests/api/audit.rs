@@ -8,32 +8,13 @@ use crate::helpers::*;
 
 impl TestApp {
     async fn audit_entries(&self) -> Vec<Value> {
-        let mut out = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let path = match &cursor {
-                Some(c) => format!("/v1/audit?limit=1000&cursor={c}"),
-                None => "/v1/audit?limit=1000".into(),
-            };
-            let r = self
-                .get(
-                    &path,
-                    &self.token(transfer_ledger::auth::Role::Auditor, None),
-                )
-                .await
-                .expect(200);
-            out.extend(
-                r.body["items"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|i| i["entry"].clone()),
-            );
-            match r.body["next_cursor"].as_str() {
-                Some(c) => cursor = Some(c.into()),
-                None => break,
-            }
-        }
+        let auditor = self.token(transfer_ledger::auth::Role::Auditor, None);
+        let mut out: Vec<Value> = self
+            .all_pages("/v1/audit?limit=1000", &auditor)
+            .await
+            .into_iter()
+            .map(|i| i["entry"].clone())
+            .collect();
         out.reverse();
         out
     }

@@ -242,6 +242,24 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Every item of a keyset-paginated listing (`path` already has a query).
+    pub async fn all_pages(&self, path: &str, token: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = match &cursor {
+                Some(c) => format!("{path}&cursor={c}"),
+                None => path.to_string(),
+            };
+            let r = self.get(&page, token).await.expect(200);
+            out.extend(r.body["items"].as_array().unwrap().iter().cloned());
+            match r.body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.into()),
+                None => return out,
+            }
+        }
+    }
+
     pub fn dir(&self) -> &std::path::Path {
         self._dir.path()
     }

@@ -22,26 +22,13 @@ impl TestApp {
     }
 
     async fn ids_left(&self) -> HashSet<String> {
-        let mut out = HashSet::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let path = match &cursor {
-                Some(c) => format!("/v1/transfers?limit=1000&cursor={c}"),
-                None => "/v1/transfers?limit=1000".into(),
-            };
-            let r = self.get(&path, &self.officer()).await.expect(200);
-            out.extend(
-                r.body["items"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|i| i["id"].as_str().unwrap().to_string()),
-            );
-            match r.body["next_cursor"].as_str() {
-                Some(c) => cursor = Some(c.into()),
-                None => return out,
-            }
-        }
+        let items = self
+            .all_pages("/v1/transfers?limit=1000", &self.officer())
+            .await;
+        items
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect()
     }
 
     async fn batch(&self, items: Vec<Value>) -> Vec<String> {
@@ -467,28 +454,21 @@ async fn sweeps_survive_being_killed_at_any_instant(app: TestApp) {
         .map(|s| s["deleted"].as_i64().unwrap())
         .sum();
     assert_eq!(counted, expired_ids.len() as i64);
-    let mut audited = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/audit?action=retention.sweep.batch&limit=1000&cursor={c}"),
-            None => "/v1/audit?action=retention.sweep.batch&limit=1000".into(),
-        };
-        let r = app.get(&path, &auditor).await.expect(200);
-        for e in r.body["items"].as_array().unwrap() {
-            audited.extend(
-                e["entry"]["target"]["deleted_ids"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_str().unwrap().to_string()),
-            );
-        }
-        match r.body["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.into()),
-            None => break,
-        }
-    }
+    let audited: Vec<String> = app
+        .all_pages(
+            "/v1/audit?action=retention.sweep.batch&limit=1000",
+            &auditor,
+        )
+        .await
+        .iter()
+        .flat_map(|e| {
+            e["entry"]["target"]["deleted_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+        })
+        .collect();
     let unique: HashSet<_> = audited.iter().cloned().collect();
     assert_eq!(unique.len(), audited.len(), "no record audited twice");
     assert_eq!(unique, expired_ids.iter().cloned().collect::<HashSet<_>>());

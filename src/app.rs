@@ -18,14 +18,103 @@ use crate::storage::Db;
 pub struct AppState {
     pub db: Db,
     pub keys: Arc<Keyring>,
-    pub tokens: Arc<TokenVerifier>,
     pub config: Arc<Config>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub catalogs: Arc<crate::i18n::Catalogs>,
     /// Wakes the subject-request processor.
     pub requests_ready: Arc<tokio::sync::Notify>,
+    /// Wakes readers waiting (`Prefer: wait`) for a request to complete.
+    pub requests_done: Arc<tokio::sync::Notify>,
+    /// Wakes the key worker after a master-key rotation.
+    pub rewrap_ready: Arc<tokio::sync::Notify>,
+    /// One rewrap pass at a time in this process.
+    pub rewrap_lock: Arc<tokio::sync::Mutex<()>>,
+    /// What configuration and `policies/` say; replaced whole on reload.
+    tokens: Arc<RwLock<Arc<TokenVerifier>>>,
+    jwks_fingerprint: Arc<RwLock<Option<[u8; 32]>>>,
     policy: Arc<RwLock<Arc<Policy>>>,
     retention: Arc<RwLock<Arc<RetentionPolicy>>>,
+    /// Serializes reloads.
+    reload_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The policies as read from `policies/` (or the compiled-in defaults).
+pub struct LoadedPolicies {
+    pub policy: Policy,
+    pub retention: RetentionPolicy,
+    /// SHA-256 of each file read, for the audit trail.
+    pub files: Vec<(String, String)>,
+}
+
+/// What a reload changed.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Reloaded {
+    /// The policy files now in force, with their SHA-256.
+    pub files: Vec<ReloadedFile>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ReloadedFile {
+    pub file: String,
+    pub sha256: String,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Reads and validates `model.conf`, `policy.csv` and `retention.toml`; the
+/// error names the file and, where the parser knows it, the line.
+pub async fn load_policies(dir: Option<&std::path::Path>) -> anyhow::Result<LoadedPolicies> {
+    let Some(dir) = dir else {
+        return Ok(LoadedPolicies {
+            policy: Policy::load(None).await?,
+            retention: RetentionPolicy::default_policy(),
+            files: Vec::new(),
+        });
+    };
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let (model, rules, retention) = (
+        read("model.conf")?,
+        read("policy.csv")?,
+        read("retention.toml")?,
+    );
+    let files = vec![
+        ("model.conf".to_string(), sha256_hex(model.as_bytes())),
+        ("policy.csv".to_string(), sha256_hex(rules.as_bytes())),
+        (
+            "retention.toml".to_string(),
+            sha256_hex(retention.as_bytes()),
+        ),
+    ];
+    let policy = Policy::from_text(&model, &rules).await?;
+    let retention = RetentionPolicy::parse(&retention)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("retention.toml").display()))?;
+    Ok(LoadedPolicies {
+        policy,
+        retention,
+        files,
+    })
+}
+
+/// Reads the JWKS file, or `None` for HS256 with the configured secret.
+fn load_jwks(config: &Config) -> anyhow::Result<Option<(TokenVerifier, [u8; 32])>> {
+    let Some(path) = &config.jwt_keys_file else {
+        return Ok(None);
+    };
+    let doc = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read LEDGER_JWT_KEYS_FILE {}", path.display()))?;
+    let verifier = TokenVerifier::jwks(&doc, &config.jwt_issuer, &config.jwt_audience)
+        .with_context(|| format!("LEDGER_JWT_KEYS_FILE {}", path.display()))?;
+    use sha2::Digest;
+    Ok(Some((
+        verifier,
+        sha2::Sha256::digest(doc.as_bytes()).into(),
+    )))
 }
 
 impl AppState {
@@ -44,46 +133,75 @@ impl AppState {
         let db = Db::connect(&config.database_url(), config.db_max_connections).await?;
         db.migrate().await.context("migrations failed")?;
         let keys = Keyring::open(&db, &secrets.root_key).await?;
-        let policy_dir = config.policy_dir();
-        let policy = Policy::load(policy_dir.as_deref()).await?;
-        let retention = match &policy_dir {
-            Some(dir) => {
-                let path = dir.join("retention.toml");
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                RetentionPolicy::parse(&text).map_err(anyhow::Error::msg)?
-            }
-            None => RetentionPolicy::default_policy(),
-        };
-        let tokens = match &config.jwt_keys_file {
-            Some(path) => {
-                let doc = std::fs::read_to_string(path).with_context(|| {
-                    format!("cannot read LEDGER_JWT_KEYS_FILE {}", path.display())
-                })?;
-                TokenVerifier::jwks(&doc, &config.jwt_issuer, &config.jwt_audience)
-                    .with_context(|| format!("LEDGER_JWT_KEYS_FILE {}", path.display()))?
-            }
-            None => TokenVerifier::hs256(
-                &secrets.jwt_secret,
-                &config.jwt_issuer,
-                &config.jwt_audience,
+        let loaded = load_policies(config.policy_dir().as_deref()).await?;
+        let (tokens, fingerprint) = match load_jwks(&config)? {
+            Some((verifier, fingerprint)) => (verifier, Some(fingerprint)),
+            None => (
+                TokenVerifier::hs256(
+                    &secrets.jwt_secret,
+                    &config.jwt_issuer,
+                    &config.jwt_audience,
+                ),
+                None,
             ),
         };
         Ok(Self {
             db,
             keys: Arc::new(keys),
-            tokens: Arc::new(tokens),
             config: Arc::new(config),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             catalogs: Arc::new(crate::i18n::Catalogs::load()?),
             requests_ready: Arc::new(tokio::sync::Notify::new()),
-            policy: Arc::new(RwLock::new(Arc::new(policy))),
-            retention: Arc::new(RwLock::new(Arc::new(retention))),
+            requests_done: Arc::new(tokio::sync::Notify::new()),
+            rewrap_ready: Arc::new(tokio::sync::Notify::new()),
+            rewrap_lock: Arc::new(tokio::sync::Mutex::new(())),
+            tokens: Arc::new(RwLock::new(Arc::new(tokens))),
+            jwks_fingerprint: Arc::new(RwLock::new(fingerprint)),
+            policy: Arc::new(RwLock::new(Arc::new(loaded.policy))),
+            retention: Arc::new(RwLock::new(Arc::new(loaded.retention))),
+            reload_lock: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.read().expect("policy lock").clone()
+    }
+
+    pub fn tokens(&self) -> Arc<TokenVerifier> {
+        self.tokens.read().expect("tokens lock").clone()
+    }
+
+    /// Re-reads `policies/`: the new model, rules and retention take effect
+    /// together, or (on any error) none does and the old ones stay.
+    pub async fn reload_policies(&self) -> anyhow::Result<Reloaded> {
+        let _one = self.reload_lock.lock().await;
+        let loaded = load_policies(self.config.policy_dir().as_deref()).await?;
+        *self.policy.write().expect("policy lock") = Arc::new(loaded.policy);
+        *self.retention.write().expect("retention lock") = Arc::new(loaded.retention);
+        Ok(Reloaded {
+            files: loaded
+                .files
+                .into_iter()
+                .map(|(file, sha256)| ReloadedFile { file, sha256 })
+                .collect(),
+        })
+    }
+
+    /// Re-reads the JWKS file if its content changed. Returns whether the
+    /// keys in force changed; a file that does not load leaves them as they
+    /// were and is reported.
+    pub async fn reload_jwks(&self) -> anyhow::Result<bool> {
+        let _one = self.reload_lock.lock().await;
+        let Some((verifier, fingerprint)) = load_jwks(&self.config)? else {
+            return Ok(false);
+        };
+        let mut current = self.jwks_fingerprint.write().expect("jwks lock");
+        if *current == Some(fingerprint) {
+            return Ok(false);
+        }
+        *current = Some(fingerprint);
+        *self.tokens.write().expect("tokens lock") = Arc::new(verifier);
+        Ok(true)
     }
 
     pub fn retention(&self) -> Arc<RetentionPolicy> {
@@ -137,12 +255,34 @@ impl Application {
             self.state.clone(),
             stop_worker.clone(),
         ));
+        let every = config
+            .reload_interval
+            .max(std::time::Duration::from_millis(100));
+        let stop_keys = Arc::new(tokio::sync::Notify::new());
+        let keys = tokio::spawn(crate::ledger::keys::run_worker(
+            self.state.clone(),
+            every,
+            stop_keys.clone(),
+        ));
+        let stop_watcher = Arc::new(tokio::sync::Notify::new());
+        let watcher = tokio::spawn(crate::ledger::policies::run_watcher(
+            self.state.clone(),
+            every,
+            stop_watcher.clone(),
+        ));
         axum::serve(self.listener, router)
             .with_graceful_shutdown(shutdown)
             .await?;
-        // A request cut short here is picked up again by the next processor.
-        stop_worker.notify_one();
-        worker.abort();
+        // A request cut short here is picked up again by the next processor;
+        // a rewrap batch cut short rolls back and is redone by the next pass.
+        for (stop, task) in [
+            (stop_worker, worker),
+            (stop_keys, keys),
+            (stop_watcher, watcher),
+        ] {
+            stop.notify_one();
+            task.abort();
+        }
         if let Some(s) = sweeper {
             // A sweep cut short here resumes with the next one.
             s.abort();

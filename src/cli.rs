@@ -52,6 +52,29 @@ pub enum Command {
     },
     /// Measure the service against raw baselines, in one run.
     Bench(BenchCommand),
+    /// The key hierarchy: rotation and status.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Add a master-key version and rewrap every data key under it.
+    Rotate {
+        /// Only add the version; running servers rewrap in the background.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Add an export-signing key version (old public keys stay published).
+    RotateSigning,
+    /// Rewrap the keyring under a new root key (LEDGER_MASTER_KEY).
+    RotateRoot {
+        /// The new root key: 32 random bytes in base64 (`openssl rand -base64 32`).
+        #[arg(long, value_name = "FILE")]
+        new_key_file: std::path::PathBuf,
+    },
+    /// How many data keys each master-key version still wraps.
+    Status,
 }
 
 #[derive(Args, Debug)]
@@ -127,25 +150,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sweep { dry_run } => {
             let state = AppState::init(config).await?;
-            let who = crate::auth::Principal {
-                sub: format!(
-                    "cli:{}",
-                    std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-                ),
-                role: Role::RetentionSweeper,
-                carrier: None,
-            };
-            let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-                let pb = indicatif::ProgressBar::new(0);
-                pb.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "sweeping [{bar:40}] {pos}/{len} ({per_sec}, {eta})",
-                    )
-                    .expect("template")
-                    .progress_chars("=> "),
-                );
-                pb
-            });
+            let who = cli_principal(Role::RetentionSweeper);
+            let bar = progress_bar("sweeping");
             let progress = |done: u64, total: u64| {
                 if let Some(pb) = &bar {
                     pb.set_length(total);
@@ -244,11 +250,152 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Keys(k) => keys(config, k).await,
         Command::Token(TokenCommand::Issue(args)) => {
             println!("{}", issue_token(&config, &args)?);
             Ok(())
         }
     }
+}
+
+fn cli_principal(role: Role) -> crate::auth::Principal {
+    crate::auth::Principal {
+        sub: format!(
+            "cli:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        ),
+        role,
+        carrier: None,
+    }
+}
+
+async fn keys(config: Config, command: KeysCommand) -> anyhow::Result<()> {
+    use crate::crypto::keyring::Rotatable;
+    use crate::ledger::keys as lifecycle;
+    let err = |e: crate::error::AppError| anyhow::anyhow!("{e}");
+    match command {
+        KeysCommand::Status => {
+            let state = AppState::init(config).await?;
+            let s = lifecycle::status(&state).await.map_err(err)?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        }
+        KeysCommand::RotateSigning => {
+            let state = AppState::init(config).await?;
+            let r = lifecycle::rotate(&state, &cli_principal(Role::Admin), Rotatable::Signing)
+                .await
+                .map_err(err)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        KeysCommand::Rotate { no_wait } => {
+            let state = AppState::init(config).await?;
+            let r = lifecycle::rotate(&state, &cli_principal(Role::Admin), Rotatable::Master)
+                .await
+                .map_err(err)?;
+            eprintln!(
+                "master key v{} added; new data keys are wrapped under it",
+                r.version
+            );
+            if no_wait {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            let bar = progress_bar("rewrapping");
+            let progress = |done: u64, total: u64| {
+                if let Some(pb) = &bar {
+                    pb.set_length(total);
+                    pb.set_position(done);
+                }
+            };
+            let report = lifecycle::rewrap_all(
+                &state,
+                lifecycle::REWRAP_BATCH,
+                &progress,
+                std::time::Duration::from_secs(120),
+            )
+            .await
+            .map_err(err)?;
+            if let Some(pb) = bar {
+                pb.finish_and_clear();
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "key": r.key,
+                    "version": r.version,
+                    "rewrapped": report.rewrapped,
+                    "retired": report.retired,
+                    "remaining": report.remaining,
+                }))?
+            );
+        }
+        KeysCommand::RotateRoot { new_key_file } => {
+            let text = std::fs::read_to_string(&new_key_file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", new_key_file.display()))?;
+            let new = crate::config::parse_root_key(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", new_key_file.display()))?;
+            let old = config.secrets()?.root_key;
+            anyhow::ensure!(*old != *new, "the new root key is the one in use");
+            let generated = config.generated_master_key_file();
+            // Opening the state proves the current root key opens the keyring.
+            let state = AppState::init(config).await?;
+            let moved = crate::crypto::Keyring::rotate_root(&state.db, &old, &new).await?;
+            let mut tx = state.db.begin().await?;
+            crate::audit::append(
+                &mut tx,
+                Some(&cli_principal(Role::Admin)),
+                &crate::audit::Event::new(
+                    "keys.rotate_root",
+                    serde_json::json!({"keyring_entries": moved}),
+                ),
+            )
+            .await
+            .map_err(err)?;
+            tx.commit().await?;
+            match generated {
+                Some(path) => {
+                    // The embedded default reads its root key from the data
+                    // dir: replace that file (atomically) with the new key.
+                    let tmp = path.with_extension("key.new");
+                    {
+                        use std::io::Write;
+                        use std::os::unix::fs::OpenOptionsExt;
+                        let mut f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .mode(0o600)
+                            .open(&tmp)?;
+                        f.write_all(text.trim().as_bytes())?;
+                        f.sync_all()?;
+                    }
+                    std::fs::rename(&tmp, &path)?;
+                    println!(
+                        "rewrapped {moved} keyring entries under the new root key and replaced {}; restart the service",
+                        path.display()
+                    );
+                }
+                None => println!(
+                    "rewrapped {moved} keyring entries under the new root key; now set LEDGER_MASTER_KEY_FILE \
+                     (or LEDGER_MASTER_KEY) to the new key on every instance and restart them, then destroy the old key"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(what: &str) -> Option<indicatif::ProgressBar> {
+    std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{what} [{{bar:40}}] {{pos}}/{{len}} ({{per_sec}}, {{eta}})"
+            ))
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        pb
+    })
 }
 
 fn issue_token(config: &Config, args: &IssueArgs) -> anyhow::Result<String> {

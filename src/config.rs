@@ -21,6 +21,14 @@ pub struct Contact {
     pub contact: Option<String>,
 }
 
+/// AES-GCM with random 96-bit nonces stays within NIST SP 800-38D's bound
+/// (collision probability at most 2^-32) for 2^32 encryptions per key; data
+/// keys are replaced at half of that, leaving room for concurrent writers.
+pub const DATA_KEY_MAX_SEALS: i64 = 1 << 31;
+/// The least budget that can be configured: one batch (at most 10,000
+/// transfers) must fit in a fresh key.
+pub const DATA_KEY_MIN_SEALS: i64 = 10_000;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
@@ -39,6 +47,10 @@ pub struct Config {
     pub db_max_connections: u32,
     pub request_timeout: Duration,
     pub body_limit_bytes: usize,
+    /// How often each instance re-reads the keyring and the JWKS file.
+    pub reload_interval: Duration,
+    /// Encryptions a data key may make before it is replaced.
+    pub data_key_max_seals: i64,
     pub controller: Contact,
     pub dpo: Contact,
 }
@@ -62,6 +74,8 @@ struct FileConfig {
     db_max_connections: Option<u32>,
     request_timeout: Option<String>,
     body_limit_bytes: Option<usize>,
+    reload_interval: Option<String>,
+    data_key_max_seals: Option<i64>,
     #[serde(default)]
     controller: Contact,
     #[serde(default)]
@@ -142,7 +156,7 @@ impl Config {
                     .ok()
                     .filter(|n: &i64| (1..=100_000).contains(n))
                     .context("LEDGER_SWEEP_BATCH must be a whole number from 1 to 100000")?,
-                None => 5000,
+                None => 20_000,
             },
             db_max_connections: match env("LEDGER_DB_MAX_CONNECTIONS") {
                 Some(v) => v
@@ -163,6 +177,21 @@ impl Config {
                     .context("LEDGER_BODY_LIMIT_BYTES must be a byte count")?,
                 None => file.body_limit_bytes.unwrap_or(32 * 1024 * 1024),
             },
+            reload_interval: duration(
+                "LEDGER_RELOAD_INTERVAL",
+                env("LEDGER_RELOAD_INTERVAL").or(file.reload_interval),
+                "5s",
+            )?,
+            data_key_max_seals: match env("LEDGER_DATA_KEY_MAX_SEALS") {
+                Some(v) => v.parse().ok(),
+                None => file.data_key_max_seals.or(Some(DATA_KEY_MAX_SEALS)),
+            }
+            .filter(|n: &i64| (DATA_KEY_MIN_SEALS..=DATA_KEY_MAX_SEALS).contains(n))
+            .with_context(|| {
+                format!(
+                    "LEDGER_DATA_KEY_MAX_SEALS must be a whole number from {DATA_KEY_MIN_SEALS} to {DATA_KEY_MAX_SEALS}"
+                )
+            })?,
             controller: Contact {
                 name: env("LEDGER_CONTROLLER_NAME").or(file.controller.name),
                 contact: env("LEDGER_CONTROLLER_CONTACT").or(file.controller.contact),
@@ -191,6 +220,13 @@ impl Config {
         })
     }
 
+    /// Where the root key comes from when neither `LEDGER_MASTER_KEY` nor
+    /// `LEDGER_MASTER_KEY_FILE` is set: the embedded default's generated file.
+    pub fn generated_master_key_file(&self) -> Option<PathBuf> {
+        (self.master_key.is_none() && self.master_key_file.is_none())
+            .then(|| self.data_dir.join("master.key"))
+    }
+
     /// Resolves the master key and the HS256 secret, generating files in the
     /// data dir for whichever is not configured.
     pub fn secrets(&self) -> anyhow::Result<Secrets> {
@@ -208,15 +244,7 @@ impl Config {
                 )?
             }
         };
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(root_b64.trim())
-            .context("the master key must be base64")?;
-        let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice()) else {
-            bail!(
-                "the master key must be 32 bytes (44 characters of base64), not {} bytes",
-                bytes.len()
-            );
-        };
+        let root_key = parse_root_key(&root_b64)?;
         let jwt_secret = match &self.jwt_secret {
             Some(s) => s.clone(),
             None => {
@@ -232,10 +260,26 @@ impl Config {
             bail!("LEDGER_JWT_SECRET must be at least 32 bytes long");
         }
         Ok(Secrets {
-            root_key: zeroize::Zeroizing::new(arr),
+            root_key,
             jwt_secret,
         })
     }
+}
+
+/// A root (master) key: 32 bytes in base64, surrounding whitespace ignored.
+pub fn parse_root_key(text: &str) -> anyhow::Result<crate::crypto::RawKey> {
+    let bytes = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .context("the master key must be base64")?,
+    );
+    let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice()) else {
+        bail!(
+            "the master key must be 32 bytes (44 characters of base64), not {} bytes",
+            bytes.len()
+        );
+    };
+    Ok(zeroize::Zeroizing::new(arr))
 }
 
 /// Reads a generated secret, creating it (mode 0600) on first use.

@@ -39,8 +39,14 @@ impl Policy {
             ),
             None => (DEFAULT_MODEL.to_string(), DEFAULT_POLICY.to_string()),
         };
+        Self::from_text(&model, &policy).await
+    }
+
+    /// Builds the enforcer from the text of a model and a rule file; errors
+    /// name the file and line.
+    pub async fn from_text(model: &str, policy: &str) -> anyhow::Result<Self> {
         Ok(Self {
-            enforcer: RwLock::new(build(&model, &policy).await?),
+            enforcer: RwLock::new(build(model, policy).await?),
         })
     }
 
@@ -64,7 +70,7 @@ impl Policy {
 async fn build(model: &str, policy: &str) -> anyhow::Result<Enforcer> {
     let m = DefaultModel::from_str(model)
         .await
-        .context("casbin model does not parse")?;
+        .context("model.conf does not parse as a casbin model")?;
     let mut e = Enforcer::new(m, MemoryAdapter::default())
         .await
         .context("casbin enforcer")?;
@@ -74,13 +80,33 @@ async fn build(model: &str, policy: &str) -> anyhow::Result<Enforcer> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let at = n + 1;
         let fields: Vec<String> = line.split(',').map(|f| f.trim().to_string()).collect();
         match fields.first().map(String::as_str) {
-            Some("p") if fields.len() == 5 => p.push(fields[1..].to_vec()),
+            Some("p") if fields.len() == 5 => {
+                let (role, dom, obj, act) = (&fields[1], &fields[2], &fields[3], &fields[4]);
+                anyhow::ensure!(
+                    role.parse::<Role>().is_ok(),
+                    "policy.csv line {at}: unknown role {role:?}; expected one of: {}",
+                    Role::expected()
+                );
+                anyhow::ensure!(
+                    dom == "own" || dom == "*",
+                    "policy.csv line {at}: domain must be `own` or `*`, not {dom:?}"
+                );
+                anyhow::ensure!(
+                    !obj.is_empty(),
+                    "policy.csv line {at}: the object is empty"
+                );
+                anyhow::ensure!(
+                    ["read", "write", "decrypt"].contains(&act.as_str()),
+                    "policy.csv line {at}: action must be read, write or decrypt, not {act:?}"
+                );
+                p.push(fields[1..].to_vec())
+            }
             Some("g") if fields.len() == 3 => g.push(fields[1..].to_vec()),
             _ => anyhow::bail!(
-                "policy.csv line {}: expected `p, role, domain, object, action` or `g, role, role`",
-                n + 1
+                "policy.csv line {at}: expected `p, role, domain, object, action` or `g, role, role`"
             ),
         }
     }
@@ -90,6 +116,10 @@ async fn build(model: &str, policy: &str) -> anyhow::Result<Enforcer> {
     if !g.is_empty() {
         e.add_grouping_policies(g).await?;
     }
+    // A model that parses but cannot evaluate a request would deny
+    // everything at run time: refuse it now.
+    e.enforce(("admin", "*", "keys", "read"))
+        .context("model.conf cannot evaluate a request (role, domain, object, action)")?;
     Ok(e)
 }
 

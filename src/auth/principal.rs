@@ -67,7 +67,10 @@ impl FromRequestParts<AppState> for Principal {
             .ok_or_else(|| {
                 AppError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
             })?;
-        let v = state.tokens.verify(token).map_err(AppError::Unauthorized)?;
+        let v = state
+            .tokens()
+            .verify(token)
+            .map_err(AppError::Unauthorized)?;
         let principal = Self {
             sub: v.sub,
             role: v.role,

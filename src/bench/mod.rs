@@ -600,11 +600,14 @@ async fn request_until_done(
         .as_str()
         .unwrap_or_default()
         .to_string();
+    // The service answers once the request completes (`Prefer: wait`),
+    // so the client does not poll.
     let deadline = Instant::now() + Duration::from_secs(600);
     while Instant::now() < deadline {
         let v: Value = client
             .get(format!("{url}/v1/subject-requests/{id}"))
             .bearer_auth(token)
+            .header("Prefer", "wait=30")
             .send()
             .await?
             .json()
@@ -612,7 +615,6 @@ async fn request_until_done(
         if v["status"] == "completed" {
             return Ok(id);
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     anyhow::bail!("subject request {id} did not complete")
 }

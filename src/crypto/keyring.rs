@@ -9,7 +9,7 @@ use anyhow::Context;
 use uuid::Uuid;
 
 use super::{BlindIndex, IntegrityError, Key, RawKey};
-use crate::storage::{self, keys::SubjectKeyRow, Db};
+use crate::storage::{self, keys::KeyringRow, keys::SubjectKeyRow, Db, Tx};
 
 const MASTER: &str = "master";
 const BLIND_INDEX: &str = "blind_index";
@@ -20,29 +20,53 @@ const PURPOSES: [&str; 3] = [MASTER, BLIND_INDEX, SIGNING];
 const SUBJECT_KEY_CACHE: usize = 10_000;
 
 pub struct Keyring {
+    root: Key,
     masters: RwLock<BTreeMap<i64, Key>>,
+    /// Master-key versions the database says are retired.
+    retired: RwLock<std::collections::BTreeSet<i64>>,
     /// Ed25519 keys that sign exports, receipts and audit heads, by version.
     signers: RwLock<BTreeMap<i64, ed25519_dalek::SigningKey>>,
     blind: BlindIndex,
     cache: quick_cache::sync::Cache<Uuid, Key>,
 }
 
-fn master_aad(version: i64) -> Vec<u8> {
-    format!("tl/master/v{version}").into_bytes()
-}
-
-fn signing_aad(version: i64) -> Vec<u8> {
-    format!("tl/signing/v{version}").into_bytes()
+/// The additional data binding a root-wrapped key to its purpose and version.
+fn root_aad(purpose: &str, version: i64) -> Vec<u8> {
+    match purpose {
+        MASTER => format!("tl/master/v{version}").into_bytes(),
+        SIGNING => format!("tl/signing/v{version}").into_bytes(),
+        _ => format!("tl/blind-index/v{version}").into_bytes(),
+    }
 }
 
 fn subject_aad(id: Uuid, carrier: &str, master_version: i64) -> Vec<u8> {
     format!("tl/subject-key/{id}/{carrier}/m{master_version}").into_bytes()
 }
 
+const WRONG_ROOT: &str =
+    "the master key (LEDGER_MASTER_KEY / LEDGER_MASTER_KEY_FILE) does not open \
+     this database's keys: it is not the key the database was created with (or last rotated to)";
+
+/// A kind of root-wrapped key that can be rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotatable {
+    Master,
+    Signing,
+}
+
+impl Rotatable {
+    fn purpose(self) -> &'static str {
+        match self {
+            Self::Master => MASTER,
+            Self::Signing => SIGNING,
+        }
+    }
+}
+
 impl Keyring {
     /// Loads the keyring, creating master key v1, the blind-index key and
-    /// the signing key on first start. Fails if `root` is not the key this database was set up
-    /// with.
+    /// the signing key on first start. Fails if `root` is not the key this
+    /// database was set up with.
     pub async fn open(db: &Db, root: &RawKey) -> anyhow::Result<Self> {
         let root = Key::from_bytes(root);
         let mut rows = storage::keys::keyring(db).await?;
@@ -52,78 +76,150 @@ impl Keyring {
         {
             let now = storage::micros(chrono::Utc::now());
             let mut tx = db.begin().await?;
-            let master = Key::generate_raw();
-            storage::keys::insert_keyring(
-                &mut tx,
-                MASTER,
-                1,
-                &root.wrap(&master_aad(1), &master),
-                now,
-            )
-            .await?;
-            let bi = Key::generate_raw();
-            storage::keys::insert_keyring(
-                &mut tx,
-                BLIND_INDEX,
-                1,
-                &root.wrap(b"tl/blind-index/v1", &bi),
-                now,
-            )
-            .await?;
-            let seed = Key::generate_raw();
-            storage::keys::insert_keyring(
-                &mut tx,
-                SIGNING,
-                1,
-                &root.wrap(&signing_aad(1), &seed),
-                now,
-            )
-            .await?;
+            for purpose in PURPOSES {
+                let raw = Key::generate_raw();
+                storage::keys::insert_keyring(
+                    &mut tx,
+                    purpose,
+                    1,
+                    &root.wrap(&root_aad(purpose, 1), &raw),
+                    now,
+                )
+                .await?;
+            }
             tx.commit().await?;
             rows = storage::keys::keyring(db).await?;
         }
+        let blind = rows
+            .iter()
+            .find(|r| r.purpose == BLIND_INDEX)
+            .context("blind-index key missing")?;
+        let blind_raw = root
+            .unwrap_key(&root_aad(BLIND_INDEX, blind.version), &blind.wrapped)
+            .context(WRONG_ROOT)?;
+        let blind = BlindIndex::new(&blind_raw);
+        let ring = Self {
+            root,
+            masters: RwLock::new(BTreeMap::new()),
+            retired: RwLock::new(Default::default()),
+            signers: RwLock::new(BTreeMap::new()),
+            blind,
+            cache: quick_cache::sync::Cache::new(SUBJECT_KEY_CACHE),
+        };
+        ring.load(&rows)?;
+        anyhow::ensure!(
+            !ring.masters.read().expect("lock").is_empty(),
+            "no master key in force"
+        );
+        Ok(ring)
+    }
 
-        let wrong_root =
-            "the master key (LEDGER_MASTER_KEY / LEDGER_MASTER_KEY_FILE) does not open this \
-                          database's keys: it is not the key the database was created with";
-        let mut masters = BTreeMap::new();
-        let mut blind = None;
-        let mut signers = BTreeMap::new();
+    /// Takes in the keyring rows: new versions are unwrapped. A retired
+    /// version's material is gone from the database; a process that loaded
+    /// it before keeps it in memory (never to wrap: newer versions exist),
+    /// so a read that fetched a row just before its rewrap still opens it.
+    fn load(&self, rows: &[KeyringRow]) -> anyhow::Result<()> {
+        let mut masters = self.masters.write().expect("lock");
+        let mut signers = self.signers.write().expect("lock");
+        let mut retired = self.retired.write().expect("lock");
         for r in rows {
+            if r.purpose == MASTER && r.retired_at.is_some() {
+                retired.insert(r.version);
+            }
             match r.purpose.as_str() {
-                MASTER => {
-                    let raw = root
-                        .unwrap_key(&master_aad(r.version), &r.wrapped)
-                        .context(wrong_root)?;
+                MASTER if r.retired_at.is_none() && !masters.contains_key(&r.version) => {
+                    let raw = self
+                        .root
+                        .unwrap_key(&root_aad(MASTER, r.version), &r.wrapped)
+                        .context(WRONG_ROOT)?;
                     masters.insert(r.version, Key::from_bytes(&raw));
                 }
-                BLIND_INDEX => {
-                    let raw = root
-                        .unwrap_key(b"tl/blind-index/v1", &r.wrapped)
-                        .context(wrong_root)?;
-                    blind = Some(BlindIndex::new(&raw));
-                }
-                SIGNING => {
-                    let seed = root
-                        .unwrap_key(&signing_aad(r.version), &r.wrapped)
-                        .context(wrong_root)?;
+                SIGNING if !signers.contains_key(&r.version) => {
+                    let seed = self
+                        .root
+                        .unwrap_key(&root_aad(SIGNING, r.version), &r.wrapped)
+                        .context(WRONG_ROOT)?;
                     signers.insert(r.version, ed25519_dalek::SigningKey::from_bytes(&seed));
                 }
                 _ => {}
             }
         }
-        Ok(Self {
-            masters: RwLock::new(masters),
-            signers: RwLock::new(signers),
-            blind: blind.context("blind-index key missing")?,
-            cache: quick_cache::sync::Cache::new(SUBJECT_KEY_CACHE),
-        })
+        Ok(())
+    }
+
+    /// Re-reads the keyring: versions another instance (or the CLI) added
+    /// or retired take effect here.
+    pub async fn refresh(&self, db: &Db) -> anyhow::Result<()> {
+        let rows = storage::keys::keyring(db).await?;
+        self.load(&rows)
+    }
+
+    /// Makes sure every master-key version in `versions` is known, reading
+    /// the keyring again if one is not (another instance rotated).
+    pub async fn ensure(
+        &self,
+        db: &Db,
+        versions: impl IntoIterator<Item = i64>,
+    ) -> anyhow::Result<()> {
+        let unknown = {
+            let masters = self.masters.read().expect("lock");
+            versions.into_iter().any(|v| !masters.contains_key(&v))
+        };
+        if unknown {
+            self.refresh(db).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds the next version of a rotatable key, wrapped under the root key,
+    /// inside `tx`. Returns the version, or `None` if a concurrent rotation
+    /// took that version number first. Takes effect here after commit and
+    /// `refresh`.
+    pub async fn add_version(&self, tx: &mut Tx, kind: Rotatable) -> anyhow::Result<Option<i64>> {
+        let purpose = kind.purpose();
+        let version = storage::keys::next_version(tx, purpose).await?;
+        let raw = Key::generate_raw();
+        let wrapped = self.root.wrap(&root_aad(purpose, version), &raw);
+        let now = storage::micros(chrono::Utc::now());
+        let inserted = storage::keys::insert_keyring(tx, purpose, version, &wrapped, now).await?;
+        Ok(inserted.then_some(version))
+    }
+
+    /// Rewraps every live keyring entry from the root key `old` to `new` in
+    /// one transaction: either all entries move or none does.
+    pub async fn rotate_root(db: &Db, old: &RawKey, new: &RawKey) -> anyhow::Result<usize> {
+        let (old, new) = (Key::from_bytes(old), Key::from_bytes(new));
+        let mut tx = db.begin().await?;
+        let rows = storage::keys::keyring_for_update(&mut tx).await?;
+        let mut moved = 0;
+        for r in rows.iter().filter(|r| r.retired_at.is_none()) {
+            let aad = root_aad(&r.purpose, r.version);
+            let raw = match old.unwrap_key(&aad, &r.wrapped) {
+                Ok(raw) => raw,
+                // Already under the new key: a rerun after a crash between
+                // this commit and the configuration change.
+                Err(_) if new.unwrap_key(&aad, &r.wrapped).is_ok() => continue,
+                Err(_) => anyhow::bail!(WRONG_ROOT),
+            };
+            let wrapped = new.wrap(&aad, &raw);
+            anyhow::ensure!(
+                storage::keys::rewrap_keyring(&mut tx, &r.purpose, r.version, &r.wrapped, &wrapped)
+                    .await?,
+                "keyring entry {} v{} changed during the rotation; run it again",
+                r.purpose,
+                r.version
+            );
+            moved += 1;
+        }
+        tx.commit().await?;
+        Ok(moved)
     }
 
     pub fn blind(&self) -> &BlindIndex {
         &self.blind
     }
 
+    /// The newest master-key version this instance knows.
     pub fn current_version(&self) -> i64 {
         self.masters
             .read()
@@ -134,10 +230,36 @@ impl Keyring {
             .unwrap_or(1)
     }
 
-    /// A fresh subject key, wrapped under the current master key.
-    pub fn new_subject_key(&self, carrier: &str, blind_index: Vec<u8>) -> (SubjectKeyRow, Key) {
-        let masters = self.masters.read().expect("lock");
-        let (&version, master) = masters.iter().next_back().expect("at least one master key");
+    /// The master-key versions in force (not retired), oldest first.
+    pub fn master_versions(&self) -> Vec<i64> {
+        let retired = self.retired.read().expect("lock");
+        self.masters
+            .read()
+            .expect("lock")
+            .keys()
+            .filter(|v| !retired.contains(v))
+            .copied()
+            .collect()
+    }
+
+    fn master(&self, version: i64) -> Result<Key, IntegrityError> {
+        self.masters
+            .read()
+            .expect("lock")
+            .get(&version)
+            .cloned()
+            .ok_or(IntegrityError("unknown master key version"))
+    }
+
+    /// A fresh subject key, wrapped under master key `version` (read from
+    /// the database in the writing transaction: `storage::keys::current_master`).
+    pub fn new_subject_key(
+        &self,
+        carrier: &str,
+        blind_index: Vec<u8>,
+        version: i64,
+    ) -> Result<(SubjectKeyRow, Key), IntegrityError> {
+        let master = self.master(version)?;
         let id = Uuid::now_v7();
         let raw = Key::generate_raw();
         let wrapped_key = master.wrap(&subject_aad(id, carrier, version), &raw);
@@ -148,8 +270,25 @@ impl Keyring {
             blind_index,
             master_version: version,
             wrapped_key,
+            seals: 0,
         };
-        (row, key)
+        Ok((row, key))
+    }
+
+    /// The subject key's wrapping under master key `version` instead.
+    pub fn rewrap_subject(
+        &self,
+        row: &SubjectKeyRow,
+        version: i64,
+    ) -> Result<Vec<u8>, IntegrityError> {
+        let old = self.master(row.master_version)?;
+        let raw = old.unwrap_key(
+            &subject_aad(row.id, &row.carrier_id, row.master_version),
+            &row.wrapped_key,
+        )?;
+        Ok(self
+            .master(version)?
+            .wrap(&subject_aad(row.id, &row.carrier_id, version), &raw))
     }
 
     /// Unwraps (or finds in the cache) the key of a stored subject-key row.
@@ -172,25 +311,25 @@ impl Keyring {
         if let Some(k) = self.cache.get(&id) {
             return Ok(k);
         }
-        let masters = self.masters.read().expect("lock");
-        let master = masters
-            .get(&version)
-            .ok_or(IntegrityError("unknown master key version"))?;
-        let raw = master.unwrap_key(&subject_aad(id, carrier, version), wrapped)?;
+        let raw = self
+            .master(version)?
+            .unwrap_key(&subject_aad(id, carrier, version), wrapped)?;
         let key = Key::from_bytes(&raw);
         self.cache.insert(id, key.clone());
         Ok(key)
     }
 
-    /// Seals `plaintext` directly under the current master key (for small
+    /// Seals `plaintext` directly under master key `version` (for small
     /// values such as export keys and request identifiers).
-    pub fn seal_with_master(&self, aad: &str, plaintext: &[u8]) -> (i64, Vec<u8>) {
-        let masters = self.masters.read().expect("lock");
-        let (&version, master) = masters.iter().next_back().expect("at least one master key");
-        (
-            version,
-            master.seal(format!("{aad}/m{version}").as_bytes(), plaintext),
-        )
+    pub fn seal_with_master(
+        &self,
+        version: i64,
+        aad: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, IntegrityError> {
+        Ok(self
+            .master(version)?
+            .seal(format!("{aad}/m{version}").as_bytes(), plaintext))
     }
 
     pub fn open_with_master(
@@ -199,11 +338,8 @@ impl Keyring {
         aad: &str,
         sealed: &[u8],
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, IntegrityError> {
-        let masters = self.masters.read().expect("lock");
-        let master = masters
-            .get(&version)
-            .ok_or(IntegrityError("unknown master key version"))?;
-        master.open(format!("{aad}/m{version}").as_bytes(), sealed)
+        self.master(version)?
+            .open(format!("{aad}/m{version}").as_bytes(), sealed)
     }
 
     /// Signs `message` with the current signing key: `(key id, signature)`.

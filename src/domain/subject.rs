@@ -21,16 +21,35 @@ impl PhoneNumber {
         if !s.starts_with('+') {
             return Err("must be an international phone number starting with + (E.164)".into());
         }
-        let n = phonenumber::parse(None, &s).map_err(|_| "is not a phone number".to_string())?;
-        if !phonenumber::is_valid(&n) {
-            return Err("is not a valid phone number in its country's numbering plan".into());
+        // Parsing against the numbering plans is regex work, the costliest
+        // step of validating a transfer, and the same subscribers' numbers
+        // recur call after call: remember recent outcomes.
+        if let Some(known) = parsed_numbers().get(&s) {
+            return known.map(Self).map_err(str::to_string);
         }
-        Ok(Self(n.format().mode(phonenumber::Mode::E164).to_string()))
+        let outcome = match phonenumber::parse(None, &s) {
+            Err(_) => Err("is not a phone number"),
+            Ok(n) if !phonenumber::is_valid(&n) => {
+                Err("is not a valid phone number in its country's numbering plan")
+            }
+            Ok(n) => Ok(n.format().mode(phonenumber::Mode::E164).to_string()),
+        };
+        parsed_numbers().insert(s, outcome.clone());
+        outcome.map(Self).map_err(str::to_string)
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Recently parsed numbers and their outcome (E.164, or why not), about
+/// 100 bytes each.
+fn parsed_numbers() -> &'static quick_cache::sync::Cache<String, Result<String, &'static str>> {
+    static CACHE: std::sync::OnceLock<
+        quick_cache::sync::Cache<String, Result<String, &'static str>>,
+    > = std::sync::OnceLock::new();
+    CACHE.get_or_init(|| quick_cache::sync::Cache::new(50_000))
 }
 
 /// A SIP URI, normalized to lower case without URI parameters or headers
@@ -174,6 +193,20 @@ mod tests {
     fn malformed_phone_numbers_are_refused() {
         for input in ["4255550100", "+1 425", "+999 1234", "hello", "", "+33 1 23"] {
             assert!(PhoneNumber::parse(input).is_err(), "{input}");
+        }
+    }
+
+    #[test]
+    fn remembered_outcomes_equal_fresh_ones() {
+        for input in [
+            "+1 425-555-0100",
+            "+999 1234",
+            "+33 6 12 34 56 78",
+            "+1 425",
+        ] {
+            let first = PhoneNumber::parse(input).map(|p| p.as_str().to_string());
+            let again = PhoneNumber::parse(input).map(|p| p.as_str().to_string());
+            assert_eq!(first, again, "{input}");
         }
     }
 

@@ -1,17 +1,71 @@
-//! `/v1/keys`: public keys that verify what the service signs.
+//! `/v1/keys`: rotation and status of the key hierarchy, and the public keys
+//! that verify what the service signs; `/v1/policies/reload`.
 
 use axum::extract::State;
-use axum::routing::get;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::Serialize;
 
-use crate::app::AppState;
+use crate::app::{AppState, Reloaded};
 use crate::auth::Principal;
+use crate::crypto::keyring::Rotatable;
 use crate::error::Result;
+use crate::ledger::keys::{self as lifecycle, KeyStatus, Rotation};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/keys/export-signing", get(export_signing))
+    Router::new()
+        .route("/keys/export-signing", get(export_signing))
+        .route("/keys/export-signing/rotate", post(rotate_signing))
+        .route("/keys/rotate", post(rotate))
+        .route("/keys/status", get(status))
+        .route("/policies/reload", post(reload_policies))
+}
+
+/// Adds a master-key version; data keys are rewrapped in the background and
+/// old versions keep decrypting until then. Admins.
+#[utoipa::path(post, path = "/v1/keys/rotate", tag = "keys",
+    responses((status = 202, body = Rotation), (status = 403)), security(("bearer" = [])))]
+pub async fn rotate(
+    State(state): State<AppState>,
+    who: Principal,
+) -> Result<(StatusCode, Json<Rotation>)> {
+    state.authorize(&who, "keys", "write")?;
+    let r = lifecycle::rotate(&state, &who, Rotatable::Master).await?;
+    Ok((StatusCode::ACCEPTED, Json(r)))
+}
+
+/// Adds an export-signing key version; the old public keys stay published.
+#[utoipa::path(post, path = "/v1/keys/export-signing/rotate", tag = "keys",
+    responses((status = 201, body = Rotation), (status = 403)), security(("bearer" = [])))]
+pub async fn rotate_signing(
+    State(state): State<AppState>,
+    who: Principal,
+) -> Result<(StatusCode, Json<Rotation>)> {
+    state.authorize(&who, "keys", "write")?;
+    let r = lifecycle::rotate(&state, &who, Rotatable::Signing).await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+/// How many data keys each master-key version still wraps.
+#[utoipa::path(get, path = "/v1/keys/status", tag = "keys",
+    responses((status = 200, body = KeyStatus)), security(("bearer" = [])))]
+pub async fn status(State(state): State<AppState>, who: Principal) -> Result<Json<KeyStatus>> {
+    state.authorize(&who, "keys", "read")?;
+    Ok(Json(lifecycle::status(&state).await?))
+}
+
+/// Re-reads `policies/` (model, rules, retention); a file that does not
+/// parse or validate is refused with 422 and the old policy stays.
+#[utoipa::path(post, path = "/v1/policies/reload", tag = "keys",
+    responses((status = 200, body = Reloaded), (status = 422)), security(("bearer" = [])))]
+pub async fn reload_policies(
+    State(state): State<AppState>,
+    who: Principal,
+) -> Result<Json<Reloaded>> {
+    state.authorize(&who, "policies", "write")?;
+    Ok(Json(crate::ledger::policies::reload(&state, &who).await?))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

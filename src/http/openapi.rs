@@ -17,6 +17,7 @@ use crate::app::AppState;
         super::retention::list_sweeps, super::reconciliation::reconcile, super::subject_requests::create, super::subject_requests::list,
         super::subject_requests::show, super::subject_requests::extend, super::subject_requests::download, super::holds::place, super::holds::release, super::holds::list,
         super::audit::list, super::audit::verify, super::audit::head, super::keys::export_signing,
+        super::keys::rotate, super::keys::rotate_signing, super::keys::status, super::keys::reload_policies,
         super::health::healthz, super::health::readyz,
     ),
     components(schemas(crate::error::Problem, crate::error::FieldError)),

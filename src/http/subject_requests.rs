@@ -58,15 +58,43 @@ pub async fn list(
 }
 
 /// One request: status, due date, and the signed receipt of an erasure.
-#[utoipa::path(get, path = "/v1/subject-requests/{id}", tag = "subject requests", params(("id" = String, Path)),
+/// `Prefer: wait=N` waits up to N seconds (at most 30) for it to complete.
+#[utoipa::path(get, path = "/v1/subject-requests/{id}", tag = "subject requests",
+    params(("id" = String, Path),
+           ("Prefer" = Option<String>, Header, description = "wait=N: answer once the request is completed, or after N seconds (at most 30)")),
     responses((status = 200, body = RequestView), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn show(
     State(state): State<AppState>,
     who: Principal,
     Path(id): Path<String>,
-) -> Result<Json<RequestView>> {
-    Ok(Json(requests::get(&state, &who, &id).await?))
+    headers: HeaderMap,
+) -> Result<Response> {
+    let wait = prefer_wait(&headers);
+    let view = requests::get(&state, &who, &id, wait).await?;
+    let mut response = Json(view).into_response();
+    if let Some(w) = wait {
+        let applied = format!("wait={}", w.min(requests::MAX_WAIT).as_secs());
+        if let Ok(v) = header::HeaderValue::from_str(&applied) {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static("preference-applied"), v);
+        }
+    }
+    Ok(response)
+}
+
+/// `Prefer: wait=N` (RFC 7240): seconds the client is willing to wait.
+/// Anything else in the header is ignored, as the RFC asks.
+fn prefer_wait(headers: &HeaderMap) -> Option<std::time::Duration> {
+    headers
+        .get_all(header::HeaderName::from_static("prefer"))
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| p.trim().strip_prefix("wait="))
+        .find_map(|n| n.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_secs)
 }
 
 /// Extend the deadline once, by two further months.

@@ -43,14 +43,15 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
     let (mut subject_index, mut subject_key_id, mut subject_sealed) = (None, None, None);
     if let Some(subject) = &c.subject {
         let bi = state.keys.blind().of(subject);
-        let keys = crate::ledger::transfers::resolve_subject_keys(
+        let mut resolved = crate::ledger::transfers::resolve_subject_keys(
             state,
             &mut tx,
             c.carrier_id.as_str(),
             vec![bi.clone()],
         )
         .await?;
-        let (key_id, key) = &keys[&bi];
+        crate::storage::keys::add_seals(&mut tx, &mut resolved.seals).await?;
+        let (key_id, key) = &resolved.keys[&bi];
         let field = match subject {
             crate::domain::SubjectId::Phone(_) => "phone_number",
             crate::domain::SubjectId::Sip(_) => "sip_uri",
@@ -249,6 +250,10 @@ async fn open_subject(
     let Some(key_row) = crate::storage::keys::subject_key_by_id(&state.db, key_id).await? else {
         return Ok(Value::Null);
     };
+    state
+        .keys
+        .ensure(&state.db, [key_row.master_version])
+        .await?;
     let key = state
         .keys
         .subject_key(&key_row)

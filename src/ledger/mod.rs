@@ -2,6 +2,8 @@
 //! ledger, independent of HTTP so the CLI and the bench share them.
 
 pub mod consents;
+pub mod keys;
+pub mod policies;
 pub mod reconciliation;
 pub mod reports;
 pub mod transfers;

@@ -257,11 +257,17 @@ async fn write(
         }
     }
     let mut subject_keys: HashMap<(String, Vec<u8>), (Uuid, Key)> = HashMap::new();
+    let mut seals: Vec<(Uuid, i64)> = Vec::new();
     for (carrier, indexes) in wanted {
-        for (bi, key) in resolve_subject_keys(state, tx, carrier, indexes).await? {
+        let resolved = resolve_subject_keys(state, tx, carrier, indexes).await?;
+        seals.extend(resolved.seals);
+        for (bi, key) in resolved.keys {
             subject_keys.insert((carrier.to_string(), bi), key);
         }
     }
+    // Every data key counts its encryptions (the nonce budget), in the
+    // transaction that makes them.
+    keys::add_seals(tx, &mut seals).await?;
 
     let mut records = Vec::with_capacity(fresh.len());
     let mut slots = Vec::with_capacity(fresh.len() * 2);
@@ -388,24 +394,54 @@ async fn write(
     Ok(results)
 }
 
+/// Subject keys resolved for a write.
+pub(crate) struct Resolved {
+    /// By blind index: the key's id and the key.
+    pub keys: HashMap<Vec<u8>, (Uuid, Key)>,
+    /// `(key id, encryptions this write makes with it)`, for `keys::add_seals`.
+    pub seals: Vec<(Uuid, i64)>,
+}
+
 /// The subject keys of `carrier` for the given blind indexes, creating the
-/// missing ones: existing keys in one query, new ones in one insert.
+/// missing ones: existing keys in one query, new ones in one insert. An
+/// index listed n times is sealed under n times. A key whose nonce budget
+/// this write would exceed is replaced by a fresh one (the old one keeps
+/// decrypting what it sealed).
 pub(crate) async fn resolve_subject_keys(
     state: &AppState,
     tx: &mut Tx,
     carrier: &str,
     mut indexes: Vec<Vec<u8>>,
-) -> Result<HashMap<Vec<u8>, (Uuid, Key)>> {
+) -> Result<Resolved> {
     indexes.sort();
-    indexes.dedup();
+    let mut uses: Vec<(Vec<u8>, i64)> = Vec::with_capacity(indexes.len());
+    for bi in indexes {
+        match uses.last_mut() {
+            Some((last, n)) if *last == bi => *n += 1,
+            _ => uses.push((bi, 1)),
+        }
+    }
+    let indexes: Vec<Vec<u8>> = uses.iter().map(|(bi, _)| bi.clone()).collect();
+    let uses: HashMap<Vec<u8>, i64> = uses.into_iter().collect();
+    let existing = keys::subject_keys_by_index(tx, carrier, &indexes).await?;
+    state
+        .keys
+        .ensure(&state.db, existing.iter().map(|r| r.master_version))
+        .await?;
     let unwrap = |row: &SubjectKeyRow| {
         state
             .keys
             .subject_key(row)
             .map_err(|e| AppError::Integrity(format!("subject key {}: {e}", row.id)))
     };
+    let limit = state.config.data_key_max_seals;
     let mut out = HashMap::with_capacity(indexes.len());
-    for row in keys::subject_keys_by_index(tx, carrier, &indexes).await? {
+    for row in existing {
+        if row.seals + uses[&row.blind_index] > limit {
+            tracing::info!(key = %row.id, seals = row.seals, "data key's nonce budget spent; replacing it");
+            keys::replace_subject_key(tx, &row).await?;
+            continue;
+        }
         let key = unwrap(&row)?;
         out.insert(row.blind_index, (row.id, key));
     }
@@ -413,27 +449,37 @@ pub(crate) async fn resolve_subject_keys(
         .into_iter()
         .filter(|bi| !out.contains_key(bi))
         .collect();
-    if missing.is_empty() {
-        return Ok(out);
+    if !missing.is_empty() {
+        let version = keys::current_master(tx).await?;
+        state.keys.ensure(&state.db, [version]).await?;
+        let mut created: HashMap<Uuid, Key> = HashMap::with_capacity(missing.len());
+        let mut rows = Vec::with_capacity(missing.len());
+        for bi in missing {
+            let (row, key) = state
+                .keys
+                .new_subject_key(carrier, bi, version)
+                .map_err(|e| AppError::Integrity(format!("master key v{version}: {e}")))?;
+            created.insert(row.id, key);
+            rows.push(row);
+        }
+        keys::insert_subject_keys(tx, &rows, micros(Utc::now())).await?;
+        // Keys a concurrent writer created first win; use theirs.
+        let indexes: Vec<Vec<u8>> = rows.into_iter().map(|r| r.blind_index).collect();
+        let winners = keys::subject_keys_by_index(tx, carrier, &indexes).await?;
+        state
+            .keys
+            .ensure(&state.db, winners.iter().map(|r| r.master_version))
+            .await?;
+        for row in winners {
+            let key = match created.remove(&row.id) {
+                Some(k) => k,
+                None => unwrap(&row)?,
+            };
+            out.insert(row.blind_index, (row.id, key));
+        }
     }
-    let mut created: HashMap<Uuid, Key> = HashMap::with_capacity(missing.len());
-    let mut rows = Vec::with_capacity(missing.len());
-    for bi in missing {
-        let (row, key) = state.keys.new_subject_key(carrier, bi);
-        created.insert(row.id, key);
-        rows.push(row);
-    }
-    keys::insert_subject_keys(tx, &rows, micros(Utc::now())).await?;
-    // Keys a concurrent writer created first win; use theirs.
-    let indexes: Vec<Vec<u8>> = rows.into_iter().map(|r| r.blind_index).collect();
-    for row in keys::subject_keys_by_index(tx, carrier, &indexes).await? {
-        let key = match created.remove(&row.id) {
-            Some(k) => k,
-            None => unwrap(&row)?,
-        };
-        out.insert(row.blind_index, (row.id, key));
-    }
-    Ok(out)
+    let seals = out.iter().map(|(bi, (id, _))| (*id, uses[bi])).collect();
+    Ok(Resolved { keys: out, seals })
 }
 
 /// Checks every consent the fresh transfers rely on; refuses with 409 naming
@@ -589,6 +635,12 @@ async fn decrypt_all(state: &AppState, views: &mut [TransferView]) -> Result<()>
     }
     let ids: Vec<Uuid> = views.iter().map(|v| v.id).collect();
     let (bodies, slots) = store::sealed(&state.db, &ids).await?;
+    // Another instance may have rotated the master key since this one last
+    // read the keyring.
+    state
+        .keys
+        .ensure(&state.db, slots.iter().map(|s| s.master_version))
+        .await?;
     let bodies: HashMap<Uuid, Vec<u8>> = bodies.into_iter().map(|b| (b.id, b.body)).collect();
     let mut by_record: HashMap<Uuid, Vec<_>> = HashMap::new();
     for s in slots {

@@ -132,14 +132,17 @@ async fn erase_batches(
     progress: &mut Progress,
 ) -> Result<()> {
     loop {
-        let mut tx = state.db.begin().await?;
+        // A batch lost in a crash (with its audit entry: they commit
+        // together) is redone; the synchronous completing transaction
+        // flushes every batch before the receipt exists.
+        let mut tx = state.db.begin_relaxed().await?;
         let records = erase::unheld_records(&mut tx, carrier, index, BATCH).await?;
         if records.is_empty() {
             tx.commit().await?;
             return Ok(());
         }
         let ids: Vec<Uuid> = records.iter().map(|(id, _)| *id).collect();
-        let removed = erase::remove_subject(&mut tx, &ids, index).await?;
+        let removed = erase::remove_subject(&mut tx, carrier, &ids, index).await?;
         let mut batch: BTreeMap<String, i64> = BTreeMap::new();
         for (_, category) in &records {
             *batch.entry(category.clone()).or_default() += 1;

@@ -27,7 +27,7 @@ const PAGE: i64 = 500;
 /// How long a prepared export is kept.
 pub const KEEP_DAYS: i64 = 7;
 
-fn key_aad(id: Uuid) -> String {
+pub(crate) fn key_aad(id: Uuid) -> String {
     format!("tl/export-key/{id}")
 }
 
@@ -62,7 +62,9 @@ impl ChunkWriter<'_> {
             return Ok(());
         }
         let sealed = self.key.seal(&chunk_aad(self.id, self.seq), &self.buf);
-        let mut tx = self.state.db.begin().await?;
+        // A chunk lost in a crash is rebuilt with the whole export; the
+        // completing transaction is synchronous and flushes it first.
+        let mut tx = self.state.db.begin_relaxed().await?;
         store::insert_chunk(&mut tx, self.id, self.seq, &sealed).await?;
         store::renew_claim(&mut tx, self.id, micros(Utc::now())).await?;
         tx.commit().await?;
@@ -107,17 +109,17 @@ const RIGHTS: &[&str] = &[
 
 /// Builds, seals and signs the export of a request, then completes it.
 pub async fn prepare(state: &AppState, r: &RequestRow) -> Result<()> {
-    let subject = super::open_subject(state, r)?
+    let subject = super::open_subject(state, r)
+        .await?
         .ok_or_else(|| AppError::Integrity("access request without its subject".into()))?;
     let lang = r.language.as_str();
     let cat = &state.catalogs;
 
-    let mut tx = state.db.begin().await?;
+    let mut tx = state.db.begin_relaxed().await?;
     store::discard_export(&mut tx, r.id).await?;
     tx.commit().await?;
 
     let raw = Key::generate_raw();
-    let (master, wrapped_key) = state.keys.seal_with_master(&key_aad(r.id), raw.as_ref());
     let mut w = ChunkWriter {
         state,
         id: r.id,
@@ -183,6 +185,15 @@ pub async fn prepare(state: &AppState, r: &RequestRow) -> Result<()> {
     let digest: [u8; 32] = w.hasher.clone().finalize().into();
     let (key_id, signature) = state.keys.sign(&digest);
     let now = Utc::now();
+    // The export key is wrapped under the master key current in the
+    // transaction that stores it, which a rotation cannot retire under us.
+    let mut tx = state.db.begin().await?;
+    let master = crate::storage::keys::current_master(&mut tx).await?;
+    state.keys.ensure(&state.db, [master]).await?;
+    let wrapped_key = state
+        .keys
+        .seal_with_master(master, &key_aad(r.id), raw.as_ref())
+        .map_err(|e| AppError::Integrity(format!("export {}: {e}", r.id)))?;
     let export = ExportRow {
         request_id: r.id,
         master,
@@ -196,7 +207,6 @@ pub async fn prepare(state: &AppState, r: &RequestRow) -> Result<()> {
         created_at: micros(now),
         expires_at: micros(now + Duration::days(KEEP_DAYS)),
     };
-    let mut tx = state.db.begin().await?;
     store::insert_export(&mut tx, &export).await?;
     // The identifier stays (sealed) while the export exists; it goes with it.
     store::complete(&mut tx, r.id, micros(now), None, true).await?;
@@ -301,6 +311,7 @@ pub async fn download(
             "the export of request {id} has expired; make a new request"
         )));
     };
+    state.keys.ensure(&state.db, [e.master]).await?;
     let raw = state
         .keys
         .open_with_master(e.master, &key_aad(uuid), &e.wrapped_key)

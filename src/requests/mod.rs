@@ -72,7 +72,7 @@ impl From<RequestRow> for RequestView {
     }
 }
 
-fn subject_aad(id: Uuid) -> String {
+pub(crate) fn subject_aad(id: Uuid) -> String {
     format!("tl/request-subject/{id}")
 }
 
@@ -123,10 +123,17 @@ pub async fn create(
 
     let now = Utc::now();
     let id = Uuid::now_v7();
-    let (master, sealed) = state.keys.seal_with_master(
-        &subject_aad(id),
-        subject_json(&subject).to_string().as_bytes(),
-    );
+    let mut tx = state.db.begin().await?;
+    let master = crate::storage::keys::current_master(&mut tx).await?;
+    state.keys.ensure(&state.db, [master]).await?;
+    let sealed = state
+        .keys
+        .seal_with_master(
+            master,
+            &subject_aad(id),
+            subject_json(&subject).to_string().as_bytes(),
+        )
+        .map_err(|e| AppError::Integrity(format!("request {id}: {e}")))?;
     let row = RequestRow {
         id,
         kind,
@@ -147,7 +154,6 @@ pub async fn create(
         progress: None,
         receipt: None,
     };
-    let mut tx = state.db.begin().await?;
     store::insert(&mut tx, &row).await?;
     let target = json!({"request_id": id, "kind": row.kind, "carrier_id": row.carrier_id, "subject_index": hex::encode(&row.subject_index)});
     audit::append(
@@ -169,10 +175,11 @@ pub fn subject_json(s: &SubjectId) -> Value {
 }
 
 /// The request's subject, while the request still keeps it.
-pub fn open_subject(state: &AppState, r: &RequestRow) -> Result<Option<SubjectId>> {
+pub async fn open_subject(state: &AppState, r: &RequestRow) -> Result<Option<SubjectId>> {
     let (Some(sealed), Some(master)) = (&r.subject_sealed, r.subject_master) else {
         return Ok(None);
     };
+    state.keys.ensure(&state.db, [master]).await?;
     let pt = state
         .keys
         .open_with_master(master, &subject_aad(r.id), sealed)
@@ -197,9 +204,37 @@ async fn find(state: &AppState, who: &Principal, id: &str) -> Result<RequestRow>
         .ok_or_else(not_found)
 }
 
-pub async fn get(state: &AppState, who: &Principal, id: &str) -> Result<RequestView> {
+/// Longest `Prefer: wait` honoured, below the request timeout.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// One request; with `wait`, the answer waits until the request is
+/// completed or `wait` has passed (RFC 7240 `Prefer: wait`), so a client
+/// need not poll. Completions on this instance wake the wait at once; those
+/// on another instance are seen within 100 ms.
+pub async fn get(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+    wait: Option<Duration>,
+) -> Result<RequestView> {
     state.authorize(who, "subject_requests", "read")?;
-    let row = find(state, who, id).await?;
+    let deadline = tokio::time::Instant::now() + wait.unwrap_or_default().min(MAX_WAIT);
+    let row = loop {
+        // Registered before the read, so a completion in between is not missed.
+        let done = state.requests_done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        let row = find(state, who, id).await?;
+        let now = tokio::time::Instant::now();
+        if row.status == "completed" || now >= deadline {
+            break row;
+        }
+        let pause = (deadline - now).min(Duration::from_millis(100));
+        tokio::select! {
+            _ = done => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    };
     audit::record(
         state,
         Some(who),
@@ -286,10 +321,14 @@ pub async fn process(state: &AppState, id: Uuid) -> Result<()> {
     let row = store::get(&state.db, id, None)
         .await?
         .ok_or_else(|| AppError::NotFound("request vanished".into()))?;
-    match row.kind.as_str() {
+    let done = match row.kind.as_str() {
         "access" => export::prepare(state, &row).await,
         _ => erasure::perform(state, &row).await,
+    };
+    if done.is_ok() {
+        state.requests_done.notify_waiters();
     }
+    done
 }
 
 /// The background processor: wakes on new requests, polls for abandoned

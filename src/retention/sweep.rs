@@ -105,7 +105,10 @@ async fn sweep_batches(
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<()> {
     let db = &state.db;
-    let (expired, held) = store::expired_counts(db, row.cutoff).await?;
+    let mut tx = db.begin().await?;
+    store::prepare_sweep_tx(&mut tx).await?;
+    let (expired, held) = store::expired_counts(&mut tx, row.cutoff).await?;
+    tx.commit().await?;
     let to_delete = (expired - held).max(0) as u64;
 
     if row.dry_run {
@@ -116,12 +119,13 @@ async fn sweep_batches(
     } else {
         loop {
             let mut tx = db.begin().await?;
+            store::prepare_sweep_tx(&mut tx).await?;
             let ids = store::expired_batch(&mut tx, row.cutoff, batch).await?;
             if ids.is_empty() {
                 break;
             }
-            let keys = store::keys_of(&mut tx, &ids).await?;
-            let deleted = store::delete_records(&mut tx, &ids).await? as i64;
+            let (deleted, keys) = store::delete_batch(&mut tx, &ids).await?;
+            let deleted = deleted as i64;
             let shredded = store::shred_unused_keys(&mut tx, &keys).await?;
             store::add_progress(&mut tx, row.id, deleted, shredded.len() as i64).await?;
             let target =

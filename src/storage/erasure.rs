@@ -52,7 +52,12 @@ pub async fn held_records(
 
 /// Removes the subject's slots and lookup rows from these records, and the
 /// records left with no subject at all. Returns how many records went.
-pub async fn remove_subject(tx: &mut Tx, ids: &[Uuid], index: &[u8]) -> sqlx::Result<u64> {
+pub async fn remove_subject(
+    tx: &mut Tx,
+    carrier: &str,
+    ids: &[Uuid],
+    index: &[u8],
+) -> sqlx::Result<u64> {
     let mut deleted = 0;
     for chunk in ids.chunks(MAX_BINDS / 2) {
         deleted += on_tx!(tx, c, DB => {
@@ -66,8 +71,16 @@ pub async fn remove_subject(tx: &mut Tx, ids: &[Uuid], index: &[u8]) -> sqlx::Re
             // subject's, whichever of its identifiers found it.
             let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfer_slots WHERE transfer_id IN (");
             in_list(&mut qb);
-            qb.push(") AND (subject_key_id IN (SELECT k.id FROM subject_keys k WHERE k.blind_index = ");
-            qb.push_bind(index);
+            // Every generation of the subject's keys (see `keys::generations`).
+            let (lo, hi) = super::keys::generations(index);
+            // Naming the carrier makes this a range of the (carrier_id,
+            // blind_index) index, not a scan of every carrier's keys.
+            qb.push(") AND (subject_key_id IN (SELECT k.id FROM subject_keys k WHERE k.carrier_id = ");
+            qb.push_bind(carrier);
+            qb.push(" AND k.blind_index >= ");
+            qb.push_bind(lo);
+            qb.push(" AND k.blind_index <= ");
+            qb.push_bind(hi);
             qb.push(") OR EXISTS (SELECT 1 FROM transfers t WHERE t.id = transfer_slots.transfer_id AND t.category = 'number_assignment'))");
             qb.build().execute(&mut *c).await?;
 
@@ -111,11 +124,15 @@ pub async fn forget_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::R
         ] {
             sqlx::query(sql).bind(carrier).bind(index).execute(&mut *c).await?;
         }
-        sqlx::query_scalar("SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index = $2")
-            .bind(carrier)
-            .bind(index)
-            .fetch_all(&mut *c)
-            .await
+        let (lo, hi) = super::keys::generations(index);
+        sqlx::query_scalar(
+            "SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index >= $2 AND blind_index <= $3",
+        )
+        .bind(carrier)
+        .bind(lo)
+        .bind(hi)
+        .fetch_all(&mut *c)
+        .await
     })?;
     shred_unused_keys(tx, &keys).await
 }

@@ -132,6 +132,9 @@ impl Db {
             // a 64 MiB page cache keeps them in memory instead of re-reading.
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
+                // Writers queue here by design; under a burst of large
+                // batches a wait of seconds is normal, not worth a warning.
+                .acquire_slow_threshold(Duration::from_secs(10))
                 .connect_with(
                     opts.clone()
                         .pragma("cache_size", "-16384")
@@ -205,6 +208,23 @@ impl Db {
             Self::Sqlite { write, .. } => Tx::Sqlite(write.begin().await?),
             Self::Postgres(pool) => Tx::Postgres(pool.begin().await?),
         })
+    }
+
+    /// A transaction whose commit need not wait for the WAL flush
+    /// (PostgreSQL `synchronous_commit = off`; SQLite in WAL mode with
+    /// `synchronous=NORMAL` never waits for one). Only for intermediate
+    /// steps of resumable work — a claim, an export chunk, an erasure batch —
+    /// whose loss in a crash is redone, and whose outcome nobody sees before
+    /// a later synchronous commit: the WAL is flushed in order, so that
+    /// commit (every audited read is one) makes the earlier ones durable too.
+    pub async fn begin_relaxed(&self) -> sqlx::Result<Tx> {
+        let mut tx = self.begin().await?;
+        if let Tx::Postgres(t) = &mut tx {
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut **t)
+                .await?;
+        }
+        Ok(tx)
     }
 
     pub async fn close(&self) {

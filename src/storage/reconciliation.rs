@@ -190,7 +190,9 @@ pub async fn reconcile(
     Ok((sum, items))
 }
 
-/// One record of each call key (to decrypt its call id).
+/// One record of each call key (to decrypt its call id). The categories are
+/// named so that the lookup is a probe of `transfers_call_key` (carrier,
+/// category, call key) per key, not a scan of the carrier's records.
 pub async fn record_per_call(
     db: &Db,
     carrier: &str,
@@ -201,7 +203,8 @@ pub async fn record_per_call(
     }
     on_db!(db, c, DB => {
         let mut qb = sqlx::QueryBuilder::<DB>::new("SELECT call_key, id FROM transfers WHERE carrier_id = ");
-        qb.push_bind(carrier).push(" AND call_key IN (");
+        qb.push_bind(carrier)
+            .push(" AND category IN ('call_detail_record', 'call_duration') AND call_key IN (");
         let mut sep = qb.separated(", ");
         for k in keys {
             sep.push_bind(k.as_slice());

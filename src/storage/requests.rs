@@ -86,7 +86,8 @@ pub async fn list(db: &Db, scope: Option<&str>, limit: i64) -> sqlx::Result<Vec<
 /// Claims a request for processing: one that is new, or whose processor
 /// stopped (its claim is older than `stale_before`).
 pub async fn claim(db: &Db, id: Uuid, now: i64, stale_before: i64) -> sqlx::Result<bool> {
-    let mut tx = db.begin().await?;
+    // A claim lost in a crash leaves the request to be claimed again.
+    let mut tx = db.begin_relaxed().await?;
     let n = on_tx!(&mut tx, c => {
         sqlx::query(
             "UPDATE subject_requests SET status = 'processing', claimed_at = $1

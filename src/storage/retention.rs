@@ -225,8 +225,8 @@ pub async fn expired_batch(tx: &mut Tx, cutoff: i64, limit: i64) -> sqlx::Result
 }
 
 /// Counts of expired records, held and not held.
-pub async fn expired_counts(db: &Db, cutoff: i64) -> sqlx::Result<(i64, i64)> {
-    on_db!(db, c => {
+pub async fn expired_counts(tx: &mut Tx, cutoff: i64) -> sqlx::Result<(i64, i64)> {
+    on_tx!(tx, c => {
         sqlx::query_as(&format!(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN {HELD} THEN 1 ELSE 0 END), 0) FROM transfers t WHERE t.retain_until < $1"
         ))
@@ -253,46 +253,101 @@ pub async fn keys_left_empty(db: &Db, cutoff: i64) -> sqlx::Result<i64> {
     })
 }
 
-/// The subject keys sealing slots of these records.
-pub async fn keys_of(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
-    let mut out = Vec::new();
-    for chunk in ids.chunks(MAX_BINDS) {
-        let keys: Vec<Uuid> = on_tx!(tx, c, DB => {
-            let mut qb = QueryBuilder::<DB>::new("SELECT DISTINCT subject_key_id FROM transfer_slots WHERE transfer_id IN (");
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
-            }
-            qb.push(")");
-            qb.build_query_scalar().fetch_all(&mut *c).await
-        })?;
-        out.extend(keys);
+/// Settings for the transactions of a sweep, on PostgreSQL. JIT
+/// compilation is off: compiling the sweep's statements cost more than
+/// running them. Sequential scans are off: every statement of a batch
+/// reaches its rows through an index, and right after a heavy ingest (before
+/// autovacuum has analyzed the tables) the planner would otherwise scan
+/// whole tables once per batch.
+pub async fn prepare_sweep_tx(tx: &mut Tx) -> sqlx::Result<()> {
+    if let Tx::Postgres(t) = tx {
+        sqlx::query("SET LOCAL jit = off").execute(&mut **t).await?;
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut **t)
+            .await?;
     }
-    out.sort();
-    out.dedup();
-    Ok(out)
+    Ok(())
 }
 
-/// Deletes records; their slots and lookup rows go with them (cascade).
-pub async fn delete_records(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<u64> {
+/// Deletes records with their slots and lookup rows, set-based. Returns
+/// how many records went and the subject keys that sealed their slots
+/// (sorted, distinct).
+///
+/// SQLite: the children go first, each in one statement, so the foreign-key
+/// cascade of the last statement finds nothing left to do. PostgreSQL: the
+/// records go in one statement and the statement-level trigger of migration
+/// 0007 deletes their slots and lookup rows in one join each.
+pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<Uuid>)> {
     let mut n = 0;
-    for chunk in ids.chunks(MAX_BINDS) {
-        n += on_tx!(tx, c, DB => {
-            let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfers WHERE id IN (");
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
+    let mut keys: Vec<Uuid> = Vec::new();
+    match tx {
+        Tx::Postgres(t) => {
+            let c = &mut **t;
+            keys = sqlx::query_scalar(
+                "SELECT DISTINCT subject_key_id FROM transfer_slots WHERE transfer_id = ANY($1)",
+            )
+            .bind(ids)
+            .fetch_all(&mut *c)
+            .await?;
+            n = sqlx::query("DELETE FROM transfers WHERE id = ANY($1)")
+                .bind(ids)
+                .execute(&mut *c)
+                .await?
+                .rows_affected();
+        }
+        Tx::Sqlite(t) => {
+            let c = &mut **t;
+            for chunk in ids.chunks(MAX_BINDS) {
+                let in_list = |sql: &str, tail: &str| {
+                    let mut qb = QueryBuilder::<sqlx::Sqlite>::new(sql);
+                    let mut sep = qb.separated(", ");
+                    for id in chunk {
+                        sep.push_bind(*id);
+                    }
+                    qb.push(tail);
+                    qb
+                };
+                let mut qb = in_list(
+                    "DELETE FROM transfer_slots WHERE transfer_id IN (",
+                    ") RETURNING subject_key_id",
+                );
+                let k: Vec<Uuid> = qb.build_query_scalar().fetch_all(&mut *c).await?;
+                keys.extend(k);
+                in_list("DELETE FROM subject_lookup WHERE transfer_id IN (", ")")
+                    .build()
+                    .execute(&mut *c)
+                    .await?;
+                n += in_list("DELETE FROM transfers WHERE id IN (", ")")
+                    .build()
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected();
             }
-            qb.push(")");
-            qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
-        })?;
+        }
     }
-    Ok(n)
+    keys.sort();
+    keys.dedup();
+    Ok((n, keys))
 }
 
 /// Destroys those of `keys` that no slot and no consent uses any more:
 /// crypto-shredding. Returns the ids destroyed.
 pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    const UNUSED: &str = "AND NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.subject_key_id = subject_keys.id)
+                   AND NOT EXISTS (SELECT 1 FROM consents co WHERE co.subject_key_id = subject_keys.id)
+                 RETURNING id";
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Tx::Postgres(t) = tx {
+        // One array parameter: planned as index probes, whatever the count.
+        return sqlx::query_scalar(&format!(
+            "DELETE FROM subject_keys WHERE id = ANY($1) {UNUSED}"
+        ))
+        .bind(keys)
+        .fetch_all(&mut **t)
+        .await;
+    }
     let mut out = Vec::new();
     for chunk in keys.chunks(MAX_BINDS) {
         let gone: Vec<Uuid> = on_tx!(tx, c, DB => {
@@ -301,11 +356,8 @@ pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Vec<U
             for id in chunk {
                 sep.push_bind(*id);
             }
-            qb.push(
-                ") AND NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.subject_key_id = subject_keys.id)
-                   AND NOT EXISTS (SELECT 1 FROM consents co WHERE co.subject_key_id = subject_keys.id)
-                 RETURNING id",
-            );
+            qb.push(") ");
+            qb.push(UNUSED);
             qb.build_query_scalar().fetch_all(&mut *c).await
         })?;
         out.extend(gone);

@@ -283,6 +283,30 @@ async fn every_endpoint_for_every_role(app: TestApp) {
             None,
             [200, 200, 200, 200, 200, 200],
         ),
+        (
+            "GET",
+            "/v1/keys/status".into(),
+            None,
+            [403, 403, 403, 403, 200, 200],
+        ),
+        (
+            "POST",
+            "/v1/keys/rotate".into(),
+            Some(json!({})),
+            [403, 403, 403, 403, 403, 202],
+        ),
+        (
+            "POST",
+            "/v1/keys/export-signing/rotate".into(),
+            Some(json!({})),
+            [403, 403, 403, 403, 403, 201],
+        ),
+        (
+            "POST",
+            "/v1/policies/reload".into(),
+            Some(json!({})),
+            [403, 403, 403, 403, 403, 200],
+        ),
     ];
     for (n, (method, path, body, expected)) in cases.into_iter().enumerate() {
         for ((role, carrier), want) in roles.iter().zip(expected) {

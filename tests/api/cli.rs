@@ -3,17 +3,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::helpers::postgres_url;
+use crate::helpers::{free_port, postgres_url};
 
 const BIN: &str = env!("CARGO_BIN_EXE_transfer-ledger");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A command with a clean environment: no LEDGER_* from the caller.
 fn ledger(dir: &std::path::Path) -> Command {

@@ -20,6 +20,15 @@ pub enum Backend {
     Postgres,
 }
 
+/// A loopback port free at the moment of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The PostgreSQL server tests run against.
 pub fn postgres_url() -> String {
     std::env::var("LEDGER_TEST_POSTGRES_URL")
@@ -269,6 +278,18 @@ impl TestApp {
         self.cli_command(args, &[]).output().unwrap()
     }
 
+    /// Runs the binary and requires success; its standard output.
+    #[track_caller]
+    pub fn cli_ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
     pub fn cli_spawn(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
         self.cli_command(args, env)
             .stdout(std::process::Stdio::null())
@@ -359,10 +380,14 @@ impl TestApp {
 
     /// Counts rows of a table, straight from the database.
     pub async fn count(&self, table: &str) -> i64 {
-        let sql = format!("SELECT COUNT(*) FROM {table}");
+        self.scalar(&format!("SELECT COUNT(*) FROM {table}")).await
+    }
+
+    /// The one BIGINT a query returns.
+    pub async fn scalar(&self, sql: &str) -> i64 {
         match self.db() {
-            Db::Sqlite { read, .. } => sqlx::query_scalar(&sql).fetch_one(read).await.unwrap(),
-            Db::Postgres(p) => sqlx::query_scalar(&sql).fetch_one(p).await.unwrap(),
+            Db::Sqlite { read, .. } => sqlx::query_scalar(sql).fetch_one(read).await.unwrap(),
+            Db::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
         }
     }
 

@@ -13,7 +13,7 @@ use crate::helpers::*;
 const X: &str = "+14255550100";
 
 impl TestApp {
-    async fn request(
+    pub(crate) async fn request(
         &self,
         token: &str,
         kind: &str,
@@ -33,21 +33,32 @@ impl TestApp {
         r.body
     }
 
-    async fn completed(&self, token: &str, id: &str) -> Value {
-        for _ in 0..100 {
-            let r = self
-                .get(&format!("/v1/subject-requests/{id}"), token)
-                .await
-                .expect(200);
-            if r.body["status"] == "completed" {
-                return r.body;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("request {id} did not complete");
+    /// Waits for a request to complete, the way clients should: one GET
+    /// with `Prefer: wait`.
+    pub(crate) async fn completed(&self, token: &str, id: &str) -> Value {
+        let r = self
+            .client
+            .get(format!("{}/v1/subject-requests/{id}", self.addr))
+            .bearer_auth(token)
+            .header("Prefer", "wait=20")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers()["preference-applied"],
+            "wait=20",
+            "the wait is acknowledged"
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["status"], "completed", "request {id} did not complete");
+        body
     }
 
-    async fn export(&self, token: &str, id: &str) -> (reqwest::header::HeaderMap, Vec<u8>) {
+    pub(crate) async fn export(
+        &self,
+        token: &str,
+        id: &str,
+    ) -> (reqwest::header::HeaderMap, Vec<u8>) {
         let r = self
             .client
             .get(format!("{}/v1/subject-requests/{id}/export", self.addr))

@@ -224,7 +224,10 @@ async fn run_on(args: &BenchArgs, dbs: &Databases) -> anyhow::Result<Report> {
         .env("LEDGER_JWT_SECRET", &secret)
         .env("LEDGER_SWEEP_INTERVAL", "0")
         .env("LEDGER_REQUEST_TIMEOUT", "10m")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("LEDGER_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(std::process::Stdio::null())
         .spawn()
         .context("cannot start the service")?;

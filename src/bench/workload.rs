@@ -110,13 +110,18 @@ pub fn generate(records: usize, seed: u64, now: DateTime<Utc>) -> Workload {
     }
     let mut call_pairs = 0;
     let mut call = 0u64;
+    let mut expired_records = 0usize;
     while transfers.len() + 3 <= records {
         call += 1;
         let s = &subscribers[rng.gen_range(0..subscribers.len())];
         let (carrier, country) = CARRIERS[s.carrier];
         let callee = &subscribers[rng.gen_range(0..subscribers.len())].number;
-        // Half the calls are old and kept one day: expired, for the sweep.
-        let expired = call.is_multiple_of(2);
+        // Old calls kept one day, expired for the sweep: as many as keep
+        // the expired records at half of all records.
+        let expired = 2 * expired_records < transfers.len() + 3;
+        if expired {
+            expired_records += 3;
+        }
         let duration = rng.gen_range(5..3_600i64);
         let ago = rng.gen_range(if expired {
             3 * 86_400..30 * 86_400

@@ -117,12 +117,18 @@ async fn sweep_batches(
         row.held = held;
         row.keys_shredded = store::keys_left_empty(db, row.cutoff).await?;
     } else {
+        let mut cursor = store::SweepCursor::START;
         loop {
             let mut tx = db.begin().await?;
             store::prepare_sweep_tx(&mut tx).await?;
-            let ids = store::expired_batch(&mut tx, row.cutoff, batch).await?;
-            if ids.is_empty() {
+            let (ids, next) = store::expired_batch(&mut tx, row.cutoff, cursor, batch).await?;
+            if next == cursor {
                 break;
+            }
+            cursor = next;
+            if ids.is_empty() {
+                // A batch of held records only: nothing to delete or audit.
+                continue;
             }
             let (deleted, keys) = store::delete_batch(&mut tx, &ids).await?;
             let deleted = deleted as i64;

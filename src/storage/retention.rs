@@ -211,17 +211,54 @@ pub(crate) const HELD: &str = "EXISTS (SELECT 1 FROM holds h WHERE h.released_at
        AND (h.subject_index IS NULL OR EXISTS (
              SELECT 1 FROM subject_lookup l WHERE l.transfer_id = t.id AND l.blind_index = h.subject_index)))";
 
-/// The next expired, unheld records, oldest expiry first.
-pub async fn expired_batch(tx: &mut Tx, cutoff: i64, limit: i64) -> sqlx::Result<Vec<Uuid>> {
-    on_tx!(tx, c => {
-        sqlx::query_scalar(&format!(
-            "SELECT t.id FROM transfers t WHERE t.retain_until < $1 AND NOT {HELD} ORDER BY t.retain_until LIMIT $2"
+/// Where a sweep's next batch starts: just after the last record (by
+/// expiry, then id) the previous batch looked at.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SweepCursor {
+    pub retain_until: i64,
+    pub id: Uuid,
+}
+
+impl SweepCursor {
+    pub const START: SweepCursor = SweepCursor {
+        retain_until: i64::MIN,
+        id: Uuid::nil(),
+    };
+}
+
+/// The next expired, unheld records after `after`, oldest expiry first, and
+/// the cursor for the batch after them. Starting after the previous batch
+/// keeps each batch off the index entries of the records already deleted;
+/// held records passed over stay behind the cursor.
+pub async fn expired_batch(
+    tx: &mut Tx,
+    cutoff: i64,
+    after: SweepCursor,
+    limit: i64,
+) -> sqlx::Result<(Vec<Uuid>, SweepCursor)> {
+    let rows: Vec<(Uuid, i64, bool)> = on_tx!(tx, c => {
+        sqlx::query_as(&format!(
+            "SELECT t.id, t.retain_until, {HELD} FROM transfers t
+             WHERE t.retain_until < $1 AND (t.retain_until, t.id) > ($2, $3)
+             ORDER BY t.retain_until, t.id LIMIT $4"
         ))
         .bind(cutoff)
+        .bind(after.retain_until)
+        .bind(after.id)
         .bind(limit)
         .fetch_all(c)
         .await
-    })
+    })?;
+    let next = rows
+        .last()
+        .map_or(after, |&(id, retain_until, _)| SweepCursor {
+            retain_until,
+            id,
+        });
+    Ok((
+        rows.into_iter().filter(|r| !r.2).map(|r| r.0).collect(),
+        next,
+    ))
 }
 
 /// Counts of expired records, held and not held.

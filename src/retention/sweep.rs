@@ -106,7 +106,7 @@ async fn sweep_batches(
 ) -> Result<()> {
     let db = &state.db;
     let mut tx = db.begin().await?;
-    store::prepare_sweep_tx(&mut tx).await?;
+    tx.probe_only().await?;
     let (expired, held) = store::expired_counts(&mut tx, row.cutoff).await?;
     tx.commit().await?;
     let to_delete = (expired - held).max(0) as u64;
@@ -120,7 +120,7 @@ async fn sweep_batches(
         let mut cursor = store::SweepCursor::START;
         loop {
             let mut tx = db.begin().await?;
-            store::prepare_sweep_tx(&mut tx).await?;
+            tx.probe_only().await?;
             let (ids, next) = store::expired_batch(&mut tx, row.cutoff, cursor, batch).await?;
             if next == cursor {
                 break;

@@ -290,22 +290,6 @@ pub async fn keys_left_empty(db: &Db, cutoff: i64) -> sqlx::Result<i64> {
     })
 }
 
-/// Settings for the transactions of a sweep, on PostgreSQL. JIT
-/// compilation is off: compiling the sweep's statements cost more than
-/// running them. Sequential scans are off: every statement of a batch
-/// reaches its rows through an index, and right after a heavy ingest (before
-/// autovacuum has analyzed the tables) the planner would otherwise scan
-/// whole tables once per batch.
-pub async fn prepare_sweep_tx(tx: &mut Tx) -> sqlx::Result<()> {
-    if let Tx::Postgres(t) = tx {
-        sqlx::query("SET LOCAL jit = off").execute(&mut **t).await?;
-        sqlx::query("SET LOCAL enable_seqscan = off")
-            .execute(&mut **t)
-            .await?;
-    }
-    Ok(())
-}
-
 /// Deletes records with their slots and lookup rows, set-based. Returns
 /// how many records went and the subject keys that sealed their slots
 /// (sorted, distinct).

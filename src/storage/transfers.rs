@@ -190,15 +190,16 @@ pub async fn get(db: &Db, id: Uuid, scope: Option<&str>) -> sqlx::Result<Option<
 pub async fn sealed(db: &Db, ids: &[Uuid]) -> sqlx::Result<(Vec<BodyRow>, Vec<SlotRow>)> {
     let mut bodies = Vec::with_capacity(ids.len());
     let mut slots = Vec::with_capacity(ids.len() * 2);
+    let mut tx = db.begin_read_probes().await?;
     for chunk in ids.chunks(MAX_BINDS) {
-        on_db!(db, c, DB => {
+        on_tx!(&mut tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new("SELECT id, body FROM transfers WHERE id IN (");
             let mut sep = qb.separated(", ");
             for id in chunk {
                 sep.push_bind(*id);
             }
             qb.push(")");
-            bodies.extend(qb.build_query_as::<BodyRow>().fetch_all(c).await?);
+            bodies.extend(qb.build_query_as::<BodyRow>().fetch_all(&mut *c).await?);
 
             let mut qb = QueryBuilder::<DB>::new(
                 "SELECT s.transfer_id, s.slot, s.sealed, s.subject_key_id, k.carrier_id, k.master_version, k.wrapped_key \
@@ -209,9 +210,10 @@ pub async fn sealed(db: &Db, ids: &[Uuid]) -> sqlx::Result<(Vec<BodyRow>, Vec<Sl
                 sep.push_bind(*id);
             }
             qb.push(")");
-            slots.extend(qb.build_query_as::<SlotRow>().fetch_all(c).await?);
+            slots.extend(qb.build_query_as::<SlotRow>().fetch_all(&mut *c).await?);
         });
     }
+    tx.commit().await?;
     Ok((bodies, slots))
 }
 
@@ -237,17 +239,41 @@ pub struct LogFilter {
 /// the blind-index lookup (an index range per subject), otherwise from the
 /// `(occurred_at, id)` indexes of the log.
 pub async fn list(db: &Db, f: &LogFilter) -> sqlx::Result<Vec<TransferRow>> {
-    on_db!(db, c, DB => {
+    if f.subject_index.is_some() {
+        // One subject's records: probes from the lookup rows, whatever the
+        // statistics say about the carrier's share of the log.
+        let mut tx = db.begin_read_probes().await?;
+        let rows = on_tx!(&mut tx, c, DB => list_query::<DB>(f).build_query_as().fetch_all(&mut *c).await)?;
+        tx.commit().await?;
+        return Ok(rows);
+    }
+    on_db!(db, c, DB => list_query::<DB>(f).build_query_as().fetch_all(c).await)
+}
+
+fn list_query<'a, DB: sqlx::Database>(f: &'a LogFilter) -> QueryBuilder<'a, DB>
+where
+    &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    {
         let mut qb = QueryBuilder::<DB>::new(format!("SELECT {TRANSFER_COLUMNS} FROM "));
         let time_col = if let Some(bi) = &f.subject_index {
-            qb.push("subject_lookup l JOIN transfers t ON t.id = l.transfer_id WHERE l.blind_index = ");
+            qb.push(
+                "subject_lookup l JOIN transfers t ON t.id = l.transfer_id WHERE l.blind_index = ",
+            );
             qb.push_bind(bi.as_slice());
             "l"
         } else {
             qb.push("transfers t WHERE 1 = 1");
             "t"
         };
-        let id_col = if time_col == "l" { "l.transfer_id" } else { "t.id" };
+        let id_col = if time_col == "l" {
+            "l.transfer_id"
+        } else {
+            "t.id"
+        };
         if let Some(s) = &f.scope {
             qb.push(" AND t.carrier_id = ").push_bind(s.as_str());
         }
@@ -270,19 +296,23 @@ pub async fn list(db: &Db, f: &LogFilter) -> sqlx::Result<Vec<TransferRow>> {
             qb.push(" AND t.jurisdiction = ").push_bind(v.as_str());
         }
         if let Some(v) = f.from {
-            qb.push(format!(" AND {time_col}.occurred_at >= ")).push_bind(v);
+            qb.push(format!(" AND {time_col}.occurred_at >= "))
+                .push_bind(v);
         }
         if let Some(v) = f.to {
-            qb.push(format!(" AND {time_col}.occurred_at < ")).push_bind(v);
+            qb.push(format!(" AND {time_col}.occurred_at < "))
+                .push_bind(v);
         }
         if let Some((at, id)) = f.after {
             qb.push(format!(" AND ({time_col}.occurred_at, {id_col}) < ("));
             qb.push_bind(at).push(", ").push_bind(id).push(")");
         }
-        qb.push(format!(" ORDER BY {time_col}.occurred_at DESC, {id_col} DESC LIMIT "));
+        qb.push(format!(
+            " ORDER BY {time_col}.occurred_at DESC, {id_col} DESC LIMIT "
+        ));
         qb.push_bind(f.limit);
-        qb.build_query_as().fetch_all(c).await
-    })
+        qb
+    }
 }
 
 /// One group of the Art. 30 record of processing.

@@ -218,11 +218,10 @@ impl Db {
     pub async fn begin_read_probes(&self) -> sqlx::Result<Tx> {
         match self {
             Self::Sqlite { read, .. } => Ok(Tx::Sqlite(read.begin().await?)),
-            Self::Postgres(pool) => {
-                let mut tx = Tx::Postgres(pool.begin().await?);
-                tx.probe_only().await?;
-                Ok(tx)
-            }
+            Self::Postgres(pool) => Ok(Tx::Postgres(
+                pool.begin_with(format!("BEGIN READ ONLY; {PROBES_ONLY}"))
+                    .await?,
+            )),
         }
     }
 
@@ -233,15 +232,17 @@ impl Db {
     /// whose loss in a crash is redone, and whose outcome nobody sees before
     /// a later synchronous commit: the WAL is flushed in order, so that
     /// commit (every audited read is one) makes the earlier ones durable too.
+    /// Its statements are planned as index probes ([`Tx::probe_only`]).
     pub async fn begin_relaxed(&self) -> sqlx::Result<Tx> {
-        let mut tx = self.begin().await?;
-        if let Tx::Postgres(t) = &mut tx {
-            sqlx::query("SELECT set_config('synchronous_commit', 'off', true)")
-                .execute(&mut **t)
-                .await?;
+        match self {
+            Self::Sqlite { .. } => self.begin().await,
+            Self::Postgres(pool) => Ok(Tx::Postgres(
+                pool.begin_with(format!(
+                    "BEGIN; SET LOCAL synchronous_commit = off; {PROBES_ONLY}"
+                ))
+                .await?,
+            )),
         }
-        tx.probe_only().await?;
-        Ok(tx)
     }
 
     pub async fn close(&self) {
@@ -254,6 +255,11 @@ impl Db {
         }
     }
 }
+
+/// The settings of [`Tx::probe_only`], sent with `BEGIN` in one round trip
+/// where a transaction starts with them (keep the two lists equal).
+const PROBES_ONLY: &str = "SET LOCAL jit = off; SET LOCAL enable_seqscan = off; \
+     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
 
 impl Tx {
     /// For a transaction whose statements each touch a bounded set of rows

@@ -3,7 +3,7 @@
 use sqlx::{FromRow, QueryBuilder};
 use uuid::Uuid;
 
-use super::{on_db, on_tx, Db, Tx, MAX_BINDS};
+use super::{on_db, on_tx, push_list, Db, Tx, MAX_BINDS};
 
 #[derive(Debug, Clone, FromRow)]
 pub struct ConsentRow {
@@ -79,10 +79,7 @@ pub async fn get_many(tx: &mut Tx, references: &[&str]) -> sqlx::Result<Vec<Cons
     for chunk in references.chunks(MAX_BINDS) {
         let rows: Vec<ConsentRow> = on_tx!(tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new(format!("SELECT {COLUMNS} FROM consents WHERE reference IN ("));
-            let mut sep = qb.separated(", ");
-            for r in chunk {
-                sep.push_bind(*r);
-            }
+            push_list(&mut qb, chunk.iter().copied());
             qb.push(")");
             // SQLite's single writer already excludes concurrent status changes.
             if <DB as sqlx::Database>::NAME == "PostgreSQL" {

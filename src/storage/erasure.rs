@@ -4,10 +4,16 @@ use sqlx::QueryBuilder;
 use uuid::Uuid;
 
 use super::retention::{shred_unused_keys, HELD};
-use super::{on_tx, Tx, MAX_BINDS};
+use super::{on_tx, push_list, Tx, MAX_BINDS};
 
 /// Records of the subject in the carrier's scope that no active hold
 /// protects, with their category.
+///
+/// The queries of one subject's records walk from the subject's lookup rows
+/// to the records: `CROSS JOIN` makes SQLite keep that order (with no
+/// `ORDER BY` to guide it, it walked the carrier's records instead, probing
+/// the lookup for each: 3.7 s per erasure at 2 million records); to
+/// PostgreSQL it is an inner join like any other.
 pub async fn unheld_records(
     tx: &mut Tx,
     carrier: &str,
@@ -16,8 +22,8 @@ pub async fn unheld_records(
 ) -> sqlx::Result<Vec<(Uuid, String)>> {
     on_tx!(tx, c => {
         sqlx::query_as(&format!(
-            "SELECT t.id, t.category FROM subject_lookup l JOIN transfers t ON t.id = l.transfer_id
-             WHERE l.blind_index = $1 AND t.carrier_id = $2 AND NOT {HELD} LIMIT $3"
+            "SELECT t.id, t.category FROM subject_lookup l CROSS JOIN transfers t
+             WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2 AND NOT {HELD} LIMIT $3"
         ))
         .bind(index)
         .bind(carrier)
@@ -35,13 +41,13 @@ pub async fn held_records(
 ) -> sqlx::Result<Vec<(Uuid, String, Uuid)>> {
     on_tx!(tx, c => {
         sqlx::query_as(
-            "SELECT t.id, t.category, h.id FROM subject_lookup l JOIN transfers t ON t.id = l.transfer_id
+            "SELECT t.id, t.category, h.id FROM subject_lookup l CROSS JOIN transfers t
              JOIN holds h ON h.released_at IS NULL
                AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
                AND (h.category IS NULL OR h.category = t.category)
                AND (h.subject_index IS NULL OR EXISTS (
                     SELECT 1 FROM subject_lookup hl WHERE hl.transfer_id = t.id AND hl.blind_index = h.subject_index))
-             WHERE l.blind_index = $1 AND t.carrier_id = $2",
+             WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2",
         )
         .bind(index)
         .bind(carrier)
@@ -62,10 +68,7 @@ pub async fn remove_subject(
     for chunk in ids.chunks(MAX_BINDS / 2) {
         deleted += on_tx!(tx, c, DB => {
             let in_list = |qb: &mut QueryBuilder<'_, DB>| {
-                let mut sep = qb.separated(", ");
-                for id in chunk {
-                    sep.push_bind(*id);
-                }
+                push_list(qb, chunk.iter().copied());
             };
             // The subject's own slots; a number assignment has one slot, the
             // subject's, whichever of its identifiers found it.

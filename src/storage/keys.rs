@@ -3,7 +3,7 @@
 use sqlx::{FromRow, QueryBuilder};
 use uuid::Uuid;
 
-use super::{on_db, on_tx, Db, Tx, MAX_BINDS};
+use super::{on_db, on_tx, push_list, Db, Tx, MAX_BINDS};
 
 #[derive(Debug, Clone, FromRow)]
 pub struct KeyringRow {
@@ -226,7 +226,7 @@ pub async fn add_seals(tx: &mut Tx, counts: &mut [(Uuid, i64)]) -> sqlx::Result<
         for chunk in counts.chunks(MAX_BINDS) {
             on_tx!(tx, c, DB => {
                 let mut qb = QueryBuilder::<DB>::new("SELECT id FROM subject_keys WHERE id IN (");
-                push_ids(&mut qb, chunk.iter().map(|(id, _)| *id));
+                push_list(&mut qb, chunk.iter().map(|(id, _)| *id));
                 qb.push(") ORDER BY id FOR NO KEY UPDATE");
                 qb.build().fetch_all(&mut *c).await.map(|_| ())
             })?;
@@ -241,25 +241,13 @@ pub async fn add_seals(tx: &mut Tx, counts: &mut [(Uuid, i64)]) -> sqlx::Result<
             on_tx!(tx, c, DB => {
                 let mut qb = QueryBuilder::<DB>::new("UPDATE subject_keys SET seals = seals + ");
                 qb.push_bind(n).push(" WHERE id IN (");
-                push_ids(&mut qb, chunk.iter().copied());
+                push_list(&mut qb, chunk.iter().copied());
                 qb.push(")");
                 qb.build().execute(&mut *c).await.map(|_| ())
             })?;
         }
     }
     Ok(())
-}
-
-/// `?, ?, …` for each id.
-fn push_ids<'a, DB>(qb: &mut QueryBuilder<'a, DB>, ids: impl Iterator<Item = Uuid>)
-where
-    DB: sqlx::Database,
-    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    let mut sep = qb.separated(", ");
-    for id in ids {
-        sep.push_bind(id);
-    }
 }
 
 /// Up to `limit` subject keys still wrapped under a master key older than
@@ -392,10 +380,7 @@ pub async fn subject_keys_by_index(
                 "SELECT id, carrier_id, blind_index, master_version, wrapped_key, seals FROM subject_keys WHERE carrier_id = ",
             );
             qb.push_bind(carrier).push(" AND blind_index IN (");
-            let mut sep = qb.separated(", ");
-            for bi in chunk {
-                sep.push_bind(bi.as_slice());
-            }
+            push_list(&mut qb, chunk.iter().map(|bi| bi.as_slice()));
             qb.push(")");
             qb.build_query_as().fetch_all(&mut *c).await
         })?;

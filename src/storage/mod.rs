@@ -98,6 +98,20 @@ macro_rules! on_tx {
 }
 pub(crate) use {on_db, on_tx};
 
+/// Binds each value, separated by commas: the inside of an `IN (…)` list.
+pub(crate) fn push_list<'a, DB, T>(
+    qb: &mut sqlx::QueryBuilder<'a, DB>,
+    values: impl IntoIterator<Item = T>,
+) where
+    DB: sqlx::Database,
+    T: 'a + sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut sep = qb.separated(", ");
+    for v in values {
+        sep.push_bind(v);
+    }
+}
+
 impl Db {
     /// Connects to `sqlite://…` or `postgres://…`.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {

@@ -3,7 +3,7 @@
 
 use uuid::Uuid;
 
-use super::{on_db, Db};
+use super::{on_db, push_list, Db};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -205,10 +205,7 @@ pub async fn record_per_call(
         let mut qb = sqlx::QueryBuilder::<DB>::new("SELECT call_key, id FROM transfers WHERE carrier_id = ");
         qb.push_bind(carrier)
             .push(" AND category IN ('call_detail_record', 'call_duration') AND call_key IN (");
-        let mut sep = qb.separated(", ");
-        for k in keys {
-            sep.push_bind(k.as_slice());
-        }
+        push_list(&mut qb, keys.iter().map(|k| k.as_slice()));
         qb.push(")");
         qb.build_query_as().fetch_all(c).await
     })

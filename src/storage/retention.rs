@@ -3,7 +3,7 @@
 use sqlx::{FromRow, QueryBuilder};
 use uuid::Uuid;
 
-use super::{on_db, on_tx, Db, Tx, MAX_BINDS};
+use super::{on_db, on_tx, push_list, Db, Tx, MAX_BINDS};
 
 /// The database's own clock, in microseconds: expiry is judged by it, not
 /// by whichever instance runs the sweep.
@@ -321,10 +321,7 @@ pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<U
             for chunk in ids.chunks(MAX_BINDS) {
                 let in_list = |sql: &str, tail: &str| {
                     let mut qb = QueryBuilder::<sqlx::Sqlite>::new(sql);
-                    let mut sep = qb.separated(", ");
-                    for id in chunk {
-                        sep.push_bind(*id);
-                    }
+                    push_list(&mut qb, chunk.iter().copied());
                     qb.push(tail);
                     qb
                 };
@@ -373,10 +370,7 @@ pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Vec<U
     for chunk in keys.chunks(MAX_BINDS) {
         let gone: Vec<Uuid> = on_tx!(tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new("DELETE FROM subject_keys WHERE id IN (");
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
-            }
+            push_list(&mut qb, chunk.iter().copied());
             qb.push(") ");
             qb.push(UNUSED);
             qb.build_query_scalar().fetch_all(&mut *c).await
@@ -464,10 +458,7 @@ pub async fn holds_covering(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<Vec<(Uuid
                         SELECT 1 FROM subject_lookup l WHERE l.transfer_id = t.id AND l.blind_index = h.subject_index))
                  WHERE t.id IN (",
             );
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
-            }
+            push_list(&mut qb, chunk.iter().copied());
             qb.push(")");
             qb.build_query_as().fetch_all(&mut *c).await
         })?;

@@ -3,7 +3,7 @@
 use sqlx::{FromRow, QueryBuilder};
 use uuid::Uuid;
 
-use super::{on_db, on_tx, Db, Tx, MAX_BINDS};
+use super::{on_db, on_tx, push_list, Db, Tx, MAX_BINDS};
 
 #[derive(Debug, Clone)]
 pub struct NewRecord {
@@ -161,10 +161,7 @@ pub async fn by_idempotency_keys(
                 "SELECT id, idempotency_key, request_hash, recorded_at, retain_until FROM transfers WHERE carrier_id = ",
             );
             qb.push_bind(carrier).push(" AND idempotency_key IN (");
-            let mut sep = qb.separated(", ");
-            for k in chunk {
-                sep.push_bind(*k);
-            }
+            push_list(&mut qb, chunk.iter().copied());
             qb.push(")");
             qb.build_query_as().fetch_all(&mut *c).await
         })?;
@@ -194,10 +191,7 @@ pub async fn sealed(db: &Db, ids: &[Uuid]) -> sqlx::Result<(Vec<BodyRow>, Vec<Sl
     for chunk in ids.chunks(MAX_BINDS) {
         on_tx!(&mut tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new("SELECT id, body FROM transfers WHERE id IN (");
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
-            }
+            push_list(&mut qb, chunk.iter().copied());
             qb.push(")");
             bodies.extend(qb.build_query_as::<BodyRow>().fetch_all(&mut *c).await?);
 
@@ -205,10 +199,7 @@ pub async fn sealed(db: &Db, ids: &[Uuid]) -> sqlx::Result<(Vec<BodyRow>, Vec<Sl
                 "SELECT s.transfer_id, s.slot, s.sealed, s.subject_key_id, k.carrier_id, k.master_version, k.wrapped_key \
                  FROM transfer_slots s JOIN subject_keys k ON k.id = s.subject_key_id WHERE s.transfer_id IN (",
             );
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
-            }
+            push_list(&mut qb, chunk.iter().copied());
             qb.push(")");
             slots.extend(qb.build_query_as::<SlotRow>().fetch_all(&mut *c).await?);
         });
@@ -261,7 +252,9 @@ where
         let mut qb = QueryBuilder::<DB>::new(format!("SELECT {TRANSFER_COLUMNS} FROM "));
         let time_col = if let Some(bi) = &f.subject_index {
             qb.push(
-                "subject_lookup l JOIN transfers t ON t.id = l.transfer_id WHERE l.blind_index = ",
+                // From the subject's lookup rows to the records, in that
+                // order (see `erasure::unheld_records`).
+                "subject_lookup l CROSS JOIN transfers t WHERE t.id = l.transfer_id AND l.blind_index = ",
             );
             qb.push_bind(bi.as_slice());
             "l"
@@ -375,10 +368,7 @@ pub async fn get_many(db: &Db, ids: &[Uuid]) -> sqlx::Result<Vec<TransferRow>> {
     for chunk in ids.chunks(MAX_BINDS) {
         let rows: Vec<TransferRow> = on_db!(db, c, DB => {
             let mut qb = QueryBuilder::<DB>::new(format!("SELECT {TRANSFER_COLUMNS} FROM transfers t WHERE t.id IN ("));
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
-            }
+            push_list(&mut qb, chunk.iter().copied());
             qb.push(")");
             qb.build_query_as().fetch_all(c).await
         })?;

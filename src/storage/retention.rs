@@ -36,16 +36,19 @@ pub enum SweepLock {
     InMemory,
 }
 
-/// The advisory lock key of sweeps ("tl-sweep").
-const SWEEP_LOCK_KEY: i64 = 0x746c_2d73_7765_6570;
+/// The advisory lock of sweeps: this class ("tlsw") and the hash of the
+/// schema, so that ledgers in different schemas of one database (tests run
+/// that way) do not hold each other's sweeps.
+const SWEEP_LOCK_CLASS: i32 = 0x746c_7377;
+const SWEEP_LOCK: &str = "($1, hashtext(current_schema()))";
 
 /// Takes the sweep lock without waiting; `None` if another sweep holds it.
 pub async fn try_lock(db: &Db) -> anyhow::Result<Option<SweepLock>> {
     match db {
         Db::Postgres(pool) => {
             let mut conn = pool.acquire().await?;
-            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(SWEEP_LOCK_KEY)
+            let got: bool = sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock{SWEEP_LOCK}"))
+                .bind(SWEEP_LOCK_CLASS)
                 .fetch_one(&mut *conn)
                 .await?;
             Ok(got.then_some(SweepLock::Postgres(Some(conn))))
@@ -75,8 +78,8 @@ impl SweepLock {
     pub async fn release(mut self) {
         if let SweepLock::Postgres(slot) = &mut self {
             if let Some(mut conn) = slot.take() {
-                let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-                    .bind(SWEEP_LOCK_KEY)
+                let unlocked = sqlx::query(&format!("SELECT pg_advisory_unlock{SWEEP_LOCK}"))
+                    .bind(SWEEP_LOCK_CLASS)
                     .execute(&mut *conn)
                     .await;
                 if unlocked.is_err() {

@@ -46,8 +46,7 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
         .unwrap_or_default();
     erase_batches(state, r.id, &r.carrier_id, &r.subject_index, &mut progress).await?;
 
-    let mut tx = state.db.begin().await?;
-    tx.probe_only().await?;
+    let mut tx = state.db.begin_probes().await?;
     let held = erase::held_records(&mut tx, &r.carrier_id, &r.subject_index).await?;
     let keys_destroyed = erase::forget_subject(&mut tx, &r.carrier_id, &r.subject_index).await?;
     for k in &keys_destroyed {
@@ -181,8 +180,7 @@ pub async fn redo_pending(state: &AppState) -> Result<()> {
             .unwrap_or_default();
         let before = progress.deleted.values().sum::<i64>();
         erase_batches(state, request, &carrier, &index, &mut progress).await?;
-        let mut tx = state.db.begin().await?;
-        tx.probe_only().await?;
+        let mut tx = state.db.begin_probes().await?;
         let still_held = erase::held_records(&mut tx, &carrier, &index).await?;
         let mut destroyed = Vec::new();
         if still_held.is_empty() {

@@ -105,8 +105,7 @@ async fn sweep_batches(
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<()> {
     let db = &state.db;
-    let mut tx = db.begin().await?;
-    tx.probe_only().await?;
+    let mut tx = db.begin_probes().await?;
     let (expired, held) = store::expired_counts(&mut tx, row.cutoff).await?;
     tx.commit().await?;
     let to_delete = (expired - held).max(0) as u64;
@@ -119,8 +118,7 @@ async fn sweep_batches(
     } else {
         let mut cursor = store::SweepCursor::START;
         loop {
-            let mut tx = db.begin().await?;
-            tx.probe_only().await?;
+            let mut tx = db.begin_probes().await?;
             let (ids, next) = store::expired_batch(&mut tx, row.cutoff, cursor, batch).await?;
             if next == cursor {
                 break;

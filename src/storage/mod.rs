@@ -224,11 +224,22 @@ impl Db {
         })
     }
 
+    /// A transaction planned as index probes on PostgreSQL
+    /// ([`PROBES_ONLY`]): sweep batches, an erasure's last step.
+    pub async fn begin_probes(&self) -> sqlx::Result<Tx> {
+        match self {
+            Self::Sqlite { .. } => self.begin().await,
+            Self::Postgres(pool) => Ok(Tx::Postgres(
+                pool.begin_with(format!("BEGIN; {PROBES_ONLY}")).await?,
+            )),
+        }
+    }
+
     /// A read-only transaction for statements that touch a few rows picked
     /// by key (one subject's records, the slots of a page): on SQLite a
     /// snapshot on a reader connection; on PostgreSQL planned as index
-    /// probes ([`Tx::probe_only`]), so that the plan does not depend on
-    /// table statistics, which lag behind a bulk load.
+    /// probes ([`PROBES_ONLY`]), so that the plan does not depend on table
+    /// statistics, which lag behind a bulk load.
     pub async fn begin_read_probes(&self) -> sqlx::Result<Tx> {
         match self {
             Self::Sqlite { read, .. } => Ok(Tx::Sqlite(read.begin().await?)),
@@ -246,7 +257,7 @@ impl Db {
     /// whose loss in a crash is redone, and whose outcome nobody sees before
     /// a later synchronous commit: the WAL is flushed in order, so that
     /// commit (every audited read is one) makes the earlier ones durable too.
-    /// Its statements are planned as index probes ([`Tx::probe_only`]).
+    /// Its statements are planned as index probes ([`PROBES_ONLY`]).
     pub async fn begin_relaxed(&self) -> sqlx::Result<Tx> {
         match self {
             Self::Sqlite { .. } => self.begin().await,
@@ -270,33 +281,20 @@ impl Db {
     }
 }
 
-/// The settings of [`Tx::probe_only`], sent with `BEGIN` in one round trip
-/// where a transaction starts with them (keep the two lists equal).
+/// Settings for a PostgreSQL transaction whose statements each touch a
+/// bounded set of rows (a batch of ids, one subject's records): index probes
+/// only, no JIT. Given an array of ids or a trigger's transition table
+/// (which has no statistics), or right after a bulk load (when the
+/// statistics lag far behind), the planner otherwise chose merge and hash
+/// joins that read a whole index of the other side — a cost that grows with
+/// the table, not with the batch (measured: a sweep batch spent 0.8 s
+/// reading every entry of the slots' key index to shred 2,000 keys; access
+/// requests for a 10-record subject took 100 ms at 300,000 records). SQLite
+/// plans these as probes already. Sent with `BEGIN`, in its round trip.
 const PROBES_ONLY: &str = "SET LOCAL jit = off; SET LOCAL enable_seqscan = off; \
      SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
 
 impl Tx {
-    /// For a transaction whose statements each touch a bounded set of rows
-    /// (a batch of ids, one subject's records), on PostgreSQL: index probes
-    /// only, no JIT. Given an array of ids or a trigger's transition table
-    /// (which has no statistics), the planner otherwise chose merge and hash
-    /// joins that read a whole index of the other side — a cost that grows
-    /// with the table, not with the batch (measured: a sweep batch spent
-    /// 0.8 s reading every entry of the slots' key index to shred 2,000
-    /// keys; erasures and exports of a 10-record subject took 60–100 ms at
-    /// 300,000 records). SQLite plans these as probes already.
-    pub async fn probe_only(&mut self) -> sqlx::Result<()> {
-        if let Tx::Postgres(t) = self {
-            sqlx::query(
-                "SELECT set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true),
-                        set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)",
-            )
-            .execute(&mut **t)
-            .await?;
-        }
-        Ok(())
-    }
-
     pub async fn commit(self) -> sqlx::Result<()> {
         match self {
             Self::Sqlite(t) => t.commit().await,

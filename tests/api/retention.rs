@@ -361,6 +361,117 @@ async fn the_server_sweeps_on_its_schedule() {
     panic!("the scheduled sweep did not run");
 }
 
+/// Small batches walk past held records by their cursor: batches made only
+/// of held records, and held records between expired ones, neither stop the
+/// sweep nor get deleted.
+async fn batches_walk_past_held_records(app: TestApp) {
+    let mut records = Vec::new();
+    for i in 0..4 {
+        records.push(expired("carrier-h", &format!("h{i}"), "+14255559999"));
+    }
+    for i in 0..8 {
+        records.push(expired(
+            "carrier-a",
+            &format!("a{i}"),
+            &format!("+142555501{i:02}"),
+        ));
+        records.push(expired("carrier-h", &format!("g{i}"), "+14255559999"));
+    }
+    let ids = app.batch(records).await;
+    let (held, gone): (Vec<_>, Vec<_>) = ids
+        .iter()
+        .enumerate()
+        .partition(|(n, _)| *n < 4 || n % 2 == 1);
+    app.post(
+        "/v1/holds",
+        &app.officer(),
+        &json!({"carrier_id": "carrier-h", "reason": "litigation"}),
+    )
+    .await
+    .expect(201);
+
+    let status = app
+        .cli_spawn(&["sweep"], &[("LEDGER_SWEEP_BATCH", "3")])
+        .wait()
+        .unwrap();
+    assert!(status.success());
+    let left = app.ids_left().await;
+    assert!(
+        gone.iter().all(|(_, id)| !left.contains(*id)),
+        "an expired record outlived the sweep"
+    );
+    assert_eq!(
+        left,
+        held.iter()
+            .map(|(_, id)| (*id).clone())
+            .collect::<HashSet<_>>()
+    );
+}
+both!(batches_walk_past_held_records);
+
+/// Sweep batches, erasure steps and a subject's reads run in transactions
+/// planned as index probes on PostgreSQL; relaxed ones also skip the WAL
+/// wait, read ones are read-only. On SQLite they are plain transactions.
+async fn batch_transactions_are_planned_as_probes(app: TestApp) {
+    use transfer_ledger::storage::{Db, Tx};
+    let db = Db::connect(&app.vars["LEDGER_DATABASE_URL"], 2)
+        .await
+        .unwrap();
+    for kind in ["probes", "relaxed", "read"] {
+        let tx = match kind {
+            "probes" => db.begin_probes().await,
+            "relaxed" => db.begin_relaxed().await,
+            _ => db.begin_read_probes().await,
+        };
+        match tx.unwrap() {
+            Tx::Postgres(mut t) => {
+                let (hash, merge, seq, sync, read_only): (String, String, String, String, String) =
+                    sqlx::query_as(
+                        "SELECT current_setting('enable_hashjoin'), current_setting('enable_mergejoin'),
+                                current_setting('enable_seqscan'), current_setting('synchronous_commit'),
+                                current_setting('transaction_read_only')",
+                    )
+                    .fetch_one(&mut *t)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    (hash.as_str(), merge.as_str(), seq.as_str()),
+                    ("off", "off", "off"),
+                    "{kind}"
+                );
+                assert_eq!(
+                    sync == "off",
+                    kind == "relaxed",
+                    "{kind}: synchronous_commit {sync}"
+                );
+                assert_eq!(
+                    read_only == "on",
+                    kind == "read",
+                    "{kind}: read only {read_only}"
+                );
+                t.rollback().await.unwrap();
+            }
+            Tx::Sqlite(mut t) => {
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM transfers")
+                    .fetch_one(&mut *t)
+                    .await
+                    .unwrap();
+                assert_eq!(n, 0);
+                t.rollback().await.unwrap();
+            }
+        }
+    }
+    // The settings end with the transaction.
+    if let Db::Postgres(pool) = &db {
+        let hash: String = sqlx::query_scalar("SELECT current_setting('enable_hashjoin')")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(hash, "on");
+    }
+}
+both!(batch_transactions_are_planned_as_probes);
+
 /// Kill a sweep with SIGKILL at random instants, many times: a rerun
 /// finishes the job, exactly the unexpired and held records are left, and
 /// nothing is deleted, counted or audited twice.

@@ -230,9 +230,10 @@ pub struct LogFilter {
 /// the blind-index lookup (an index range per subject), otherwise from the
 /// `(occurred_at, id)` indexes of the log.
 pub async fn list(db: &Db, f: &LogFilter) -> sqlx::Result<Vec<TransferRow>> {
-    if f.subject_index.is_some() {
+    if f.subject_index.is_some() && matches!(db, Db::Postgres(_)) {
         // One subject's records: probes from the lookup rows, whatever the
-        // statistics say about the carrier's share of the log.
+        // statistics say about the carrier's share of the log. (SQLite
+        // plans them so already; no transaction needed there.)
         let mut tx = db.begin_read_probes().await?;
         let rows = on_tx!(&mut tx, c, DB => list_query::<DB>(f).build_query_as().fetch_all(&mut *c).await)?;
         tx.commit().await?;

@@ -31,6 +31,14 @@ impl TestApp {
             .collect()
     }
 
+    /// Places a legal hold as a privacy officer; the hold as answered.
+    async fn hold(&self, hold: Value) -> Value {
+        self.post("/v1/holds", &self.officer(), &hold)
+            .await
+            .expect(201)
+            .body
+    }
+
     async fn batch(&self, items: Vec<Value>) -> Vec<String> {
         let r = self
             .post(
@@ -122,13 +130,8 @@ async fn sweeps_delete_what_expired_and_keep_what_is_held(app: TestApp) {
         .await;
     let officer = app.officer();
     let hold = app
-        .post(
-            "/v1/holds",
-            &officer,
-            &json!({"carrier_id": "carrier-h", "reason": "litigation L-7"}),
-        )
-        .await
-        .expect(201);
+        .hold(json!({"carrier_id": "carrier-h", "reason": "litigation L-7"}))
+        .await;
     let keys_before = app.count("subject_keys").await;
 
     // A dry run reports what would go and changes nothing.
@@ -173,7 +176,7 @@ async fn sweeps_delete_what_expired_and_keep_what_is_held(app: TestApp) {
     assert_eq!(app.count("transfer_slots").await, 30);
 
     // Released, the held records go with the next sweep.
-    let id = hold.body["id"].as_str().unwrap();
+    let id = hold["id"].as_str().unwrap();
     let released = app
         .raw(
             app.client
@@ -241,23 +244,13 @@ async fn holds_match_by_subject_and_category_and_are_validated(app: TestApp) {
     ])
     .await;
     // Held by subject (any spelling) and by category.
-    app.post(
-        "/v1/holds",
-        &officer,
-        &json!({"subject": {"phone_number": "+1 425 555 0111"}, "reason": "DSAR dispute"}),
-    )
-    .await
-    .expect(201);
+    app.hold(json!({"subject": {"phone_number": "+1 425 555 0111"}, "reason": "DSAR dispute"}))
+        .await;
     let h = app
-        .post(
-            "/v1/holds",
-            &officer,
-            &json!({"category": "call_quality", "reason": "regulator inquiry"}),
-        )
-        .await
-        .expect(201);
-    assert_eq!(h.body["category"], "call_quality");
-    assert!(h.body["subject_index"].is_null());
+        .hold(json!({"category": "call_quality", "reason": "regulator inquiry"}))
+        .await;
+    assert_eq!(h["category"], "call_quality");
+    assert!(h["subject_index"].is_null());
     let r = app
         .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
         .await
@@ -296,7 +289,7 @@ async fn holds_match_by_subject_and_category_and_are_validated(app: TestApp) {
         .expect(200);
     assert_eq!(listed.body.as_array().unwrap().len(), 2);
     // Releasing twice, or an unknown hold.
-    let id = h.body["id"].as_str().unwrap();
+    let id = h["id"].as_str().unwrap();
     let del = |id: String| {
         app.raw(
             app.client
@@ -382,13 +375,8 @@ async fn batches_walk_past_held_records(app: TestApp) {
         .iter()
         .enumerate()
         .partition(|(n, _)| *n < 4 || n % 2 == 1);
-    app.post(
-        "/v1/holds",
-        &app.officer(),
-        &json!({"carrier_id": "carrier-h", "reason": "litigation"}),
-    )
-    .await
-    .expect(201);
+    app.hold(json!({"carrier_id": "carrier-h", "reason": "litigation"}))
+        .await;
 
     let status = app
         .cli_spawn(&["sweep"], &[("LEDGER_SWEEP_BATCH", "3")])
@@ -510,13 +498,8 @@ async fn sweeps_survive_being_killed_at_any_instant(app: TestApp) {
                 .collect(),
         )
         .await;
-    app.post(
-        "/v1/holds",
-        &app.officer(),
-        &json!({"carrier_id": "carrier-h", "reason": "litigation"}),
-    )
-    .await
-    .expect(201);
+    app.hold(json!({"carrier_id": "carrier-h", "reason": "litigation"}))
+        .await;
 
     let mut kills = 0;
     for round in 0..12u64 {

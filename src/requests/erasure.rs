@@ -142,7 +142,7 @@ async fn erase_batches(
             return Ok(());
         }
         let ids: Vec<Uuid> = records.iter().map(|(id, _)| *id).collect();
-        let removed = erase::remove_subject(&mut tx, carrier, &ids, index).await?;
+        let removed = erase::remove_subject(&mut tx, carrier, &records, index).await?;
         let mut batch: BTreeMap<String, i64> = BTreeMap::new();
         for (_, category) in &records {
             *batch.entry(category.clone()).or_default() += 1;

@@ -56,46 +56,67 @@ pub async fn held_records(
     })
 }
 
-/// Removes the subject's slots and lookup rows from these records, and the
-/// records left with no subject at all. Returns how many records went.
+/// Removes the subject's slots and lookup rows from these records (id and
+/// category, as [`unheld_records`] returns them), and the records left with
+/// no subject at all. Returns how many records went.
 pub async fn remove_subject(
     tx: &mut Tx,
     carrier: &str,
-    ids: &[Uuid],
+    records: &[(Uuid, String)],
     index: &[u8],
 ) -> sqlx::Result<u64> {
     let mut deleted = 0;
-    for chunk in ids.chunks(MAX_BINDS / 2) {
+    for chunk in records.chunks(MAX_BINDS / 2) {
+        // A number assignment has one slot, the subject's, whichever of its
+        // identifiers found it: all of its slots go. Other records lose the
+        // slots sealed under the subject's keys. (The category is known
+        // here; asked of the database inside the statement, PostgreSQL
+        // answered it by hashing every number assignment of the ledger.)
+        let with = |assignment: bool| -> Vec<Uuid> {
+            chunk
+                .iter()
+                .filter(|(_, category)| (category == "number_assignment") == assignment)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let (assignments, others) = (with(true), with(false));
+        let ids = chunk.iter().map(|(id, _)| *id);
         deleted += on_tx!(tx, c, DB => {
-            let in_list = |qb: &mut QueryBuilder<'_, DB>| {
-                push_list(qb, chunk.iter().copied());
-            };
-            // The subject's own slots; a number assignment has one slot, the
-            // subject's, whichever of its identifiers found it.
-            let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfer_slots WHERE transfer_id IN (");
-            in_list(&mut qb);
-            // Every generation of the subject's keys (see `keys::generations`).
-            let (lo, hi) = super::keys::generations(index);
-            // Naming the carrier makes this a range of the (carrier_id,
-            // blind_index) index, not a scan of every carrier's keys.
-            qb.push(") AND (subject_key_id IN (SELECT k.id FROM subject_keys k WHERE k.carrier_id = ");
-            qb.push_bind(carrier);
-            qb.push(" AND k.blind_index >= ");
-            qb.push_bind(lo);
-            qb.push(" AND k.blind_index <= ");
-            qb.push_bind(hi);
-            qb.push(") OR EXISTS (SELECT 1 FROM transfers t WHERE t.id = transfer_slots.transfer_id AND t.category = 'number_assignment'))");
+            let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfer_slots WHERE ");
+            if !others.is_empty() {
+                qb.push("(transfer_id IN (");
+                push_list(&mut qb, others.iter().copied());
+                // Every generation of the subject's keys (see `keys::generations`).
+                let (lo, hi) = super::keys::generations(index);
+                // Naming the carrier makes this a range of the (carrier_id,
+                // blind_index) index, not a scan of every carrier's keys.
+                qb.push(") AND subject_key_id IN (SELECT k.id FROM subject_keys k WHERE k.carrier_id = ");
+                qb.push_bind(carrier);
+                qb.push(" AND k.blind_index >= ");
+                qb.push_bind(lo);
+                qb.push(" AND k.blind_index <= ");
+                qb.push_bind(hi);
+                qb.push("))");
+            }
+            if !assignments.is_empty() {
+                if !others.is_empty() {
+                    qb.push(" OR ");
+                }
+                qb.push("transfer_id IN (");
+                push_list(&mut qb, assignments.iter().copied());
+                qb.push(")");
+            }
             qb.build().execute(&mut *c).await?;
 
             let mut qb = QueryBuilder::<DB>::new("DELETE FROM subject_lookup WHERE blind_index = ");
             qb.push_bind(index);
             qb.push(" AND transfer_id IN (");
-            in_list(&mut qb);
+            push_list(&mut qb, ids.clone());
             qb.push(")");
             qb.build().execute(&mut *c).await?;
 
             let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfers WHERE id IN (");
-            in_list(&mut qb);
+            push_list(&mut qb, ids.clone());
             qb.push(") AND NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.transfer_id = transfers.id)");
             qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
         })?;

@@ -399,7 +399,8 @@ both!(batches_walk_past_held_records);
 
 /// Sweep batches, erasure steps and a subject's reads run in transactions
 /// planned as index probes on PostgreSQL; relaxed ones also skip the WAL
-/// wait, read ones are read-only. On SQLite they are plain transactions.
+/// wait, read ones are read-only; none plans parallel workers. On SQLite
+/// they are plain transactions.
 async fn batch_transactions_are_planned_as_probes(app: TestApp) {
     use transfer_ledger::storage::{Db, Tx};
     let db = Db::connect(&app.vars["LEDGER_DATABASE_URL"], 2)
@@ -413,18 +414,29 @@ async fn batch_transactions_are_planned_as_probes(app: TestApp) {
         };
         match tx.unwrap() {
             Tx::Postgres(mut t) => {
-                let (hash, merge, seq, sync, read_only): (String, String, String, String, String) =
-                    sqlx::query_as(
-                        "SELECT current_setting('enable_hashjoin'), current_setting('enable_mergejoin'),
-                                current_setting('enable_seqscan'), current_setting('synchronous_commit'),
-                                current_setting('transaction_read_only')",
+                let (hash, merge, seq, parallel, sync, read_only): (
+                    String,
+                    String,
+                    String,
+                    String,
+                    String,
+                    String,
+                ) = sqlx::query_as(
+                    "SELECT current_setting('enable_hashjoin'), current_setting('enable_mergejoin'),
+                                current_setting('enable_seqscan'), current_setting('max_parallel_workers_per_gather'),
+                                current_setting('synchronous_commit'), current_setting('transaction_read_only')",
                     )
                     .fetch_one(&mut *t)
                     .await
                     .unwrap();
                 assert_eq!(
-                    (hash.as_str(), merge.as_str(), seq.as_str()),
-                    ("off", "off", "off"),
+                    (
+                        hash.as_str(),
+                        merge.as_str(),
+                        seq.as_str(),
+                        parallel.as_str()
+                    ),
+                    ("off", "off", "off", "0"),
                     "{kind}"
                 );
                 assert_eq!(

@@ -150,7 +150,8 @@ impl Db {
                 .statement_cache_capacity(24);
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
             // The writer touches every index of every table it appends to:
-            // a 64 MiB page cache keeps them in memory instead of re-reading.
+            // a 16 MiB page cache keeps the hot ones in memory instead of
+            // re-reading them (larger ones cost the server memory budget).
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
                 // Writers queue here by design; under a burst of large

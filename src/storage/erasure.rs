@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use super::retention::{shred_unused_keys, HELD};
 use super::{on_tx, push_list, Tx, MAX_BINDS};
+use crate::domain::Category;
 
 /// Records of the subject in the carrier's scope that no active hold
 /// protects, with their category.
@@ -65,6 +66,8 @@ pub async fn remove_subject(
     records: &[(Uuid, String)],
     index: &[u8],
 ) -> sqlx::Result<u64> {
+    // Every generation of the subject's keys (see `keys::generations`).
+    let (lo, hi) = super::keys::generations(index);
     let mut deleted = 0;
     for chunk in records.chunks(MAX_BINDS / 2) {
         // A number assignment has one slot, the subject's, whichever of its
@@ -72,30 +75,23 @@ pub async fn remove_subject(
         // slots sealed under the subject's keys. (The category is known
         // here; asked of the database inside the statement, PostgreSQL
         // answered it by hashing every number assignment of the ledger.)
-        let with = |assignment: bool| -> Vec<Uuid> {
-            chunk
-                .iter()
-                .filter(|(_, category)| (category == "number_assignment") == assignment)
-                .map(|(id, _)| *id)
-                .collect()
-        };
-        let (assignments, others) = (with(true), with(false));
+        let (assignments, others): (Vec<_>, Vec<_>) = chunk
+            .iter()
+            .partition(|(_, category)| category == Category::NumberAssignment.as_str());
         let ids = chunk.iter().map(|(id, _)| *id);
         deleted += on_tx!(tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfer_slots WHERE ");
             if !others.is_empty() {
                 qb.push("(transfer_id IN (");
-                push_list(&mut qb, others.iter().copied());
-                // Every generation of the subject's keys (see `keys::generations`).
-                let (lo, hi) = super::keys::generations(index);
+                push_list(&mut qb, others.iter().map(|(id, _)| *id));
                 // Naming the carrier makes this a range of the (carrier_id,
                 // blind_index) index, not a scan of every carrier's keys.
                 qb.push(") AND subject_key_id IN (SELECT k.id FROM subject_keys k WHERE k.carrier_id = ");
                 qb.push_bind(carrier);
                 qb.push(" AND k.blind_index >= ");
-                qb.push_bind(lo);
+                qb.push_bind(lo.as_slice());
                 qb.push(" AND k.blind_index <= ");
-                qb.push_bind(hi);
+                qb.push_bind(hi.as_slice());
                 qb.push("))");
             }
             if !assignments.is_empty() {
@@ -103,7 +99,7 @@ pub async fn remove_subject(
                     qb.push(" OR ");
                 }
                 qb.push("transfer_id IN (");
-                push_list(&mut qb, assignments.iter().copied());
+                push_list(&mut qb, assignments.iter().map(|(id, _)| *id));
                 qb.push(")");
             }
             qb.build().execute(&mut *c).await?;

@@ -50,7 +50,17 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
             vec![bi.clone()],
         )
         .await?;
-        crate::storage::keys::add_seals(&mut tx, &mut resolved.seals).await?;
+        let over = crate::storage::keys::add_seals(
+            &mut tx,
+            &mut resolved.seals,
+            state.config.data_key_max_seals,
+        )
+        .await?;
+        if !over.is_empty() {
+            return Err(AppError::Conflict(
+                "a concurrent write spent the subject's data key's nonce budget; retry".into(),
+            ));
+        }
         let (key_id, key) = &resolved.keys[&bi];
         let field = match subject {
             crate::domain::SubjectId::Phone(_) => "phone_number",

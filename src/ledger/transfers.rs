@@ -127,7 +127,9 @@ pub async fn record(
                 }
                 return Ok(out);
             }
-            Err(AppError::Conflict(m)) if m == RETRY && attempt < 3 => continue,
+            Err(AppError::Conflict(m)) if (m == RETRY || m == BUDGET_RACE) && attempt < 3 => {
+                continue
+            }
             Err(e) if is_transient(&e) && attempt < 3 => {
                 tracing::warn!(
                     attempt,
@@ -140,12 +142,21 @@ pub async fn record(
                     "concurrent writes with the same idempotency key; retry".into(),
                 ))
             }
+            Err(AppError::Conflict(m)) if m == BUDGET_RACE => {
+                return Err(AppError::Conflict(
+                    "concurrent writes kept spending the same data keys' nonce budget; retry"
+                        .into(),
+                ))
+            }
             Err(e) => return Err(e),
         }
     }
 }
 
 const RETRY: &str = "\u{0}retry";
+/// Another writer took a data key past its nonce budget between our check
+/// and our count; the retry sees its count and replaces the key.
+const BUDGET_RACE: &str = "\u{0}budget";
 
 /// A deadlock or serialization failure: the transaction can simply rerun.
 fn is_transient(e: &AppError) -> bool {
@@ -265,9 +276,6 @@ async fn write(
             subject_keys.insert((carrier.to_string(), bi), key);
         }
     }
-    // Every data key counts its encryptions (the nonce budget), in the
-    // transaction that makes them.
-    keys::add_seals(tx, &mut seals).await?;
 
     let mut records = Vec::with_capacity(fresh.len());
     let mut slots = Vec::with_capacity(fresh.len() * 2);
@@ -355,6 +363,16 @@ async fn write(
         })?;
     store::insert_slots(tx, &slots).await?;
     store::insert_lookups(tx, &lookups).await?;
+
+    // Every data key counts its encryptions (the nonce budget), in the
+    // transaction that makes them. Last, so that the row locks last only
+    // until the commit that follows: concurrent batches sharing subjects
+    // then wait for each other's commit, not for each other's whole batch.
+    let over = keys::add_seals(tx, &mut seals, state.config.data_key_max_seals).await?;
+    if !over.is_empty() {
+        tracing::info!(keys = ?over, "a concurrent write spent these data keys' nonce budget; retrying");
+        return Err(AppError::Conflict(BUDGET_RACE.into()));
+    }
 
     // Repeats within the batch share their first occurrence's result.
     for i in 0..items.len() {

@@ -218,9 +218,17 @@ pub async fn replace_subject_key(tx: &mut Tx, row: &SubjectKeyRow) -> sqlx::Resu
 }
 
 /// Adds `(key, encryptions)` to the keys' counts: one statement per distinct
-/// count (a batch has few). On PostgreSQL the rows are locked in id order
-/// first, so concurrent writers cannot deadlock.
-pub async fn add_seals(tx: &mut Tx, counts: &mut [(Uuid, i64)]) -> sqlx::Result<()> {
+/// count (a batch has few), and returns the keys whose count now exceeds
+/// `limit` (a concurrent writer spent the budget first; the caller rolls
+/// back and retries, and its retry replaces them). On PostgreSQL the rows
+/// are locked in id order first, so concurrent writers cannot deadlock; the
+/// locks last until commit, so writers call this last, just before the
+/// audit append, and do not queue behind each other's whole batch.
+pub async fn add_seals(
+    tx: &mut Tx,
+    counts: &mut [(Uuid, i64)],
+    limit: i64,
+) -> sqlx::Result<Vec<Uuid>> {
     counts.sort_unstable();
     if let Tx::Postgres(_) = tx {
         for chunk in counts.chunks(MAX_BINDS) {
@@ -236,18 +244,21 @@ pub async fn add_seals(tx: &mut Tx, counts: &mut [(Uuid, i64)]) -> sqlx::Result<
     for (id, n) in counts.iter() {
         by_count.entry(*n).or_default().push(*id);
     }
+    let mut over = Vec::new();
     for (n, ids) in by_count {
         for chunk in ids.chunks(MAX_BINDS - 1) {
             on_tx!(tx, c, DB => {
                 let mut qb = QueryBuilder::<DB>::new("UPDATE subject_keys SET seals = seals + ");
                 qb.push_bind(n).push(" WHERE id IN (");
                 push_list(&mut qb, chunk.iter().copied());
-                qb.push(")");
-                qb.build().execute(&mut *c).await.map(|_| ())
+                qb.push(") RETURNING id, seals");
+                qb.build_query_as::<(Uuid, i64)>().fetch_all(&mut *c).await.map(|rows| {
+                    over.extend(rows.into_iter().filter(|&(_, seals)| seals > limit).map(|(id, _)| id))
+                })
             })?;
         }
     }
-    Ok(())
+    Ok(over)
 }
 
 /// Up to `limit` subject keys still wrapped under a master key older than

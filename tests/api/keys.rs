@@ -398,6 +398,65 @@ async fn data_keys_are_replaced_when_their_nonce_budget_is_spent_postgres() {
     data_keys_are_replaced_when_their_nonce_budget_is_spent(Backend::Postgres).await
 }
 
+/// Concurrent batches that together spend one data key's budget: each
+/// counts its encryptions just before it commits, and one that finds the
+/// budget spent by another rolls back and retries with a fresh key. No key
+/// ever exceeds its budget, every encryption is counted, nothing is lost.
+async fn concurrent_batches_never_overspend_a_data_key(backend: Backend) {
+    let extra = [("LEDGER_DATA_KEY_MAX_SEALS".to_string(), "10000".to_string())]
+        .into_iter()
+        .collect();
+    let Some(app) = spawn_app_with(backend, extra).await else {
+        return;
+    };
+    let platform = app.platform();
+    // Three batches of 4,000 calls from one caller: 12,000 encryptions
+    // against a budget of 10,000, so one batch needs a fresh key.
+    let calls = |from: usize| {
+        json!({"transfers": (from..from + 4_000)
+            .map(|i| cdr("carrier-a", &format!("c{i}"), &us(1), &fr(i % 50)))
+            .collect::<Vec<_>>()})
+    };
+    let (a, b, c) = (calls(0), calls(4_000), calls(8_000));
+    let (ra, rb, rc) = futures::join!(
+        app.post("/v1/transfers/batch", &platform, &a),
+        app.post("/v1/transfers/batch", &platform, &b),
+        app.post("/v1/transfers/batch", &platform, &c),
+    );
+    for r in [ra, rb, rc] {
+        r.expect(201);
+    }
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) FROM subject_keys WHERE seals > 10000")
+            .await,
+        0,
+        "no key exceeds its budget"
+    );
+    assert_eq!(
+        app.scalar("SELECT CAST(SUM(seals) AS BIGINT) FROM subject_keys")
+            .await,
+        2 * 12_000,
+        "every encryption counted once, none of a rolled-back attempt"
+    );
+    assert_eq!(
+        app.count("subject_keys").await,
+        52,
+        "the caller's two keys and 50 callees'"
+    );
+    let all = app.decrypt_all().await;
+    assert_eq!(all.len(), 12_000);
+    assert!(all.iter().all(|t| t["payload"]["caller"] == us(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_never_overspend_a_data_key_sqlite() {
+    concurrent_batches_never_overspend_a_data_key(Backend::Sqlite).await
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_never_overspend_a_data_key_postgres() {
+    concurrent_batches_never_overspend_a_data_key(Backend::Postgres).await
+}
+
 /// A new export-signing key signs from now on; the old public key stays
 /// published by key id, so what it signed still verifies.
 async fn signing_keys_rotate_and_old_ones_stay_published(app: TestApp) {

@@ -127,7 +127,9 @@ pub async fn record(
                 }
                 return Ok(out);
             }
-            Err(AppError::Conflict(m)) if (m == RETRY || m == BUDGET_RACE) && attempt < 3 => {
+            Err(AppError::Conflict(m))
+                if (m == RETRY || m == BUDGET_RACE || m == KEY_GONE) && attempt < 3 =>
+            {
                 continue
             }
             Err(e) if is_transient(&e) && attempt < 3 => {
@@ -140,6 +142,13 @@ pub async fn record(
             Err(AppError::Conflict(m)) if m == RETRY => {
                 return Err(AppError::Conflict(
                     "concurrent writes with the same idempotency key; retry".into(),
+                ))
+            }
+            Err(AppError::Conflict(m)) if m == KEY_GONE => {
+                return Err(AppError::Conflict(
+                    "a subject's data key kept being destroyed (erasure or retention sweep) while \
+                     this write sealed under it; retry"
+                        .into(),
                 ))
             }
             Err(AppError::Conflict(m)) if m == BUDGET_RACE => {
@@ -157,6 +166,9 @@ const RETRY: &str = "\u{0}retry";
 /// Another writer took a data key past its nonce budget between our check
 /// and our count; the retry sees its count and replaces the key.
 const BUDGET_RACE: &str = "\u{0}budget";
+/// A data key the write sealed under was destroyed by a concurrent erasure
+/// or sweep before the write's slots referenced it.
+const KEY_GONE: &str = "\u{0}key-gone";
 
 /// A deadlock or serialization failure: the transaction can simply rerun.
 fn is_transient(e: &AppError) -> bool {
@@ -361,7 +373,17 @@ async fn write(
         .on_constraint("transfers_idempotency|transfers.idempotency_key", || {
             AppError::Conflict(RETRY.into())
         })?;
-    store::insert_slots(tx, &slots).await?;
+    // Keys are read, not locked, before the batch seals under them; an
+    // erasure or a sweep may destroy one meanwhile (PostgreSQL: another
+    // transaction). The retry resolves the subject's key afresh.
+    // (The slots' only foreign key is their data key's: their record is
+    // written by this transaction.)
+    store::insert_slots(tx, &slots).await.map_err(|e| match e {
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+            AppError::Conflict(KEY_GONE.into())
+        }
+        other => other.into(),
+    })?;
     store::insert_lookups(tx, &lookups).await?;
 
     // Every data key counts its encryptions (the nonce budget), in the

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use transfer_ledger::auth::Role;
 use transfer_ledger::crypto::keyring::Rotatable;
 use transfer_ledger::storage::keys as store;
+use transfer_ledger::storage::Db;
 
 use crate::both;
 use crate::helpers::*;
@@ -456,6 +457,59 @@ async fn concurrent_batches_never_overspend_a_data_key_sqlite() {
 async fn concurrent_batches_never_overspend_a_data_key_postgres() {
     concurrent_batches_never_overspend_a_data_key(Backend::Postgres).await
 }
+
+/// A data key destroyed between the write's reading it and its slots
+/// referencing it (on PostgreSQL a concurrent erasure or sweep can do that)
+/// makes the write retry and, if it keeps happening, refuse with a clear
+/// 409 that stores nothing; never a 500. A trigger destroys the key at the
+/// last moment of every attempt.
+async fn a_data_key_destroyed_mid_write_is_a_conflict_not_a_failure(app: TestApp) {
+    match app.db() {
+        Db::Sqlite { write, .. } => {
+            sqlx::query(
+                "CREATE TRIGGER key_gone BEFORE INSERT ON transfer_slots
+                 BEGIN DELETE FROM subject_keys WHERE id = NEW.subject_key_id; END",
+            )
+            .execute(write)
+            .await
+            .unwrap();
+        }
+        Db::Postgres(p) => {
+            sqlx::query(
+                "CREATE FUNCTION key_gone() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN DELETE FROM subject_keys WHERE id = NEW.subject_key_id; RETURN NEW; END; $$",
+            )
+            .execute(p)
+            .await
+            .unwrap();
+            sqlx::query("CREATE TRIGGER key_gone BEFORE INSERT ON transfer_slots FOR EACH ROW EXECUTE FUNCTION key_gone()")
+                .execute(p)
+                .await
+                .unwrap();
+        }
+    }
+    let r = app
+        .post(
+            "/v1/transfers",
+            &app.platform(),
+            &cdr("carrier-a", "c1", &us(1), &fr(1)),
+        )
+        .await
+        .expect(409);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("data key") && detail.contains("retry"),
+        "{detail}"
+    );
+    assert_eq!(app.count("transfers").await, 0);
+    assert_eq!(app.count("transfer_slots").await, 0);
+    assert_eq!(
+        app.count("subject_keys").await,
+        0,
+        "the attempts rolled back"
+    );
+}
+both!(a_data_key_destroyed_mid_write_is_a_conflict_not_a_failure);
 
 /// A new export-signing key signs from now on; the old public key stays
 /// published by key id, so what it signed still verifies.

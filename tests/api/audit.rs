@@ -210,18 +210,13 @@ async fn entries_commit_with_their_change_or_not_at_all(app: TestApp) {
     assert!(!actions(&app.audit_entries().await).contains(&"transfer.record"));
 
     // If the audit append fails, the write it records fails with it.
-    match app.db() {
-        Db::Sqlite { write, .. } => {
-            sqlx::query("CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'audit down'); END")
-                .execute(write).await.unwrap();
-        }
-        Db::Postgres(p) => {
-            sqlx::query("CREATE FUNCTION fail_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'audit down'; END; $$")
-                .execute(p).await.unwrap();
-            sqlx::query("CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION fail_audit()")
-                .execute(p).await.unwrap();
-        }
-    }
+    app.before_insert_trigger(
+        "fail_audit",
+        "audit_log",
+        "SELECT RAISE(ABORT, 'audit down');",
+        "RAISE EXCEPTION 'audit down';",
+    )
+    .await;
     app.post(
         "/v1/transfers",
         &platform,

@@ -391,6 +391,43 @@ impl TestApp {
         }
     }
 
+    /// A `BEFORE INSERT` row trigger named `name` on `table`, for fault
+    /// injection: `sqlite_body` holds the SQLite trigger's statements,
+    /// `pg_body` the PL/pgSQL body of the PostgreSQL trigger function
+    /// (both may use `NEW`).
+    pub async fn before_insert_trigger(
+        &self,
+        name: &str,
+        table: &str,
+        sqlite_body: &str,
+        pg_body: &str,
+    ) {
+        match self.db() {
+            Db::Sqlite { write, .. } => {
+                sqlx::query(&format!(
+                    "CREATE TRIGGER {name} BEFORE INSERT ON {table} BEGIN {sqlite_body} END"
+                ))
+                .execute(write)
+                .await
+                .unwrap();
+            }
+            Db::Postgres(p) => {
+                sqlx::query(&format!(
+                    "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {pg_body} END; $$"
+                ))
+                .execute(p)
+                .await
+                .unwrap();
+                sqlx::query(&format!(
+                    "CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()"
+                ))
+                .execute(p)
+                .await
+                .unwrap();
+            }
+        }
+    }
+
     /// Runs a statement straight on the database (tamper tests).
     pub async fn exec(&self, sql: &str, blob: Option<Vec<u8>>, id: Option<uuid::Uuid>) -> u64 {
         match self.db() {

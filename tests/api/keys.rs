@@ -10,7 +10,6 @@ use serde_json::{json, Value};
 use transfer_ledger::auth::Role;
 use transfer_ledger::crypto::keyring::Rotatable;
 use transfer_ledger::storage::keys as store;
-use transfer_ledger::storage::Db;
 
 use crate::both;
 use crate::helpers::*;
@@ -464,30 +463,14 @@ async fn concurrent_batches_never_overspend_a_data_key_postgres() {
 /// 409 that stores nothing; never a 500. A trigger destroys the key at the
 /// last moment of every attempt.
 async fn a_data_key_destroyed_mid_write_is_a_conflict_not_a_failure(app: TestApp) {
-    match app.db() {
-        Db::Sqlite { write, .. } => {
-            sqlx::query(
-                "CREATE TRIGGER key_gone BEFORE INSERT ON transfer_slots
-                 BEGIN DELETE FROM subject_keys WHERE id = NEW.subject_key_id; END",
-            )
-            .execute(write)
-            .await
-            .unwrap();
-        }
-        Db::Postgres(p) => {
-            sqlx::query(
-                "CREATE FUNCTION key_gone() RETURNS trigger LANGUAGE plpgsql AS $$
-                 BEGIN DELETE FROM subject_keys WHERE id = NEW.subject_key_id; RETURN NEW; END; $$",
-            )
-            .execute(p)
-            .await
-            .unwrap();
-            sqlx::query("CREATE TRIGGER key_gone BEFORE INSERT ON transfer_slots FOR EACH ROW EXECUTE FUNCTION key_gone()")
-                .execute(p)
-                .await
-                .unwrap();
-        }
-    }
+    let destroy = "DELETE FROM subject_keys WHERE id = NEW.subject_key_id;";
+    app.before_insert_trigger(
+        "key_gone",
+        "transfer_slots",
+        destroy,
+        &format!("{destroy} RETURN NEW;"),
+    )
+    .await;
     let r = app
         .post(
             "/v1/transfers",

@@ -127,11 +127,6 @@ pub async fn record(
                 }
                 return Ok(out);
             }
-            Err(AppError::Conflict(m))
-                if (m == RETRY || m == BUDGET_RACE || m == KEY_GONE) && attempt < 3 =>
-            {
-                continue
-            }
             Err(e) if is_transient(&e) && attempt < 3 => {
                 tracing::warn!(
                     attempt,
@@ -139,29 +134,17 @@ pub async fn record(
                 );
                 continue;
             }
-            Err(AppError::Conflict(m)) if m == RETRY => {
-                return Err(AppError::Conflict(
-                    "concurrent writes with the same idempotency key; retry".into(),
-                ))
-            }
-            Err(AppError::Conflict(m)) if m == KEY_GONE => {
-                return Err(AppError::Conflict(
-                    "a subject's data key kept being destroyed (erasure or retention sweep) while \
-                     this write sealed under it; retry"
-                        .into(),
-                ))
-            }
-            Err(AppError::Conflict(m)) if m == BUDGET_RACE => {
-                return Err(AppError::Conflict(
-                    "concurrent writes kept spending the same data keys' nonce budget; retry"
-                        .into(),
-                ))
-            }
+            Err(AppError::Conflict(m)) => match RETRIES.iter().find(|(marker, _)| *marker == m) {
+                Some(_) if attempt < 3 => continue,
+                Some((_, gave_up)) => return Err(AppError::Conflict((*gave_up).into())),
+                None => return Err(AppError::Conflict(m)),
+            },
             Err(e) => return Err(e),
         }
     }
 }
 
+/// A concurrent writer took an idempotency key between our check and our insert.
 const RETRY: &str = "\u{0}retry";
 /// Another writer took a data key past its nonce budget between our check
 /// and our count; the retry sees its count and replaces the key.
@@ -169,6 +152,24 @@ const BUDGET_RACE: &str = "\u{0}budget";
 /// A data key the write sealed under was destroyed by a concurrent erasure
 /// or sweep before the write's slots referenced it.
 const KEY_GONE: &str = "\u{0}key-gone";
+
+/// Conflicts `write` signals with a marker: the transaction reruns, and
+/// after the last attempt the caller gets the message beside the marker.
+const RETRIES: [(&str, &str); 3] = [
+    (
+        RETRY,
+        "concurrent writes with the same idempotency key; retry",
+    ),
+    (
+        BUDGET_RACE,
+        "concurrent writes kept spending the same data keys' nonce budget; retry",
+    ),
+    (
+        KEY_GONE,
+        "a subject's data key kept being destroyed (erasure or retention sweep) while this \
+         write sealed under it; retry",
+    ),
+];
 
 /// A deadlock or serialization failure: the transaction can simply rerun.
 fn is_transient(e: &AppError) -> bool {

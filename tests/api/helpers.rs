@@ -174,11 +174,22 @@ impl Drop for TestApp {
 #[macro_export]
 macro_rules! both {
     ($name:ident) => {
+        $crate::both!($name, [("", ""); 0]);
+    };
+    // With extra environment for the service: `[("LEDGER_…", "value"), …]`.
+    ($name:ident, $env:expr) => {
         mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            fn env() -> std::collections::HashMap<String, String> {
+                $env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
                 if let Some(app) =
-                    $crate::helpers::spawn_app($crate::helpers::Backend::Sqlite).await
+                    $crate::helpers::spawn_app_with($crate::helpers::Backend::Sqlite, env()).await
                 {
                     super::$name(app).await
                 }
@@ -186,7 +197,7 @@ macro_rules! both {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
                 if let Some(app) =
-                    $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await
+                    $crate::helpers::spawn_app_with($crate::helpers::Backend::Postgres, env()).await
                 {
                     super::$name(app).await
                 }

@@ -331,20 +331,9 @@ both!(rewrap_resurrects_nothing_and_new_writes_use_the_new_version);
 /// Each data key counts its encryptions and is replaced when the budget is
 /// spent; the old key keeps decrypting, and erasure reaches every key the
 /// subject ever had. (The least budget is one full batch, 10,000.)
-async fn data_keys_are_replaced_when_their_nonce_budget_is_spent(backend: Backend) {
-    let extra = [("LEDGER_DATA_KEY_MAX_SEALS".to_string(), "10000".to_string())]
-        .into_iter()
-        .collect();
-    let Some(app) = spawn_app_with(backend, extra).await else {
-        return;
-    };
+async fn data_keys_are_replaced_when_their_nonce_budget_is_spent(app: TestApp) {
     let platform = app.platform();
     // 10,000 calls from one caller in one batch: its key's budget, exactly.
-    let calls = |from: usize, n: usize| {
-        json!({"transfers": (from..from + n)
-            .map(|i| cdr("carrier-a", &format!("c{i}"), &us(1), &fr(i % 50)))
-            .collect::<Vec<_>>()})
-    };
     app.post("/v1/transfers/batch", &platform, &calls(0, 10_000))
         .await
         .expect(201);
@@ -389,35 +378,30 @@ async fn data_keys_are_replaced_when_their_nonce_budget_is_spent(backend: Backen
     assert!(all.iter().all(|t| t["payload"]["caller"] != us(1)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn data_keys_are_replaced_when_their_nonce_budget_is_spent_sqlite() {
-    data_keys_are_replaced_when_their_nonce_budget_is_spent(Backend::Sqlite).await
-}
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn data_keys_are_replaced_when_their_nonce_budget_is_spent_postgres() {
-    data_keys_are_replaced_when_their_nonce_budget_is_spent(Backend::Postgres).await
+both!(
+    data_keys_are_replaced_when_their_nonce_budget_is_spent,
+    LEAST_BUDGET
+);
+
+/// The least nonce budget the service accepts: one full batch.
+const LEAST_BUDGET: [(&str, &str); 1] = [("LEDGER_DATA_KEY_MAX_SEALS", "10000")];
+
+/// A batch of `n` calls from one caller (`us(1)`) to 50 callees.
+fn calls(from: usize, n: usize) -> Value {
+    json!({"transfers": (from..from + n)
+        .map(|i| cdr("carrier-a", &format!("c{i}"), &us(1), &fr(i % 50)))
+        .collect::<Vec<_>>()})
 }
 
 /// Concurrent batches that together spend one data key's budget: each
 /// counts its encryptions just before it commits, and one that finds the
 /// budget spent by another rolls back and retries with a fresh key. No key
 /// ever exceeds its budget, every encryption is counted, nothing is lost.
-async fn concurrent_batches_never_overspend_a_data_key(backend: Backend) {
-    let extra = [("LEDGER_DATA_KEY_MAX_SEALS".to_string(), "10000".to_string())]
-        .into_iter()
-        .collect();
-    let Some(app) = spawn_app_with(backend, extra).await else {
-        return;
-    };
+async fn concurrent_batches_never_overspend_a_data_key(app: TestApp) {
     let platform = app.platform();
     // Three batches of 4,000 calls from one caller: 12,000 encryptions
     // against a budget of 10,000, so one batch needs a fresh key.
-    let calls = |from: usize| {
-        json!({"transfers": (from..from + 4_000)
-            .map(|i| cdr("carrier-a", &format!("c{i}"), &us(1), &fr(i % 50)))
-            .collect::<Vec<_>>()})
-    };
-    let (a, b, c) = (calls(0), calls(4_000), calls(8_000));
+    let (a, b, c) = (calls(0, 4_000), calls(4_000, 4_000), calls(8_000, 4_000));
     let (ra, rb, rc) = futures::join!(
         app.post("/v1/transfers/batch", &platform, &a),
         app.post("/v1/transfers/batch", &platform, &b),
@@ -448,14 +432,7 @@ async fn concurrent_batches_never_overspend_a_data_key(backend: Backend) {
     assert!(all.iter().all(|t| t["payload"]["caller"] == us(1)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_batches_never_overspend_a_data_key_sqlite() {
-    concurrent_batches_never_overspend_a_data_key(Backend::Sqlite).await
-}
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_batches_never_overspend_a_data_key_postgres() {
-    concurrent_batches_never_overspend_a_data_key(Backend::Postgres).await
-}
+both!(concurrent_batches_never_overspend_a_data_key, LEAST_BUDGET);
 
 /// A data key destroyed between the write's reading it and its slots
 /// referencing it (on PostgreSQL a concurrent erasure or sweep can do that)

@@ -315,6 +315,8 @@ async fn run_on(args: &BenchArgs, dbs: &Databases) -> anyhow::Result<Report> {
     }
 
     // 1. Ingest through the service.
+    let service_db = Db::connect(&dbs.service_url, 1).await?;
+    let wal_before = wal_position(&service_db).await?;
     let pb = progress(records as u64, "ingest");
     let queue = Arc::new(Mutex::new(batches.into_iter().collect::<VecDeque<_>>()));
     let started = Instant::now();
@@ -368,12 +370,19 @@ async fn run_on(args: &BenchArgs, dbs: &Databases) -> anyhow::Result<Report> {
         100.0 * audit_secs / ingest_secs
     );
     let ingest_per_s = records as f64 / ingest_secs;
+    let service_work = Work::since(&service_db, wal_before).await?;
+    service_db.close().await;
 
     // 2. The baseline: the same JSON into a plain table, fastest plain sqlx way.
     let baseline = Db::connect(&dbs.baseline_url, 4).await?;
-    let (baseline_insert_per_s, baseline_delete_per_s) =
+    let (baseline_insert_per_s, baseline_delete_per_s, baseline_work) =
         baseline_run(&baseline, &raw_rows, args.batch, now.timestamp_micros()).await?;
     baseline.close().await;
+    eprintln!(
+        "storage per record after ingest: service {}, baseline {}",
+        service_work.describe(records),
+        baseline_work.describe(records)
+    );
 
     // 3. Subject lookups: metadata pages by blind index.
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -655,13 +664,14 @@ async fn cursor_at(db: &Db, carrier: &str, depth: i64) -> anyhow::Result<Option<
 
 /// Inserts the rows into a plain table (primary key plus one index on
 /// carrier and time) in batches, then deletes the expired ones with one
-/// range DELETE. Returns rows per second for each.
+/// range DELETE. Returns rows per second for each, and what the insert
+/// stored and wrote.
 async fn baseline_run(
     db: &Db,
     rows: &[(String, i64, i64, String)],
     batch: usize,
     now: i64,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, f64, Work)> {
     let ddl = [
         "CREATE TABLE baseline_transfers (id BIGINT PRIMARY KEY, carrier_id TEXT NOT NULL, occurred_at BIGINT NOT NULL,
          retain_until BIGINT NOT NULL, body TEXT NOT NULL)",
@@ -671,6 +681,7 @@ async fn baseline_run(
     for sql in ddl {
         on_db!(db, c => sqlx::query(sql).execute(c).await.map(|_| ()))?;
     }
+    let wal_before = wal_position(db).await?;
     let pb = progress(rows.len() as u64, "baseline");
     let started = Instant::now();
     match db {
@@ -720,13 +731,79 @@ async fn baseline_run(
     }
     let insert_per_s = rows.len() as f64 / started.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    let work = Work::since(db, wal_before).await?;
 
     let started = Instant::now();
     let deleted = on_db!(db, c => {
         sqlx::query("DELETE FROM baseline_transfers WHERE retain_until < $1").bind(now).execute(c).await.map(|r| r.rows_affected())
     })?;
     let delete_per_s = deleted as f64 / started.elapsed().as_secs_f64();
-    Ok((insert_per_s, delete_per_s))
+    Ok((insert_per_s, delete_per_s, work))
+}
+
+/// What an ingest left and wrote: the size of the database (tables and
+/// their indexes) and, on PostgreSQL, the write-ahead log it generated.
+/// Unlike the rates, these do not move with the machine's load: they show
+/// how much b-tree a record costs.
+struct Work {
+    database_bytes: u64,
+    wal_bytes: Option<u64>,
+}
+
+impl Work {
+    async fn since(db: &Db, wal_before: Option<i64>) -> anyhow::Result<Self> {
+        let database_bytes: i64 = match db {
+            Db::Sqlite { read, .. } => {
+                sqlx::query_scalar(
+                    "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                )
+                .fetch_one(read)
+                .await?
+            }
+            Db::Postgres(p) => {
+                sqlx::query_scalar(
+                    "SELECT CAST(COALESCE(SUM(pg_total_relation_size(c.oid)), 0) AS BIGINT) FROM pg_class c
+                     WHERE c.relnamespace = CAST(current_schema() AS regnamespace) AND c.relkind = 'r'",
+                )
+                .fetch_one(p)
+                .await?
+            }
+        };
+        let wal_after = wal_position(db).await?;
+        Ok(Self {
+            database_bytes: database_bytes as u64,
+            wal_bytes: wal_before
+                .zip(wal_after)
+                .map(|(a, b)| (b - a).max(0) as u64),
+        })
+    }
+
+    fn describe(&self, records: usize) -> String {
+        let per = |b: u64| b as f64 / records as f64;
+        match self.wal_bytes {
+            Some(w) => format!(
+                "{:.0} bytes stored, {:.0} bytes of WAL",
+                per(self.database_bytes),
+                per(w)
+            ),
+            None => format!("{:.0} bytes stored", per(self.database_bytes)),
+        }
+    }
+}
+
+/// PostgreSQL's current WAL position in bytes (`None` on SQLite). The
+/// cluster's, not one schema's: nothing else should run during a bench.
+async fn wal_position(db: &Db) -> anyhow::Result<Option<i64>> {
+    Ok(match db {
+        Db::Sqlite { .. } => None,
+        Db::Postgres(p) => Some(
+            sqlx::query_scalar(
+                "SELECT CAST(pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0') AS BIGINT)",
+            )
+            .fetch_one(p)
+            .await?,
+        ),
+    })
 }
 
 /// The figures as a table, each next to its baseline and target.

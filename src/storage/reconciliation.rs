@@ -190,9 +190,10 @@ pub async fn reconcile(
     Ok((sum, items))
 }
 
-/// One record of each call key (to decrypt its call id). The categories are
-/// named so that the lookup is a probe of `transfers_call_key` (carrier,
-/// category, call key) per key, not a scan of the carrier's records.
+/// One record of each call key (to decrypt its call id). The categories and
+/// the duration are named so that the lookup is a probe of the partial
+/// index `transfers_call_key` (carrier, category, call key; records with a
+/// duration) per key, not a scan of the carrier's records.
 pub async fn record_per_call(
     db: &Db,
     carrier: &str,
@@ -204,7 +205,7 @@ pub async fn record_per_call(
     on_db!(db, c, DB => {
         let mut qb = sqlx::QueryBuilder::<DB>::new("SELECT call_key, id FROM transfers WHERE carrier_id = ");
         qb.push_bind(carrier)
-            .push(" AND category IN ('call_detail_record', 'call_duration') AND call_key IN (");
+            .push(" AND category IN ('call_detail_record', 'call_duration') AND duration_seconds IS NOT NULL AND call_key IN (");
         push_list(&mut qb, keys.iter().map(|k| k.as_slice()));
         qb.push(")");
         qb.build_query_as().fetch_all(c).await

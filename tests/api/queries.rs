@@ -340,3 +340,117 @@ async fn decrypting_reads_by_officers_need_a_reason(app: TestApp) {
         .expect(404);
 }
 both!(decrypting_reads_by_officers_need_a_reason);
+
+/// Records of several categories and carriers, interleaved in time and
+/// sharing instants, come back newest first (ties by id), each once,
+/// through pages of every size, whole or filtered by carrier or direction.
+async fn pages_of_mixed_categories_come_newest_first(app: TestApp) {
+    // (occurred_at, id, carrier, category)
+    let mut posted: Vec<(String, String, String, String)> = Vec::new();
+    let mut post = async |token: String, items: Vec<serde_json::Value>| {
+        let r = app
+            .post("/v1/transfers/batch", &token, &json!({"transfers": items}))
+            .await
+            .expect(201);
+        for (item, id) in items.iter().zip(r.body["ids"].as_array().unwrap()) {
+            posted.push((
+                item["occurred_at"].as_str().unwrap().to_string(),
+                id.as_str().unwrap().to_string(),
+                item["carrier_id"].as_str().unwrap().to_string(),
+                item["category"].as_str().unwrap().to_string(),
+            ));
+        }
+    };
+    // Two records at each minute: of different categories, often of
+    // different carriers.
+    let at = |i: usize| format!("2026-11-01T09:{:02}:00Z", (i * 7) % 23);
+    let platform: Vec<_> = (0..36)
+        .map(|i| {
+            let carrier = ["carrier-a", "carrier-b"][i % 2];
+            let call = format!("m{i}");
+            let mut t = if i % 3 == 0 {
+                quality(carrier, &call, "+14255550100", "+14255550101")
+            } else {
+                cdr(carrier, &call, "+14255550100", "+14255550101")
+            };
+            t["occurred_at"] = json!(at(i));
+            t
+        })
+        .collect();
+    post(app.platform(), platform).await;
+    let durations: Vec<_> = (36..50)
+        .map(|i| {
+            let mut t = duration(
+                "carrier-a",
+                &format!("m{i}"),
+                "+14255550100",
+                "+14255550101",
+            );
+            t["occurred_at"] = json!(at(i));
+            t
+        })
+        .collect();
+    post(app.carrier("carrier-a"), durations).await;
+
+    let newest_first = |carrier: Option<&str>, category: Option<&str>| {
+        let mut v: Vec<_> = posted
+            .iter()
+            .filter(|p| carrier.is_none_or(|c| p.2 == c) && category.is_none_or(|c| p.3 == c))
+            .map(|p| (p.0.clone(), p.1.clone()))
+            .collect();
+        v.sort_by(|a, b| b.cmp(a));
+        v.into_iter().map(|p| p.1).collect::<Vec<_>>()
+    };
+    let ids = |items: Vec<serde_json::Value>| {
+        items
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let officer = app.officer();
+    for limit in [1, 7, 50, 100] {
+        let all = app
+            .all_pages(&format!("/v1/transfers?limit={limit}"), &officer)
+            .await;
+        assert_eq!(
+            ids(all),
+            newest_first(None, None),
+            "whole log, pages of {limit}"
+        );
+        let a = app
+            .all_pages(
+                &format!("/v1/transfers?carrier_id=carrier-a&limit={limit}"),
+                &officer,
+            )
+            .await;
+        assert_eq!(
+            ids(a),
+            newest_first(Some("carrier-a"), None),
+            "one carrier, pages of {limit}"
+        );
+    }
+    // A carrier's own view is the same merge, scoped.
+    let own = app
+        .all_pages("/v1/transfers?limit=6", &app.carrier("carrier-b"))
+        .await;
+    assert_eq!(ids(own), newest_first(Some("carrier-b"), None));
+    // A direction only one category crosses in; a purpose no category of
+    // that direction serves.
+    let inbound = app
+        .all_pages(
+            "/v1/transfers?direction=carrier_to_platform&limit=4",
+            &officer,
+        )
+        .await;
+    assert_eq!(ids(inbound), newest_first(None, Some("call_duration")));
+    let none = app
+        .get(
+            "/v1/transfers?direction=carrier_to_platform&purpose=troubleshooting",
+            &officer,
+        )
+        .await
+        .expect(200);
+    assert_eq!(none.body["items"], json!([]));
+    assert_eq!(none.body["next_cursor"], json!(null));
+}
+both!(pages_of_mixed_categories_come_newest_first);

@@ -11,6 +11,7 @@ use crate::auth::{Principal, Role};
 use crate::domain::consent::{ConsentKind, ConsentStatus, NewConsent};
 use crate::domain::CarrierId;
 use crate::error::{AppError, Result, ResultExt};
+use crate::ledger::transfers;
 use crate::storage::consents::{self as store, ConsentRow};
 use crate::storage::{from_micros, micros};
 
@@ -38,12 +39,35 @@ fn subject_aad(reference: &str, key_id: Uuid) -> Vec<u8> {
 
 pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Result<ConsentView> {
     state.authorize_for(who, &c.carrier_id, "consents", "write")?;
+    // A consent with a data subject seals under the subject's data key, as a
+    // transfer does, and reruns as a transfer write does when a concurrent
+    // write spent that key's nonce budget or a concurrent erasure or sweep
+    // destroyed the key: the rerun replaces the key.
+    let mut attempt = 0;
+    let row = loop {
+        attempt += 1;
+        match register_once(state, who, &c).await {
+            Ok(row) => break row,
+            Err(AppError::Conflict(m)) => match transfers::gave_up(&m) {
+                Some(_) if attempt < 3 => continue,
+                Some(gave_up) => return Err(AppError::Conflict(gave_up.into())),
+                None => return Err(AppError::Conflict(m)),
+            },
+            Err(e) if transfers::is_transient(&e) && attempt < 3 => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    view(state, row).await
+}
+
+/// One attempt: the consent is stored and audited when this returns `Ok`.
+async fn register_once(state: &AppState, who: &Principal, c: &NewConsent) -> Result<ConsentRow> {
     let now = micros(Utc::now());
     let mut tx = state.db.begin().await?;
     let (mut subject_index, mut subject_key_id, mut subject_sealed) = (None, None, None);
     if let Some(subject) = &c.subject {
         let bi = state.keys.blind().of(subject);
-        let mut resolved = crate::ledger::transfers::resolve_subject_keys(
+        let mut resolved = transfers::resolve_subject_keys(
             state,
             &mut tx,
             c.carrier_id.as_str(),
@@ -57,9 +81,7 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
         )
         .await?;
         if !over.is_empty() {
-            return Err(AppError::Conflict(
-                "a concurrent write spent the subject's data key's nonce budget; retry".into(),
-            ));
+            return Err(AppError::Conflict(transfers::BUDGET_RACE.into()));
         }
         let (key_id, key) = &resolved.keys[&bi];
         let field = match subject {
@@ -79,7 +101,7 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
         reference: c.reference.clone(),
         kind: c.kind.as_str().into(),
         carrier_id: c.carrier_id.to_string(),
-        customer_tenant_id: c.customer_tenant_id,
+        customer_tenant_id: c.customer_tenant_id.clone(),
         subject_index,
         subject_key_id,
         subject_sealed,
@@ -97,6 +119,13 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
     };
     store::insert(&mut tx, &row)
         .await
+        .map_err(|e| match e {
+            // The subject's data key, read unlocked, was destroyed since.
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                AppError::Conflict(transfers::KEY_GONE.into())
+            }
+            other => other.into(),
+        })
         .on_constraint("consents_pkey|consents.reference", || {
             AppError::Conflict(format!(
                 "consent reference {:?} is already registered for this carrier",
@@ -111,7 +140,7 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
     });
     audit::append(&mut tx, Some(who), &Event::new("consent.register", target)).await?;
     tx.commit().await?;
-    view(state, row).await
+    Ok(row)
 }
 
 fn target(row: &ConsentRow) -> Value {

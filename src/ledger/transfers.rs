@@ -134,9 +134,9 @@ pub async fn record(
                 );
                 continue;
             }
-            Err(AppError::Conflict(m)) => match RETRIES.iter().find(|(marker, _)| *marker == m) {
+            Err(AppError::Conflict(m)) => match gave_up(&m) {
                 Some(_) if attempt < 3 => continue,
-                Some((_, gave_up)) => return Err(AppError::Conflict((*gave_up).into())),
+                Some(gave_up) => return Err(AppError::Conflict(gave_up.into())),
                 None => return Err(AppError::Conflict(m)),
             },
             Err(e) => return Err(e),
@@ -148,10 +148,10 @@ pub async fn record(
 const RETRY: &str = "\u{0}retry";
 /// Another writer took a data key past its nonce budget between our check
 /// and our count; the retry sees its count and replaces the key.
-const BUDGET_RACE: &str = "\u{0}budget";
+pub(crate) const BUDGET_RACE: &str = "\u{0}budget";
 /// A data key the write sealed under was destroyed by a concurrent erasure
 /// or sweep before the write's slots referenced it.
-const KEY_GONE: &str = "\u{0}key-gone";
+pub(crate) const KEY_GONE: &str = "\u{0}key-gone";
 
 /// Conflicts `write` signals with a marker: the transaction reruns, and
 /// after the last attempt the caller gets the message beside the marker.
@@ -171,8 +171,17 @@ const RETRIES: [(&str, &str); 3] = [
     ),
 ];
 
+/// If `m` is a retry marker, the message for the caller once the retries
+/// are spent.
+pub(crate) fn gave_up(m: &str) -> Option<&'static str> {
+    RETRIES
+        .iter()
+        .find(|(marker, _)| *marker == m)
+        .map(|(_, message)| *message)
+}
+
 /// A deadlock or serialization failure: the transaction can simply rerun.
-fn is_transient(e: &AppError) -> bool {
+pub(crate) fn is_transient(e: &AppError) -> bool {
     matches!(e, AppError::Database(sqlx::Error::Database(db)) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
 }
 

@@ -471,6 +471,47 @@ async fn a_data_key_destroyed_mid_write_is_a_conflict_not_a_failure(app: TestApp
 }
 both!(a_data_key_destroyed_mid_write_is_a_conflict_not_a_failure);
 
+/// The same for a consent naming a data subject, which seals the subject
+/// under the subject's data key (a 500 before consents retried). PostgreSQL
+/// only: on SQLite the one writer keeps erasures and sweeps out of a
+/// registration's transaction, and a BEFORE trigger deleting the parent of
+/// an `ON DELETE SET NULL` reference has undefined results there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_key_destroyed_mid_consent_is_a_conflict_not_a_failure() {
+    let Some(app) = spawn_app(Backend::Postgres).await else {
+        return;
+    };
+    let destroy = "DELETE FROM subject_keys WHERE id = NEW.subject_key_id;";
+    app.before_insert_trigger(
+        "key_gone",
+        "consents",
+        destroy,
+        &format!("{destroy} RETURN NEW;"),
+    )
+    .await;
+    let r = app
+        .post(
+            "/v1/consents",
+            &app.carrier("carrier-a"),
+            &json!({"reference": "ds-1", "kind": "data_subject", "carrier_id": "carrier-a",
+                    "subject": {"phone_number": us(1)}, "countries": ["US"],
+                    "granted_at": "2026-01-01T00:00:00Z"}),
+        )
+        .await
+        .expect(409);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("data key") && detail.contains("retry"),
+        "{detail}"
+    );
+    assert_eq!(app.count("consents").await, 0);
+    assert_eq!(
+        app.count("subject_keys").await,
+        0,
+        "the attempts rolled back"
+    );
+}
+
 /// A new export-signing key signs from now on; the old public key stays
 /// published by key id, so what it signed still verifies.
 async fn signing_keys_rotate_and_old_ones_stay_published(app: TestApp) {

@@ -440,36 +440,49 @@ both!(concurrent_batches_never_overspend_a_data_key, LEAST_BUDGET);
 /// 409 that stores nothing; never a 500. A trigger destroys the key at the
 /// last moment of every attempt.
 async fn a_data_key_destroyed_mid_write_is_a_conflict_not_a_failure(app: TestApp) {
-    let destroy = "DELETE FROM subject_keys WHERE id = NEW.subject_key_id;";
-    app.before_insert_trigger(
-        "key_gone",
-        "transfer_slots",
-        destroy,
-        &format!("{destroy} RETURN NEW;"),
-    )
-    .await;
+    destroy_the_key_on_insert(&app, "transfer_slots").await;
     let r = app
         .post(
             "/v1/transfers",
             &app.platform(),
             &cdr("carrier-a", "c1", &us(1), &fr(1)),
         )
-        .await
-        .expect(409);
+        .await;
+    refused_for_the_destroyed_key(&app, r, &["transfers", "transfer_slots"]).await;
+}
+both!(a_data_key_destroyed_mid_write_is_a_conflict_not_a_failure);
+
+/// A trigger that destroys the data key a row of `table` references just
+/// before the row is inserted, at every attempt.
+async fn destroy_the_key_on_insert(app: &TestApp, table: &str) {
+    let destroy = "DELETE FROM subject_keys WHERE id = NEW.subject_key_id;";
+    app.before_insert_trigger(
+        "key_gone",
+        table,
+        destroy,
+        &format!("{destroy} RETURN NEW;"),
+    )
+    .await;
+}
+
+/// A 409 naming the cause, and nothing of the attempts left in `tables`
+/// or among the data keys.
+async fn refused_for_the_destroyed_key(app: &TestApp, r: Reply, tables: &[&str]) {
+    let r = r.expect(409);
     let detail = r.body["detail"].as_str().unwrap();
     assert!(
         detail.contains("data key") && detail.contains("retry"),
         "{detail}"
     );
-    assert_eq!(app.count("transfers").await, 0);
-    assert_eq!(app.count("transfer_slots").await, 0);
+    for table in tables {
+        assert_eq!(app.count(table).await, 0, "{table}");
+    }
     assert_eq!(
         app.count("subject_keys").await,
         0,
         "the attempts rolled back"
     );
 }
-both!(a_data_key_destroyed_mid_write_is_a_conflict_not_a_failure);
 
 /// The same for a consent naming a data subject, which seals the subject
 /// under the subject's data key (a 500 before consents retried). PostgreSQL
@@ -481,14 +494,7 @@ async fn a_data_key_destroyed_mid_consent_is_a_conflict_not_a_failure() {
     let Some(app) = spawn_app(Backend::Postgres).await else {
         return;
     };
-    let destroy = "DELETE FROM subject_keys WHERE id = NEW.subject_key_id;";
-    app.before_insert_trigger(
-        "key_gone",
-        "consents",
-        destroy,
-        &format!("{destroy} RETURN NEW;"),
-    )
-    .await;
+    destroy_the_key_on_insert(&app, "consents").await;
     let r = app
         .post(
             "/v1/consents",
@@ -497,19 +503,8 @@ async fn a_data_key_destroyed_mid_consent_is_a_conflict_not_a_failure() {
                     "subject": {"phone_number": us(1)}, "countries": ["US"],
                     "granted_at": "2026-01-01T00:00:00Z"}),
         )
-        .await
-        .expect(409);
-    let detail = r.body["detail"].as_str().unwrap();
-    assert!(
-        detail.contains("data key") && detail.contains("retry"),
-        "{detail}"
-    );
-    assert_eq!(app.count("consents").await, 0);
-    assert_eq!(
-        app.count("subject_keys").await,
-        0,
-        "the attempts rolled back"
-    );
+        .await;
+    refused_for_the_destroyed_key(&app, r, &["consents"]).await;
 }
 
 /// A new export-signing key signs from now on; the old public key stays

@@ -43,20 +43,7 @@ pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Resul
     // transfer does, and reruns as a transfer write does when a concurrent
     // write spent that key's nonce budget or a concurrent erasure or sweep
     // destroyed the key: the rerun replaces the key.
-    let mut attempt = 0;
-    let row = loop {
-        attempt += 1;
-        match register_once(state, who, &c).await {
-            Ok(row) => break row,
-            Err(AppError::Conflict(m)) => match transfers::gave_up(&m) {
-                Some(_) if attempt < 3 => continue,
-                Some(gave_up) => return Err(AppError::Conflict(gave_up.into())),
-                None => return Err(AppError::Conflict(m)),
-            },
-            Err(e) if transfers::is_transient(&e) && attempt < 3 => continue,
-            Err(e) => return Err(e),
-        }
-    };
+    let row = transfers::with_retries(|| register_once(state, who, &c)).await?;
     view(state, row).await
 }
 
@@ -119,13 +106,7 @@ async fn register_once(state: &AppState, who: &Principal, c: &NewConsent) -> Res
     };
     store::insert(&mut tx, &row)
         .await
-        .map_err(|e| match e {
-            // The subject's data key, read unlocked, was destroyed since.
-            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-                AppError::Conflict(transfers::KEY_GONE.into())
-            }
-            other => other.into(),
-        })
+        .map_err(transfers::key_gone)
         .on_constraint("consents_pkey|consents.reference", || {
             AppError::Conflict(format!(
                 "consent reference {:?} is already registered for this carrier",

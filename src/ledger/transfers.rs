@@ -111,35 +111,49 @@ pub async fn record(
 
     // A concurrent writer may take an idempotency key between our check and
     // our insert; the second attempt then finds and returns its record.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
+    let (items, retain) = (&items, &retain);
+    let (tx, out) = with_retries(|| async move {
         let mut tx = state.db.begin().await?;
-        match write(state, who, &items, &retain, batch, &mut tx).await {
-            Ok(out) => {
-                tx.commit().await?;
-                for t in &items {
-                    state
-                        .metrics
-                        .transfers_recorded
-                        .with_label_values(&[t.category.as_str()])
-                        .inc();
-                }
-                return Ok(out);
-            }
-            Err(e) if is_transient(&e) && attempt < 3 => {
+        let out = write(state, who, items, retain, batch, &mut tx).await?;
+        Ok((tx, out))
+    })
+    .await?;
+    tx.commit().await?;
+    for t in items {
+        state
+            .metrics
+            .transfers_recorded
+            .with_label_values(&[t.category.as_str()])
+            .inc();
+    }
+    Ok(out)
+}
+
+/// Runs `attempt` up to three times while it fails with one of the
+/// [`RETRIES`] markers or a transient database error (each attempt is a
+/// transaction of its own); once they are spent, a marker becomes its
+/// message for the caller.
+pub(crate) async fn with_retries<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut n = 0;
+    loop {
+        n += 1;
+        match attempt().await {
+            Err(e) if is_transient(&e) && n < 3 => {
                 tracing::warn!(
-                    attempt,
+                    attempt = n,
                     "transient database conflict; retrying the transaction"
                 );
-                continue;
             }
             Err(AppError::Conflict(m)) => match gave_up(&m) {
-                Some(_) if attempt < 3 => continue,
+                Some(_) if n < 3 => {}
                 Some(gave_up) => return Err(AppError::Conflict(gave_up.into())),
                 None => return Err(AppError::Conflict(m)),
             },
-            Err(e) => return Err(e),
+            done => return done,
         }
     }
 }
@@ -151,7 +165,7 @@ const RETRY: &str = "\u{0}retry";
 pub(crate) const BUDGET_RACE: &str = "\u{0}budget";
 /// A data key the write sealed under was destroyed by a concurrent erasure
 /// or sweep before the write's slots referenced it.
-pub(crate) const KEY_GONE: &str = "\u{0}key-gone";
+const KEY_GONE: &str = "\u{0}key-gone";
 
 /// Conflicts `write` signals with a marker: the transaction reruns, and
 /// after the last attempt the caller gets the message beside the marker.
@@ -171,9 +185,21 @@ const RETRIES: [(&str, &str); 3] = [
     ),
 ];
 
+/// A foreign-key violation on a row that references a data key: the key,
+/// read unlocked, was destroyed since (on PostgreSQL a concurrent erasure
+/// or sweep can do that); the retry resolves the subject's key afresh.
+pub(crate) fn key_gone(e: sqlx::Error) -> AppError {
+    match e {
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+            AppError::Conflict(KEY_GONE.into())
+        }
+        other => other.into(),
+    }
+}
+
 /// If `m` is a retry marker, the message for the caller once the retries
 /// are spent.
-pub(crate) fn gave_up(m: &str) -> Option<&'static str> {
+fn gave_up(m: &str) -> Option<&'static str> {
     RETRIES
         .iter()
         .find(|(marker, _)| *marker == m)
@@ -181,7 +207,7 @@ pub(crate) fn gave_up(m: &str) -> Option<&'static str> {
 }
 
 /// A deadlock or serialization failure: the transaction can simply rerun.
-pub(crate) fn is_transient(e: &AppError) -> bool {
+fn is_transient(e: &AppError) -> bool {
     matches!(e, AppError::Database(sqlx::Error::Database(db)) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
 }
 
@@ -383,17 +409,10 @@ async fn write(
         .on_constraint("transfers_idempotency|transfers.idempotency_key", || {
             AppError::Conflict(RETRY.into())
         })?;
-    // Keys are read, not locked, before the batch seals under them; an
-    // erasure or a sweep may destroy one meanwhile (PostgreSQL: another
-    // transaction). The retry resolves the subject's key afresh.
+    // Keys are read, not locked, before the batch seals under them.
     // (The slots' only foreign key is their data key's: their record is
     // written by this transaction.)
-    store::insert_slots(tx, &slots).await.map_err(|e| match e {
-        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-            AppError::Conflict(KEY_GONE.into())
-        }
-        other => other.into(),
-    })?;
+    store::insert_slots(tx, &slots).await.map_err(key_gone)?;
     store::insert_lookups(tx, &lookups).await?;
 
     // Every data key counts its encryptions (the nonce budget), in the

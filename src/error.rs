@@ -35,6 +35,10 @@ pub enum AppError {
     NotFound(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A decrypting read by a privacy officer without `X-Access-Reason`:
+    /// a 400, audited as a denied request like a 401 or 403.
+    #[error("access reason required: {0}")]
+    ReasonRequired(String),
     #[error("validation failed")]
     Validation(Vec<FieldError>),
     #[error("conflict: {0}")]
@@ -65,7 +69,7 @@ impl AppError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::ReasonRequired(_) => StatusCode::BAD_REQUEST,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -83,6 +87,7 @@ impl AppError {
             Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not-found",
             Self::BadRequest(_) => "bad-request",
+            Self::ReasonRequired(_) => "access-reason-required",
             Self::Validation(_) => "validation",
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge(_) => "payload-too-large",
@@ -140,6 +145,11 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 #[derive(Clone, Debug)]
 pub struct ProblemDetail(pub String);
 
+/// Marks a refusal other than a 401 or 403 that is audited as a denied
+/// request ([`AppError::ReasonRequired`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Denied;
+
 pub fn problem_response(
     status: StatusCode,
     kind: &str,
@@ -171,11 +181,13 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status();
         let kind = self.problem_type();
+        let denied = matches!(self, Self::ReasonRequired(_));
         let (detail, errors) = match self {
             Self::Unauthorized(d)
             | Self::Forbidden(d)
             | Self::NotFound(d)
             | Self::BadRequest(d)
+            | Self::ReasonRequired(d)
             | Self::Conflict(d)
             | Self::PayloadTooLarge(d)
             | Self::Gone(d)
@@ -206,6 +218,10 @@ impl IntoResponse for AppError {
                 (None, Vec::new())
             }
         };
-        problem_response(status, kind, detail, errors)
+        let mut resp = problem_response(status, kind, detail, errors);
+        if denied {
+            resp.extensions_mut().insert(Denied);
+        }
+        resp
     }
 }

@@ -81,13 +81,25 @@ impl Catalogs {
 }
 
 /// Picks an offered language from a requested tag or an `Accept-Language`
-/// list: exact match, then the same primary language, else `en`.
+/// list, most preferred first (`q` weights, RFC 9110 §12.5.4; `q=0` means
+/// "not this one"): exact match, then the same primary language, else `en`.
 pub fn negotiate(requested: &str) -> &'static str {
-    for part in requested.split(',') {
-        let tag = part.split(';').next().unwrap_or_default().trim();
-        if tag.is_empty() || tag == "*" {
-            continue;
-        }
+    let mut ranked: Vec<(&str, f32)> = requested
+        .split(',')
+        .map(|part| {
+            let mut fields = part.split(';');
+            let tag = fields.next().unwrap_or_default().trim();
+            let q = fields
+                .filter_map(|p| p.trim().strip_prefix("q=").or(p.trim().strip_prefix("Q=")))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            (tag, q)
+        })
+        .filter(|&(tag, q)| !tag.is_empty() && tag != "*" && q > 0.0)
+        .collect();
+    // Stable: equal weights keep the client's order.
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (tag, _) in ranked {
         if let Some((t, _)) = LANGUAGES.iter().find(|(t, _)| t.eq_ignore_ascii_case(tag)) {
             return t;
         }
@@ -142,6 +154,12 @@ mod tests {
         assert_eq!(negotiate("de, it;q=0.8"), "it");
         assert_eq!(negotiate("de"), "en");
         assert_eq!(negotiate(""), "en");
+        // Weights order the list; q=0 rules a language out.
+        assert_eq!(negotiate("fr;q=0, ru"), "ru");
+        assert_eq!(negotiate("fr;q=0.5, ru"), "ru");
+        assert_eq!(negotiate("it;q=0.9, fr;q=0.9"), "it");
+        assert_eq!(negotiate("ru;q=0.2, zh-TW; q=0.7"), "zh-TW");
+        assert_eq!(negotiate("fr;q=0"), "en");
     }
 
     #[test]

@@ -176,7 +176,7 @@ pub async fn record(state: &AppState, who: Option<&Principal>, event: Event) -> 
 pub struct Verification {
     pub valid: bool,
     pub entries: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The last entry; `null` while the log is empty or when it is invalid.
     pub head: Option<HeadRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_bad_seq: Option<i64>,

@@ -24,10 +24,19 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carrier: Option<String>,
     pub iss: String,
-    pub aud: String,
+    pub aud: Audience,
     pub exp: i64,
     pub nbf: i64,
     pub iat: i64,
+}
+
+/// `aud`: one audience, or several (RFC 7519 §4.1.3). jsonwebtoken checks
+/// that the configured one is among them.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug)]
@@ -202,7 +211,7 @@ impl TokenIssuer {
             role: role.as_str().into(),
             carrier: carrier.map(str::to_string),
             iss: self.issuer.clone(),
-            aud: self.audience.clone(),
+            aud: Audience::One(self.audience.clone()),
             exp: now + ttl.as_secs() as i64,
             nbf: now,
             iat: now,

@@ -12,14 +12,39 @@ impl PhoneNumber {
     /// `0033 1 23 45 67 89`), validated against the numbering plan.
     pub fn parse(input: &str) -> Result<Self, String> {
         let s = input.trim();
-        let s = s.strip_prefix("tel:").unwrap_or(s);
-        let s = s.split(';').next().unwrap_or_default();
+        // A tel: URI's parameters (RFC 3966) do not change the number, but
+        // an extension names another line behind it: refused, not dropped.
+        let s = match s.strip_prefix("tel:") {
+            Some(uri) => {
+                let (number, params) = uri.split_once(';').unwrap_or((uri, ""));
+                if params
+                    .split(';')
+                    .any(|p| p.trim().to_ascii_lowercase().starts_with("ext="))
+                {
+                    return Err("must not carry an extension (;ext=)".into());
+                }
+                number
+            }
+            None => s,
+        };
         let s = match s.strip_prefix("00") {
             Some(rest) => format!("+{rest}"),
             None => s.to_string(),
         };
-        if !s.starts_with('+') {
+        let Some(digits) = s.strip_prefix('+') else {
             return Err("must be an international phone number starting with + (E.164)".into());
+        };
+        // The numbering-plan parser is lenient: it reads letters as keypad
+        // digits (+1425555CALL), drops a trailing extension (x12, ;ext=1) and
+        // skips a second +. A number is digits, spaced as people write them.
+        if !digits
+            .chars()
+            .all(|c| c.is_ascii_digit() || " -.()".contains(c))
+        {
+            return Err(
+                "may hold only digits after the leading +, separated by spaces, dots, hyphens or parentheses"
+                    .into(),
+            );
         }
         // Parsing against the numbering plans is regex work, the costliest
         // step of validating a transfer, and the same subscribers' numbers
@@ -175,6 +200,7 @@ mod tests {
             "+1 425-555-0100",
             "+14255550100",
             "tel:+1.425.555.0100",
+            "tel:+1-425-555-0100;phone-context=example.com",
             "001 (425) 555 0100",
         ] {
             assert_eq!(
@@ -191,7 +217,20 @@ mod tests {
 
     #[test]
     fn malformed_phone_numbers_are_refused() {
-        for input in ["4255550100", "+1 425", "+999 1234", "hello", "", "+33 1 23"] {
+        for input in [
+            "4255550100",
+            "+1 425",
+            "+999 1234",
+            "hello",
+            "",
+            "+33 1 23",
+            "+1425555CALL",
+            "++14255550100",
+            "+1-425-555-0100x",
+            "+1 425 555 0100 x12",
+            "+14255550100;ext=1",
+            "tel:+14255550100;ext=12",
+        ] {
             assert!(PhoneNumber::parse(input).is_err(), "{input}");
         }
     }

@@ -28,7 +28,7 @@ pub struct AuditPage {
 }
 
 /// Audit entries, newest first.
-#[utoipa::path(get, path = "/v1/audit", tag = "audit",
+#[utoipa::path(get, operation_id = "list_audit_entries", path = "/v1/audit", tag = "audit",
     params(("from" = Option<String>, Query), ("to" = Option<String>, Query),
            ("actor" = Option<String>, Query, description = "the actor's sub"),
            ("action" = Option<String>, Query, description = "e.g. transfer.read, request.denied"),

@@ -22,7 +22,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Register a consent (status `active`).
-#[utoipa::path(post, path = "/v1/consents", tag = "consents",
+#[utoipa::path(post, operation_id = "register_consent", path = "/v1/consents", tag = "consents",
     request_body(content = super::openapi::ConsentInput, content_type = "application/json"),
     responses((status = 201, body = ConsentView), (status = 409, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
@@ -40,7 +40,7 @@ pub async fn create(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/consents/{reference}", tag = "consents",
+#[utoipa::path(get, operation_id = "show_consent", path = "/v1/consents/{reference}", tag = "consents",
     params(("reference" = String, Path),
            ("carrier_id" = Option<String>, Query, description = "when several carriers use the reference"),
            ("X-Access-Reason" = Option<String>, Header, description = "required of privacy officers when the consent names a data subject")),

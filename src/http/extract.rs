@@ -14,38 +14,62 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| {
-                ct.split(';')
-                    .next()
-                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-            });
-        if !json {
-            return Err(AppError::BadRequest(
-                "the body must be JSON, sent with Content-Type: application/json".into(),
-            ));
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::PayloadTooLarge(
-                    "the request body is larger than the service accepts".into(),
-                )
-            } else {
-                AppError::BadRequest("the request body could not be read".into())
-            }
-        })?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
-            // serde_json's message names the position, never the content.
-            AppError::BadRequest(format!(
-                "the body is not valid JSON: line {}, column {}",
-                e.line(),
-                e.column()
-            ))
-        })
+        let (json, bytes) = read(req, state).await?;
+        parse(json, &bytes).map(JsonBody)
     }
+}
+
+/// A JSON request body that may be left out: no body at all reads as `{}`,
+/// for requests whose every field is optional (`POST /v1/retention/sweeps`).
+pub struct OptionalJsonBody(pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for OptionalJsonBody {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (json, bytes) = read(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(Value::Object(Default::default())));
+        }
+        parse(json, &bytes).map(Self)
+    }
+}
+
+/// The body, and whether it was sent as `application/json`.
+async fn read<S: Send + Sync>(req: Request, state: &S) -> Result<(bool, Bytes), AppError> {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::PayloadTooLarge("the request body is larger than the service accepts".into())
+        } else {
+            AppError::BadRequest("the request body could not be read".into())
+        }
+    })?;
+    Ok((json, bytes))
+}
+
+fn parse(json: bool, bytes: &[u8]) -> Result<Value, AppError> {
+    if !json {
+        return Err(AppError::BadRequest(
+            "the body must be JSON, sent with Content-Type: application/json".into(),
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        // serde_json's message names the position, never the content.
+        AppError::BadRequest(format!(
+            "the body is not valid JSON: line {}, column {}",
+            e.line(),
+            e.column()
+        ))
+    })
 }
 
 /// `X-Access-Reason`: why a privacy officer decrypts personal data.

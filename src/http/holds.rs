@@ -49,7 +49,7 @@ pub async fn release(
 }
 
 /// Holds, newest first; `?active=true` for those in force.
-#[utoipa::path(get, path = "/v1/holds", tag = "retention", params(("active" = Option<bool>, Query)),
+#[utoipa::path(get, operation_id = "list_holds", path = "/v1/holds", tag = "retention", params(("active" = Option<bool>, Query)),
     responses((status = 200, body = Vec<HoldView>)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,

@@ -111,8 +111,9 @@ async fn record_metrics(
     resp
 }
 
-/// Every unauthenticated or forbidden request is audited as denied, with
-/// the caller when the token was valid.
+/// Every unauthenticated or forbidden request, and every decrypting read
+/// refused for want of a stated reason, is audited as denied, with the
+/// caller when the token was valid.
 async fn audit_denials(
     axum::extract::State(state): axum::extract::State<AppState>,
     mut req: Request,
@@ -127,7 +128,10 @@ async fn audit_denials(
     let method = req.method().to_string();
     let resp = next.run(req).await;
     let status = resp.status();
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+    let denied = status == StatusCode::UNAUTHORIZED
+        || status == StatusCode::FORBIDDEN
+        || resp.extensions().get::<crate::error::Denied>().is_some();
+    if denied {
         let detail = resp
             .extensions()
             .get::<ProblemDetail>()

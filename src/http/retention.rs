@@ -6,7 +6,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::extract::{JsonBody, Params};
+use super::extract::{OptionalJsonBody, Params};
 use crate::app::AppState;
 use crate::audit::{self, Event};
 use crate::auth::Principal;
@@ -41,13 +41,14 @@ pub async fn policy(
 
 /// Run a sweep now. `409` if one is already running.
 #[utoipa::path(post, path = "/v1/retention/sweeps", tag = "retention",
-    request_body(content = super::openapi::SweepInput, content_type = "application/json"),
+    request_body(content = Option<super::openapi::SweepInput>, content_type = "application/json",
+        description = "optional: no body runs a sweep that deletes"),
     responses((status = 201, body = SweepReport), (status = 409, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn run_sweep(
     State(state): State<AppState>,
     who: Principal,
-    JsonBody(body): JsonBody,
+    OptionalJsonBody(body): OptionalJsonBody,
 ) -> Result<(StatusCode, Json<SweepReport>)> {
     state.authorize(&who, "sweeps", "write")?;
     let mut errs = Errors::default();

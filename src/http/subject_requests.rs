@@ -22,7 +22,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Record an access or erasure request; it is processed in the background.
-#[utoipa::path(post, path = "/v1/subject-requests", tag = "subject requests",
+#[utoipa::path(post, operation_id = "create_subject_request", path = "/v1/subject-requests", tag = "subject requests",
     request_body(content = super::openapi::SubjectRequestInput, content_type = "application/json"),
     params(("Accept-Language" = Option<String>, Header, description = "used when the body names no language")),
     responses((status = 202, body = RequestView), (status = 422, body = crate::error::Problem)),
@@ -43,7 +43,7 @@ pub async fn create(
 }
 
 /// Requests, newest first, with overdue ones flagged.
-#[utoipa::path(get, path = "/v1/subject-requests", tag = "subject requests",
+#[utoipa::path(get, operation_id = "list_subject_requests", path = "/v1/subject-requests", tag = "subject requests",
     params(("limit" = Option<u32>, Query, description = "1 to 1000, default 100")),
     responses((status = 200, body = Vec<RequestView>)), security(("bearer" = [])))]
 pub async fn list(
@@ -59,7 +59,7 @@ pub async fn list(
 
 /// One request: status, due date, and the signed receipt of an erasure.
 /// `Prefer: wait=N` waits up to N seconds (at most 30) for it to complete.
-#[utoipa::path(get, path = "/v1/subject-requests/{id}", tag = "subject requests",
+#[utoipa::path(get, operation_id = "show_subject_request", path = "/v1/subject-requests/{id}", tag = "subject requests",
     params(("id" = String, Path),
            ("Prefer" = Option<String>, Header, description = "wait=N: answer once the request is completed, or after N seconds (at most 30)")),
     responses((status = 200, body = RequestView), (status = 404, body = crate::error::Problem)),

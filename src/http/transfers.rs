@@ -33,7 +33,7 @@ const WRITE_OBJECTS: &[&str] = &[
 ];
 
 /// Record one transfer.
-#[utoipa::path(post, path = "/v1/transfers", tag = "transfers",
+#[utoipa::path(post, operation_id = "record_transfer", path = "/v1/transfers", tag = "transfers",
     request_body(content = super::openapi::TransferInput, content_type = "application/json"),
     responses(
         (status = 201, body = Recorded),
@@ -141,7 +141,7 @@ const LIST_PARAMS: &[&str] = &[
 ];
 
 /// The transfer log, newest first.
-#[utoipa::path(get, path = "/v1/transfers", tag = "transfers",
+#[utoipa::path(get, operation_id = "list_transfers", path = "/v1/transfers", tag = "transfers",
     params(
         ("carrier_id" = Option<String>, Query), ("category" = Option<String>, Query),
         ("direction" = Option<String>, Query), ("purpose" = Option<String>, Query),
@@ -251,7 +251,7 @@ fn audit_filters(f: &LogFilter) -> Value {
 }
 
 /// One record with its decrypted payload.
-#[utoipa::path(get, path = "/v1/transfers/{id}", tag = "transfers",
+#[utoipa::path(get, operation_id = "show_transfer", path = "/v1/transfers/{id}", tag = "transfers",
     params(("id" = Uuid, Path), ("X-Access-Reason" = Option<String>, Header, description = "required of privacy officers")),
     responses((status = 200, body = TransferView), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -275,7 +275,7 @@ pub async fn show(
 fn require_decrypt(state: &AppState, who: &Principal, reason: &AccessReason) -> Result<()> {
     state.authorize(who, "transfers", "decrypt")?;
     if who.role == Role::PrivacyOfficer && reason.0.is_none() {
-        return Err(AppError::BadRequest(
+        return Err(AppError::ReasonRequired(
             "reading decrypted personal data requires an X-Access-Reason header stating why".into(),
         ));
     }

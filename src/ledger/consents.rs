@@ -149,7 +149,7 @@ async fn find_one(
 /// Privacy officers say why when a read reveals a data subject's identifier.
 fn require_reason(who: &Principal, row: &ConsentRow, reason: Option<&str>) -> Result<()> {
     if who.role == Role::PrivacyOfficer && row.subject_sealed.is_some() && reason.is_none() {
-        return Err(AppError::BadRequest(
+        return Err(AppError::ReasonRequired(
             "this consent names a data subject; reading it requires an X-Access-Reason header stating why".into(),
         ));
     }

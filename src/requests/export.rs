@@ -285,7 +285,7 @@ pub async fn download(
 ) -> Result<(HeaderMap, Body)> {
     state.authorize(who, "subject_requests", "read")?;
     if who.role == Role::PrivacyOfficer && reason.is_none() {
-        return Err(AppError::BadRequest(
+        return Err(AppError::ReasonRequired(
             "downloading an export requires an X-Access-Reason header stating why".into(),
         ));
     }

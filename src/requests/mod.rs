@@ -273,12 +273,8 @@ pub async fn extend(
         return Err(AppError::Validation(errs.0));
     };
     let row = find(state, who, id).await?;
-    if row.status == "completed" {
-        return Err(AppError::Conflict(format!(
-            "subject request {} is already completed",
-            row.id
-        )));
-    }
+    // Whatever the status: a request is usually answered within moments,
+    // and the deadline then stays on record as the one that applied.
     if row.extended_at.is_some() {
         return Err(AppError::Conflict(format!(
             "subject request {} was already extended once",

@@ -121,6 +121,12 @@ async fn every_access_is_audited_without_personal_data(app: TestApp) {
     )
     .await
     .expect(403);
+    // A decrypting read without a stated reason is refused, and audited.
+    let r = app
+        .get(&format!("/v1/transfers/{id}"), &officer)
+        .await
+        .expect(400);
+    assert!(r.text.contains("X-Access-Reason"), "{}", r.text);
 
     let entries = app.audit_entries().await;
     let acts = actions(&entries);
@@ -162,11 +168,14 @@ async fn every_access_is_audited_without_personal_data(app: TestApp) {
         .iter()
         .filter(|e| e["action"] == "request.denied")
         .collect();
-    assert_eq!(denied.len(), 3, "{denied:#?}");
+    assert_eq!(denied.len(), 4, "{denied:#?}");
     assert_eq!(denied[0]["actor"]["sub"], "anonymous");
     assert_eq!(denied[1]["actor"]["role"], "platform", "{denied:#?}");
     assert_eq!(denied[1]["target"]["route"], "/v1/transfers");
     assert_eq!(denied[2]["actor"]["carrier"], "carrier-a");
+    assert_eq!(denied[3]["actor"]["role"], "privacy_officer");
+    assert_eq!(denied[3]["target"]["route"], "/v1/transfers/{id}");
+    assert_eq!(denied[3]["target"]["status"], 400);
     // Subject lookups are recorded by blind index only.
     let list = entries
         .iter()

@@ -63,6 +63,10 @@ async fn bad_tokens_are_rejected(app: TestApp) {
         ("wrong issuer", with("iss", json!("someone-else"))),
         ("wrong audience", with("aud", json!("other-service"))),
         (
+            "wrong audiences",
+            with("aud", json!(["other-service", "third-service"])),
+        ),
+        (
             "wrongly signed",
             sign(&claims(), "another-secret-another-secret-another-secret"),
         ),
@@ -83,6 +87,13 @@ async fn bad_tokens_are_rejected(app: TestApp) {
             .status,
         200,
         "the valid token works"
+    );
+    // `aud` may list several audiences (RFC 7519 §4.1.3); ours must be one.
+    let many = with("aud", json!(["other-service", "transfer-ledger"]));
+    assert_eq!(
+        app.get("/v1/transfers", &many).await.status,
+        200,
+        "an audience list naming this service works"
     );
     for (what, token) in cases {
         let r = app.get("/v1/transfers", &token).await;

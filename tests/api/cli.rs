@@ -17,6 +17,17 @@ fn ledger(dir: &std::path::Path) -> Command {
     c
 }
 
+/// Runs a subcommand in `dir` and returns its standard output; it must succeed.
+fn run_ok(dir: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    let out = ledger(dir).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 async fn wait_ready(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -58,17 +69,17 @@ async fn first_start_with_no_configuration_then_sigterm() {
         assert_eq!(mode, 0o600, "{secret}");
     }
 
-    // A token from the CLI, run from the same directory, is accepted.
-    let out = ledger(dir.path())
-        .args(["token", "issue", "--role", "platform"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // Nothing audited yet: the chain is valid, empty, with no head.
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(dir.path(), &["audit", "verify"])).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"valid": true, "entries": 0, "head": null})
     );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    // A token from the CLI, run from the same directory, is accepted.
+    let out = run_ok(dir.path(), &["token", "issue", "--role", "platform"]);
+    let token = String::from_utf8(out).unwrap().trim().to_string();
     let client = reqwest::Client::new();
     let r = client
         .post(format!("{url}/v1/transfers"))

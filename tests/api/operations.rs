@@ -29,6 +29,19 @@ async fn health_readiness_and_openapi(app: TestApp) {
         assert!(r.body["paths"].get(path).is_some(), "{path} documented");
     }
     assert!(r.body["components"]["securitySchemes"]["bearer"].is_object());
+    // OpenAPI requires every operationId to be unique (client generators
+    // name their methods after them).
+    let mut ids: Vec<&str> = r.body["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|ops| ops.as_object().unwrap().values())
+        .filter_map(|op| op["operationId"].as_str())
+        .collect();
+    let operations = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), operations, "operationIds are unique: {ids:?}");
 }
 both!(health_readiness_and_openapi);
 

@@ -352,6 +352,9 @@ async fn deadlines_extend_once_by_two_months(app: TestApp) {
         )
         .await;
     let id = req["id"].as_str().unwrap();
+    // Answered within moments; the extension still applies, once.
+    let done = app.completed(&officer, id).await;
+    assert_eq!(done["status"], "completed");
     let r = app
         .post(
             &format!("/v1/subject-requests/{id}/extend"),

@@ -24,6 +24,21 @@ pub async fn scope_request_id(req: Request, next: Next) -> Response {
     REQUEST_ID.scope(id, next.run(req)).await
 }
 
+/// Keeps a client's `X-Request-Id` only if it is plain: 1 to 128 visible
+/// ASCII characters. Otherwise it is dropped and the service makes one, so
+/// that logs, problem bodies and audit entries never carry whatever a
+/// client stuffs into the header.
+pub async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
+    let usable = req.headers().get("x-request-id").map(|v| {
+        let b = v.as_bytes();
+        !b.is_empty() && b.len() <= 128 && b.iter().all(u8::is_ascii_graphic)
+    });
+    if usable == Some(false) {
+        req.headers_mut().remove("x-request-id");
+    }
+    next.run(req).await
+}
+
 /// JSON logs when `LEDGER_LOG_FORMAT=json`, human-readable otherwise;
 /// level from `RUST_LOG` (default `info`).
 pub fn init() {

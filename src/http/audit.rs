@@ -32,7 +32,7 @@ pub struct AuditPage {
     params(("from" = Option<String>, Query), ("to" = Option<String>, Query),
            ("actor" = Option<String>, Query, description = "the actor's sub"),
            ("action" = Option<String>, Query, description = "e.g. transfer.read, request.denied"),
-           ("limit" = Option<u32>, Query, description = "1 to 1000, default 100"), ("cursor" = Option<String>, Query)),
+           ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100"), ("cursor" = Option<String>, Query)),
     responses((status = 200, body = AuditPage)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -41,9 +41,10 @@ pub async fn list(
 ) -> Result<Json<AuditPage>> {
     state.authorize(&who, "audit", "read")?;
     p.allow(&["from", "to", "actor", "action", "limit", "cursor"]);
+    let (from, to) = p.period();
     let mut f = AuditFilter {
-        from: p.time("from").map(micros),
-        to: p.time("to").map(micros),
+        from: from.map(micros),
+        to: to.map(micros),
         actor: p.get("actor").map(str::to_string),
         action: p.get("action").map(str::to_string),
         before: p.parse("cursor", |s| {

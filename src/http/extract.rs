@@ -176,6 +176,20 @@ impl Params {
         .unwrap_or(100)
     }
 
+    /// `from` and `to` (RFC 3339); `to` must not be before `from`.
+    pub fn period(
+        &mut self,
+    ) -> (
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<chrono::DateTime<chrono::Utc>>,
+    ) {
+        let (from, to) = (self.time("from"), self.time("to"));
+        if from.zip(to).is_some_and(|(f, t)| t < f) {
+            self.error("to", "must not be before from");
+        }
+        (from, to)
+    }
+
     pub fn time(&mut self, name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         self.parse(name, |s| {
             chrono::DateTime::parse_from_rfc3339(s)

@@ -21,9 +21,88 @@ use crate::app::AppState;
         super::health::healthz, super::health::readyz,
     ),
     components(schemas(crate::error::Problem, crate::error::FieldError)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &ProblemResponses)
 )]
 pub struct ApiDoc;
+
+/// Errors as the service sends them: `application/problem+json` with the
+/// `Problem` schema (the handlers' annotations say `application/json`), and
+/// the statuses every operation of a kind can answer (docs/api.md): 401 and
+/// 403 where a token is required, 400 where a JSON body is read, 422 where
+/// a body or query parameters are validated.
+struct ProblemResponses;
+
+impl Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use crate::error::PROBLEM_JSON;
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder};
+        let problem = || Content::new(Some(Ref::from_schema_name("Problem")));
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for op in operations.into_iter().flatten() {
+                let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+                let has_body = op.request_body.is_some();
+                let has_query = op
+                    .parameters
+                    .iter()
+                    .flatten()
+                    .any(|p| p.parameter_in == ParameterIn::Query);
+                let wanted = [
+                    (
+                        secured,
+                        "401",
+                        "no bearer token, or one that is invalid, expired or not accepted",
+                    ),
+                    (
+                        secured,
+                        "403",
+                        "the caller's role or carrier may not do this",
+                    ),
+                    (
+                        has_body,
+                        "400",
+                        "the body is not JSON, or not sent as application/json",
+                    ),
+                    (
+                        has_body || has_query,
+                        "422",
+                        "invalid fields or parameters, each named in `errors`",
+                    ),
+                ];
+                for (_, status, description) in wanted.into_iter().filter(|w| w.0) {
+                    op.responses
+                        .responses
+                        .entry(status.into())
+                        .or_insert_with(|| {
+                            ResponseBuilder::new()
+                                .description(description)
+                                .content(PROBLEM_JSON, problem())
+                                .build()
+                                .into()
+                        });
+                }
+                for (status, response) in op.responses.responses.iter_mut() {
+                    let RefOr::T(r) = response else { continue };
+                    if !(status.starts_with('4') || status.starts_with('5')) {
+                        continue;
+                    }
+                    let content = r
+                        .content
+                        .shift_remove("application/json")
+                        .unwrap_or_else(problem);
+                    r.content.insert(PROBLEM_JSON.into(), content);
+                }
+            }
+        }
+    }
+}
 
 struct BearerAuth;
 

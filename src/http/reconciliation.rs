@@ -25,7 +25,7 @@ pub fn router() -> Router<AppState> {
            ("from" = Option<String>, Query), ("to" = Option<String>, Query),
            ("tolerance_seconds" = Option<u32>, Query, description = "default 0"),
            ("outcome" = Option<String>, Query, description = "matched, mismatched (default), missing_at_carrier or missing_at_platform"),
-           ("limit" = Option<u32>, Query, description = "1 to 1000, default 100"), ("cursor" = Option<String>, Query),
+           ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100"), ("cursor" = Option<String>, Query),
            ("format" = Option<String>, Query, description = "json (default) or csv (the listed calls)")),
     responses((status = 200, body = reconciliation::Reconciliation)), security(("bearer" = [])))]
 pub async fn reconcile(
@@ -53,12 +53,7 @@ pub async fn reconcile(
             }
         },
     };
-    let (from, to) = (p.time("from"), p.time("to"));
-    if let (Some(f), Some(t)) = (from, to) {
-        if t < f {
-            p.error("to", "must not be before from");
-        }
-    }
+    let (from, to) = p.period();
     let tolerance = p
         .parse("tolerance_seconds", |s| match s.parse::<i64>() {
             Ok(n) if (0..=86_400).contains(&n) => Ok(n),

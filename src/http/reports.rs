@@ -28,12 +28,7 @@ pub async fn processing(
     mut p: Params,
 ) -> Result<Response> {
     p.allow(&["from", "to", "format"]);
-    let (from, to) = (p.time("from"), p.time("to"));
-    if let (Some(f), Some(t)) = (from, to) {
-        if t < f {
-            p.error("to", "must not be before from");
-        }
-    }
+    let (from, to) = p.period();
     let csv = match p.get("format") {
         None | Some("json") => false,
         Some("csv") => true,

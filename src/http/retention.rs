@@ -79,7 +79,7 @@ pub async fn run_sweep(
 
 /// Past sweeps, newest first.
 #[utoipa::path(get, path = "/v1/retention/sweeps", tag = "retention",
-    params(("limit" = Option<u32>, Query, description = "1 to 1000, default 100")),
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100")),
     responses((status = 200, body = Vec<SweepReport>)), security(("bearer" = [])))]
 pub async fn list_sweeps(
     State(state): State<AppState>,

@@ -44,7 +44,7 @@ pub async fn create(
 
 /// Requests, newest first, with overdue ones flagged.
 #[utoipa::path(get, operation_id = "list_subject_requests", path = "/v1/subject-requests", tag = "subject requests",
-    params(("limit" = Option<u32>, Query, description = "1 to 1000, default 100")),
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100")),
     responses((status = 200, body = Vec<RequestView>)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,

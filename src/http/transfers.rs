@@ -149,7 +149,7 @@ const LIST_PARAMS: &[&str] = &[
         ("from" = Option<String>, Query, description = "RFC 3339, inclusive, on occurred_at"),
         ("to" = Option<String>, Query, description = "RFC 3339, exclusive, on occurred_at"),
         ("subject" = Option<String>, Query, description = "a phone number or SIP URI"),
-        ("limit" = Option<u32>, Query, description = "1 to 1000, default 100"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100"),
         ("cursor" = Option<String>, Query), ("include" = Option<String>, Query, description = "`payload` to decrypt"),
         ("X-Access-Reason" = Option<String>, Header, description = "required of privacy officers with include=payload")),
     responses((status = 200, body = TransferPage), (status = 422, body = crate::error::Problem)),
@@ -162,6 +162,7 @@ pub async fn list(
 ) -> Result<Json<TransferPage>> {
     state.authorize(&who, "transfers", "read")?;
     p.allow(LIST_PARAMS);
+    let (from, to) = p.period();
     let mut f = LogFilter {
         scope: who.scope().map(str::to_string),
         carrier_id: p.get("carrier_id").map(str::to_string),
@@ -186,8 +187,8 @@ pub async fn list(
                 .map_err(|_| format!("must be one of: {}", LegalBasis::expected()))
         }),
         jurisdiction: p.parse("jurisdiction", |s| Country::parse(s).map(|c| c.to_string())),
-        from: p.time("from").map(micros),
-        to: p.time("to").map(micros),
+        from: from.map(micros),
+        to: to.map(micros),
         subject_index: p.parse("subject", |s| {
             SubjectId::parse(s).map(|id| state.keys.blind().of(&id))
         }),

@@ -308,7 +308,7 @@ pub async fn download(
     }
     let Some(e) = store::export(&state.db, uuid).await? else {
         return Err(AppError::Gone(format!(
-            "the export of request {id} has expired; make a new request"
+            "the export of request {id} is no longer kept (exports are deleted after 7 days, and by an erasure of their subject); make a new request"
         )));
     };
     state.keys.ensure(&state.db, [e.master]).await?;

@@ -42,6 +42,31 @@ async fn health_readiness_and_openapi(app: TestApp) {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), operations, "operationIds are unique: {ids:?}");
+    // Errors are documented as they are sent: problem+json, and 401 wherever
+    // a token is required.
+    for (path, ops) in r.body["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            for (status, response) in op["responses"].as_object().unwrap() {
+                if status.starts_with('4') || status.starts_with('5') {
+                    let types: Vec<&String> =
+                        response["content"].as_object().unwrap().keys().collect();
+                    assert_eq!(
+                        types,
+                        ["application/problem+json"],
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+            if op.get("security").is_some() {
+                assert!(
+                    op["responses"].get("401").is_some(),
+                    "{method} {path} documents 401"
+                );
+            }
+        }
+    }
+    let list = &r.body["paths"]["/v1/transfers"]["get"]["responses"];
+    assert!(list.get("422").is_some(), "bad filters are a 422");
 }
 both!(health_readiness_and_openapi);
 
@@ -121,7 +146,20 @@ async fn metrics_use_route_templates_and_no_personal_data(app: TestApp) {
     app.get("/v1/transfers?subject=%2B14255550100", &app.officer())
         .await
         .expect(200);
+    // Invented methods share one label instead of adding series.
+    let method = reqwest::Method::from_bytes(b"XFUZZA").unwrap();
+    app.raw(app.client.request(method, format!("{}/healthz", app.addr)))
+        .await
+        .expect(405);
     let r = app.get("/metrics", "").await.expect(200);
+    assert!(!r.text.contains("XFUZZA"), "{}", r.text);
+    assert!(
+        r.text.contains(
+            r#"ledger_http_requests_total{method="other",route="/healthz",status="405"} 1"#
+        ),
+        "{}",
+        r.text
+    );
     assert!(
         r.text.contains(
             r#"ledger_http_requests_total{method="GET",route="/v1/transfers/{id}",status="200"} 1"#
@@ -136,3 +174,24 @@ async fn metrics_use_route_templates_and_no_personal_data(app: TestApp) {
     assert!(!r.text.contains("4255550100"));
 }
 both!(metrics_use_route_templates_and_no_personal_data);
+
+/// A plain `X-Request-Id` is kept; one too long or not plain ASCII is
+/// replaced by the service's own.
+async fn request_ids_are_kept_only_when_plain(app: TestApp) {
+    let with_id = |id: &str| {
+        app.client
+            .get(format!("{}/v1/subject-requests/nope", app.addr))
+            .bearer_auth(app.officer())
+            .header("X-Request-Id", id)
+    };
+    let r = app.raw(with_id("ticket-42.retry:1")).await.expect(404);
+    assert_eq!(r.headers["x-request-id"], "ticket-42.retry:1");
+    assert_eq!(r.body["request_id"], "ticket-42.retry:1");
+    for bad in ["x".repeat(129), "with space".into(), "".into()] {
+        let r = app.raw(with_id(&bad)).await.expect(404);
+        let id = r.headers["x-request-id"].to_str().unwrap().to_string();
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{bad:?} replaced: {id}");
+        assert_eq!(r.body["request_id"], id.as_str());
+    }
+}
+both!(request_ids_are_kept_only_when_plain);

@@ -116,6 +116,17 @@ async fn filters_narrow_the_log(app: TestApp) {
     let mut f = r.bad_fields();
     f.sort();
     assert_eq!(f, ["category", "colour", "cursor", "from", "limit"]);
+    // A period that ends before it starts is named, as in reports.
+    for path in ["/v1/transfers", "/v1/reports/processing"] {
+        let r = app
+            .get(
+                &format!("{path}?from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z"),
+                &officer,
+            )
+            .await
+            .expect(422);
+        assert_eq!(r.bad_fields(), ["to"], "{path}");
+    }
 }
 both!(filters_narrow_the_log);
 

@@ -270,6 +270,16 @@ impl Application {
             every,
             stop_watcher.clone(),
         ));
+        let stop_checkpoints = Arc::new(tokio::sync::Notify::new());
+        let checkpoints = tokio::spawn({
+            let (state, stop) = (self.state.clone(), stop_checkpoints.clone());
+            let every = config.checkpoint_interval;
+            async move {
+                if !every.is_zero() {
+                    state.db.run_checkpointer(every, stop).await
+                }
+            }
+        });
         axum::serve(self.listener, router)
             .with_graceful_shutdown(shutdown)
             .await?;
@@ -279,6 +289,7 @@ impl Application {
             (stop_worker, worker),
             (stop_keys, keys),
             (stop_watcher, watcher),
+            (stop_checkpoints, checkpoints),
         ] {
             stop.notify_one();
             task.abort();

@@ -49,6 +49,9 @@ pub struct Config {
     pub body_limit_bytes: usize,
     /// How often each instance re-reads the keyring and the JWKS file.
     pub reload_interval: Duration,
+    /// How often `serve` copies SQLite's write-ahead log into the database
+    /// (`storage::Db::run_checkpointer`); zero leaves it to the writer.
+    pub checkpoint_interval: Duration,
     /// Encryptions a data key may make before it is replaced.
     pub data_key_max_seals: i64,
     pub controller: Contact,
@@ -75,6 +78,7 @@ struct FileConfig {
     request_timeout: Option<String>,
     body_limit_bytes: Option<usize>,
     reload_interval: Option<String>,
+    checkpoint_interval: Option<String>,
     data_key_max_seals: Option<i64>,
     #[serde(default)]
     controller: Contact,
@@ -181,6 +185,11 @@ impl Config {
                 "LEDGER_RELOAD_INTERVAL",
                 env("LEDGER_RELOAD_INTERVAL").or(file.reload_interval),
                 "5s",
+            )?,
+            checkpoint_interval: duration(
+                "LEDGER_CHECKPOINT_INTERVAL",
+                env("LEDGER_CHECKPOINT_INTERVAL").or(file.checkpoint_interval),
+                "100ms",
             )?,
             data_key_max_seals: match env("LEDGER_DATA_KEY_MAX_SEALS") {
                 Some(v) => v.parse().ok(),

@@ -195,3 +195,55 @@ async fn request_ids_are_kept_only_when_plain(app: TestApp) {
     }
 }
 both!(request_ids_are_kept_only_when_plain);
+
+/// Transfers in the SQLite database file itself, read past the write-ahead
+/// log by an immutable connection; `None` while the file lacks the table.
+async fn transfers_in_the_file(app: &TestApp) -> Option<i64> {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::ConnectOptions;
+    let file = SqliteConnectOptions::new()
+        .filename(app.dir().join("ledger.db"))
+        .read_only(true)
+        .immutable(true);
+    let mut c = file.connect().await.ok()?;
+    sqlx::query_scalar("SELECT COUNT(*) FROM transfers")
+        .fetch_one(&mut c)
+        .await
+        .ok()
+}
+
+/// `serve` copies SQLite's write-ahead log into the database file in the
+/// background (`Db::run_checkpointer`): a write reaches the file itself
+/// without waiting for the writer's own checkpoint, which comes only after
+/// 10,000 pages; `LEDGER_CHECKPOINT_INTERVAL=0` turns that off. SQLite
+/// only: PostgreSQL checkpoints by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_log_is_copied_into_the_database_in_the_background() {
+    let t = cdr("carrier-a", "c-1", "+14255550100", "+14255550101");
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    app.post("/v1/transfers", &app.platform(), &t)
+        .await
+        .expect(201);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let in_file = transfers_in_the_file(&app).await;
+        if in_file == Some(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record is still only in the write-ahead log ({in_file:?} in the file)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let off = [("LEDGER_CHECKPOINT_INTERVAL".to_string(), "0".to_string())];
+    let app = spawn_app_with(Backend::Sqlite, off.into_iter().collect())
+        .await
+        .unwrap();
+    app.post("/v1/transfers", &app.platform(), &t)
+        .await
+        .expect(201);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_ne!(transfers_in_the_file(&app).await, Some(1));
+}

@@ -289,10 +289,19 @@ impl Application {
             (stop_worker, worker),
             (stop_keys, keys),
             (stop_watcher, watcher),
-            (stop_checkpoints, checkpoints),
         ] {
             stop.notify_one();
             task.abort();
+        }
+        // The checkpointer closes its connection itself (a checkpoint takes
+        // at most a moment), so that closing the pools below is what closes
+        // the last connection, which checkpoints the rest of the log.
+        stop_checkpoints.notify_one();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), checkpoints)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the checkpointer did not stop within 5 s");
         }
         if let Some(s) = sweeper {
             // A sweep cut short here resumes with the next one.

@@ -186,11 +186,13 @@ impl Config {
                 env("LEDGER_RELOAD_INTERVAL").or(file.reload_interval),
                 "5s",
             )?,
-            checkpoint_interval: duration(
+            checkpoint_interval: Some(duration(
                 "LEDGER_CHECKPOINT_INTERVAL",
                 env("LEDGER_CHECKPOINT_INTERVAL").or(file.checkpoint_interval),
                 "100ms",
-            )?,
+            )?)
+            .filter(|d| d.is_zero() || *d >= Duration::from_millis(10))
+            .context("LEDGER_CHECKPOINT_INTERVAL must be 0 (off) or at least 10ms")?,
             data_key_max_seals: match env("LEDGER_DATA_KEY_MAX_SEALS") {
                 Some(v) => v.parse().ok(),
                 None => file.data_key_max_seals.or(Some(DATA_KEY_MAX_SEALS)),

@@ -84,32 +84,42 @@ impl Catalogs {
 /// list, most preferred first (`q` weights, RFC 9110 §12.5.4; `q=0` means
 /// "not this one"): exact match, then the same primary language, else `en`.
 pub fn negotiate(requested: &str) -> &'static str {
-    let mut ranked: Vec<(&str, f32)> = requested
+    // (tag, weight); a weight that does not parse leaves the tag out.
+    let weighed: Vec<(&str, f32)> = requested
         .split(',')
-        .map(|part| {
+        .filter_map(|part| {
             let mut fields = part.split(';');
             let tag = fields.next().unwrap_or_default().trim();
-            let q = fields
-                .filter_map(|p| p.trim().strip_prefix("q=").or(p.trim().strip_prefix("Q=")))
-                .find_map(|q| q.trim().parse::<f32>().ok())
-                .unwrap_or(1.0);
-            (tag, q)
+            let q = match fields
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            {
+                None => 1.0,
+                Some((_, v)) => v.trim().parse::<f32>().ok()?,
+            };
+            (!tag.is_empty() && tag != "*").then_some((tag, q.clamp(0.0, 1.0)))
         })
-        .filter(|&(tag, q)| !tag.is_empty() && tag != "*" && q > 0.0)
         .collect();
+    let offered = |tag: &str| LANGUAGES.iter().find(|(t, _)| t.eq_ignore_ascii_case(tag));
+    let primary = |tag: &str| {
+        tag.split(['-', '_'])
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
+    let same_language = |tag: &str| LANGUAGES.iter().find(|(t, _)| primary(t) == primary(tag));
+    // `q=0` rules a language out, whichever way it would match.
+    let excluded: Vec<&str> = weighed
+        .iter()
+        .filter(|w| w.1 == 0.0)
+        .filter_map(|w| offered(w.0).or_else(|| same_language(w.0)).map(|(t, _)| *t))
+        .collect();
+    let mut ranked: Vec<(&str, f32)> = weighed.into_iter().filter(|w| w.1 > 0.0).collect();
     // Stable: equal weights keep the client's order.
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     for (tag, _) in ranked {
-        if let Some((t, _)) = LANGUAGES.iter().find(|(t, _)| t.eq_ignore_ascii_case(tag)) {
-            return t;
-        }
-        let primary = tag.split(['-', '_']).next().unwrap_or_default();
-        if let Some((t, _)) = LANGUAGES.iter().find(|(t, _)| {
-            t.split('-')
-                .next()
-                .unwrap_or_default()
-                .eq_ignore_ascii_case(primary)
-        }) {
+        let found = offered(tag).or_else(|| same_language(tag));
+        if let Some((t, _)) = found.filter(|(t, _)| !excluded.contains(t)) {
             return t;
         }
     }
@@ -160,6 +170,13 @@ mod tests {
         assert_eq!(negotiate("it;q=0.9, fr;q=0.9"), "it");
         assert_eq!(negotiate("ru;q=0.2, zh-TW; q=0.7"), "zh-TW");
         assert_eq!(negotiate("fr;q=0"), "en");
+        // An exclusion holds for every way of matching the language.
+        assert_eq!(negotiate("pt-BR;q=0, pt"), "en");
+        assert_eq!(negotiate("pt;q=0, pt-BR, it"), "it");
+        // Weights out of range are clamped; one that does not parse leaves
+        // its tag out.
+        assert_eq!(negotiate("ru;q=5, it"), "ru");
+        assert_eq!(negotiate("ru;q=high, it;q=0.1"), "it");
     }
 
     #[test]

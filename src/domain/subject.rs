@@ -3,54 +3,52 @@
 
 use std::fmt;
 
-/// A valid phone number in E.164 form (`+14255550100`).
+/// A valid phone number in E.164 form (`+14255550100`), with `;ext=N`
+/// (RFC 3966) when it names an extension behind the number: an extension is
+/// another line, often another person, so it is another data subject.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PhoneNumber(String);
 
 impl PhoneNumber {
     /// Accepts international formats (`+1 425-555-0100`, `tel:+1.425.555.0100`,
-    /// `0033 1 23 45 67 89`), validated against the numbering plan.
+    /// `0033 1 23 45 67 89`, `+49 30/1234567`, fullwidth digits), validated
+    /// against the numbering plan, with an extension as `;ext=N`, `x N` or
+    /// `ext. N`. Letters (+1425555CALL) and a second `+` are refused: the
+    /// numbering-plan parser would read them leniently as keypad digits.
     pub fn parse(input: &str) -> Result<Self, String> {
-        let s = input.trim();
-        // A tel: URI's parameters (RFC 3966) do not change the number, but
-        // an extension names another line behind it: refused, not dropped.
-        let s = match s.strip_prefix("tel:") {
-            Some(uri) => {
-                let (number, params) = uri.split_once(';').unwrap_or((uri, ""));
-                if params
-                    .split(';')
-                    .any(|p| p.trim().to_ascii_lowercase().starts_with("ext="))
-                {
-                    return Err("must not carry an extension (;ext=)".into());
-                }
-                number
-            }
-            None => s,
-        };
-        let s = match s.strip_prefix("00") {
+        let ascii: String = input.trim().chars().map(ascii_form).collect();
+        let s = ascii.trim();
+        let s = s.strip_prefix("tel:").unwrap_or(s);
+        let (number, ext) = split_extension(s)?;
+        let s = match number.trim().strip_prefix("00") {
             Some(rest) => format!("+{rest}"),
-            None => s.to_string(),
+            None => number.trim().to_string(),
         };
         let Some(digits) = s.strip_prefix('+') else {
             return Err("must be an international phone number starting with + (E.164)".into());
         };
-        // The numbering-plan parser is lenient: it reads letters as keypad
-        // digits (+1425555CALL), drops a trailing extension (x12, ;ext=1) and
-        // skips a second +. A number is digits, spaced as people write them.
         if !digits
             .chars()
-            .all(|c| c.is_ascii_digit() || " -.()".contains(c))
+            .all(|c| c.is_ascii_digit() || " -.()/[]~".contains(c))
         {
             return Err(
-                "may hold only digits after the leading +, separated by spaces, dots, hyphens or parentheses"
+                "may hold only digits after the leading +, with spaces, dots, hyphens, slashes or parentheses between them, and an extension (;ext=N)"
                     .into(),
             );
         }
+        let e164 = Self::e164(s)?;
+        Ok(Self(match ext {
+            Some(x) => format!("{e164};ext={x}"),
+            None => e164,
+        }))
+    }
+
+    fn e164(s: String) -> Result<String, String> {
         // Parsing against the numbering plans is regex work, the costliest
         // step of validating a transfer, and the same subscribers' numbers
         // recur call after call: remember recent outcomes.
         if let Some(known) = parsed_numbers().get(&s) {
-            return known.map(Self).map_err(str::to_string);
+            return known.map_err(str::to_string);
         }
         let outcome = match phonenumber::parse(None, &s) {
             Err(_) => Err("is not a phone number"),
@@ -60,7 +58,7 @@ impl PhoneNumber {
             Ok(n) => Ok(n.format().mode(phonenumber::Mode::E164).to_string()),
         };
         parsed_numbers().insert(s, outcome.clone());
-        outcome.map(Self).map_err(str::to_string)
+        outcome.map_err(str::to_string)
     }
 
     pub fn as_str(&self) -> &str {
@@ -75,6 +73,50 @@ fn parsed_numbers() -> &'static quick_cache::sync::Cache<String, Result<String, 
         quick_cache::sync::Cache<String, Result<String, &'static str>>,
     > = std::sync::OnceLock::new();
     CACHE.get_or_init(|| quick_cache::sync::Cache::new(50_000))
+}
+
+/// Fullwidth digits and signs (East Asian input methods), Unicode spaces
+/// and dashes, read as their ASCII forms.
+fn ascii_form(c: char) -> char {
+    match c {
+        '\u{ff10}'..='\u{ff19}' => char::from_digit(c as u32 - 0xff10, 10).unwrap_or(c),
+        '\u{ff0b}' => '+',
+        '\u{ff08}' => '(',
+        '\u{ff09}' => ')',
+        '\u{ff0e}' => '.',
+        '\u{ff0f}' => '/',
+        '\u{2010}'..='\u{2015}' | '\u{2212}' | '\u{ff0d}' => '-',
+        c if c.is_whitespace() => ' ',
+        c => c,
+    }
+}
+
+/// Splits off an extension: RFC 3966 `;ext=N` (other `;` parameters do not
+/// change the number and are dropped), or a trailing `x N`, `ext N` or
+/// `ext. N`. An extension is 1 to 20 digits.
+fn split_extension(s: &str) -> Result<(&str, Option<String>), String> {
+    let bad = || "has an extension that is not 1 to 20 digits".to_string();
+    let digits = |x: &str| {
+        let x = x.trim();
+        (!x.is_empty() && x.len() <= 20 && x.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| x.to_string())
+    };
+    let (number, params) = s.split_once(';').unwrap_or((s, ""));
+    for p in params.split(';').map(str::trim) {
+        if p.get(..4).is_some_and(|k| k.eq_ignore_ascii_case("ext=")) {
+            return Ok((number, Some(digits(&p[4..]).ok_or_else(bad)?)));
+        }
+    }
+    let lower = number.to_ascii_lowercase();
+    for marker in ["ext.", "ext", "x"] {
+        if let Some(at) = lower.rfind(marker) {
+            let rest = &number[at + marker.len()..];
+            if rest.trim().bytes().all(|b| b.is_ascii_digit()) && !rest.trim().is_empty() {
+                return Ok((&number[..at], Some(digits(rest).ok_or_else(bad)?)));
+            }
+        }
+    }
+    Ok((number, None))
 }
 
 /// A SIP URI, normalized to lower case without URI parameters or headers
@@ -202,6 +244,8 @@ mod tests {
             "tel:+1.425.555.0100",
             "tel:+1-425-555-0100;phone-context=example.com",
             "001 (425) 555 0100",
+            "\u{ff0b}\u{ff11} \u{ff14}\u{ff12}\u{ff15} \u{ff15}\u{ff15}\u{ff15} \u{ff10}\u{ff11}\u{ff10}\u{ff10}",
+            "+1\u{a0}425\u{2013}555\u{2013}0100",
         ] {
             assert_eq!(
                 PhoneNumber::parse(input).unwrap().as_str(),
@@ -212,6 +256,10 @@ mod tests {
         assert_eq!(
             PhoneNumber::parse("+33 1 23 45 67 89").unwrap().as_str(),
             "+33123456789"
+        );
+        assert_eq!(
+            PhoneNumber::parse("+49 30/2093 1234").unwrap().as_str(),
+            "+493020931234"
         );
     }
 
@@ -227,12 +275,31 @@ mod tests {
             "+1425555CALL",
             "++14255550100",
             "+1-425-555-0100x",
-            "+1 425 555 0100 x12",
-            "+14255550100;ext=1",
-            "tel:+14255550100;ext=12",
+            "+14255550100;ext=12a",
+            "+14255550100 x123456789012345678901",
         ] {
             assert!(PhoneNumber::parse(input).is_err(), "{input}");
         }
+    }
+
+    #[test]
+    fn extensions_are_other_subjects() {
+        for input in [
+            "+1 425 555 0100;ext=12",
+            "tel:+1-425-555-0100;ext=12",
+            "+1 425 555 0100 x12",
+            "+1 425 555 0100 ext. 12",
+        ] {
+            assert_eq!(
+                PhoneNumber::parse(input).unwrap().as_str(),
+                "+14255550100;ext=12",
+                "{input}"
+            );
+        }
+        assert_ne!(
+            SubjectId::parse("+14255550100;ext=12").unwrap().canonical(),
+            SubjectId::parse("+14255550100").unwrap().canonical()
+        );
     }
 
     #[test]

@@ -14,8 +14,10 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let (json, bytes) = read(req, state).await?;
-        parse(json, &bytes).map(JsonBody)
+        if !is_json(&req) {
+            return Err(not_json());
+        }
+        parse(&read(req, state).await?).map(JsonBody)
     }
 }
 
@@ -27,41 +29,53 @@ impl<S: Send + Sync> FromRequest<S> for OptionalJsonBody {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let (json, bytes) = read(req, state).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Self(Value::Object(Default::default())));
+        let empty = || Self(Value::Object(Default::default()));
+        if !is_json(&req) {
+            // Without a JSON content type only an empty body is accepted,
+            // judged from the headers, before anything is read.
+            let h = req.headers();
+            let declared = h.contains_key(header::TRANSFER_ENCODING)
+                || h.get(header::CONTENT_LENGTH).is_some_and(|v| v != "0");
+            return if declared {
+                Err(not_json())
+            } else {
+                Ok(empty())
+            };
         }
-        parse(json, &bytes).map(Self)
+        let bytes = read(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(empty());
+        }
+        parse(&bytes).map(Self)
     }
 }
 
-/// The body, and whether it was sent as `application/json`.
-async fn read<S: Send + Sync>(req: Request, state: &S) -> Result<(bool, Bytes), AppError> {
-    let json = req
-        .headers()
+fn is_json(req: &Request) -> bool {
+    req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| {
             ct.split(';')
                 .next()
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-        });
-    let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        })
+}
+
+fn not_json() -> AppError {
+    AppError::BadRequest("the body must be JSON, sent with Content-Type: application/json".into())
+}
+
+async fn read<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, AppError> {
+    Bytes::from_request(req, state).await.map_err(|e| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             AppError::PayloadTooLarge("the request body is larger than the service accepts".into())
         } else {
             AppError::BadRequest("the request body could not be read".into())
         }
-    })?;
-    Ok((json, bytes))
+    })
 }
 
-fn parse(json: bool, bytes: &[u8]) -> Result<Value, AppError> {
-    if !json {
-        return Err(AppError::BadRequest(
-            "the body must be JSON, sent with Content-Type: application/json".into(),
-        ));
-    }
+fn parse(bytes: &[u8]) -> Result<Value, AppError> {
     serde_json::from_slice(bytes).map_err(|e| {
         // serde_json's message names the position, never the content.
         AppError::BadRequest(format!(
@@ -85,11 +99,13 @@ impl<S: Send + Sync> FromRequestParts<S> for AccessReason {
                 let s = v
                     .to_str()
                     .map_err(|_| {
-                        AppError::BadRequest("X-Access-Reason must be visible ASCII text".into())
+                        AppError::ReasonRequired(
+                            "X-Access-Reason must be visible ASCII text".into(),
+                        )
                     })?
                     .trim();
                 if s.is_empty() || s.len() > 500 {
-                    return Err(AppError::BadRequest(
+                    return Err(AppError::ReasonRequired(
                         "X-Access-Reason must be 1 to 500 characters".into(),
                     ));
                 }

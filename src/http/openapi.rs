@@ -28,8 +28,8 @@ pub struct ApiDoc;
 /// Errors as the service sends them: `application/problem+json` with the
 /// `Problem` schema (the handlers' annotations say `application/json`), and
 /// the statuses every operation of a kind can answer (docs/api.md): 401 and
-/// 403 where a token is required, 400 where a JSON body is read, 422 where
-/// a body or query parameters are validated.
+/// 403 where a token is required, 400 where a JSON body or `X-Access-Reason`
+/// is read, 422 where a body or query parameters are validated.
 struct ProblemResponses;
 
 impl Modify for ProblemResponses {
@@ -54,6 +54,10 @@ impl Modify for ProblemResponses {
                     .iter()
                     .flatten()
                     .any(|p| p.parameter_in == ParameterIn::Query);
+                let has_reason = op.parameters.iter().flatten().any(|p| {
+                    p.parameter_in == ParameterIn::Header
+                        && p.name.eq_ignore_ascii_case("X-Access-Reason")
+                });
                 let wanted = [
                     (
                         secured,
@@ -66,9 +70,9 @@ impl Modify for ProblemResponses {
                         "the caller's role or carrier may not do this",
                     ),
                     (
-                        has_body,
+                        has_body || has_reason,
                         "400",
-                        "the body is not JSON, or not sent as application/json",
+                        "a body that is not JSON or not sent as application/json, or X-Access-Reason missing or malformed where it is required",
                     ),
                     (
                         has_body || has_query,

@@ -273,8 +273,16 @@ pub async fn extend(
         return Err(AppError::Validation(errs.0));
     };
     let row = find(state, who, id).await?;
-    // Whatever the status: a request is usually answered within moments,
-    // and the deadline then stays on record as the one that applied.
+    // Whatever the status (a request is usually answered within moments),
+    // but only while the deadline runs: Art. 12(3) has the controller
+    // announce an extension within the first month, and a deadline already
+    // missed cannot be moved after the fact.
+    if Utc::now() > from_micros(row.due_at) {
+        return Err(AppError::Conflict(format!(
+            "subject request {} is past its deadline; it can no longer be extended",
+            row.id
+        )));
+    }
     if row.extended_at.is_some() {
         return Err(AppError::Conflict(format!(
             "subject request {} was already extended once",

@@ -116,8 +116,9 @@ async fn filters_narrow_the_log(app: TestApp) {
     let mut f = r.bad_fields();
     f.sort();
     assert_eq!(f, ["category", "colour", "cursor", "from", "limit"]);
-    // A period that ends before it starts is named, as in reports.
-    for path in ["/v1/transfers", "/v1/reports/processing"] {
+    // A period that ends before it starts is named, as in reports and
+    // reconciliation.
+    for path in ["/v1/transfers", "/v1/audit"] {
         let r = app
             .get(
                 &format!("{path}?from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z"),

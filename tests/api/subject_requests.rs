@@ -342,25 +342,27 @@ both!(carriers_only_reach_their_own_requests);
 
 async fn deadlines_extend_once_by_two_months(app: TestApp) {
     let officer = app.officer();
-    let req = app
-        .request(
-            &officer,
+    let (app, officer) = (&app, &officer);
+    let access = || async move {
+        app.request(
+            officer,
             "access",
             "carrier-a",
             json!({"phone_number": X}),
             None,
         )
-        .await;
-    let id = req["id"].as_str().unwrap();
+        .await
+    };
+    let extend = |id: String, body: Value| async move {
+        app.post(&format!("/v1/subject-requests/{id}/extend"), officer, &body)
+            .await
+    };
+    let req = access().await;
+    let id = req["id"].as_str().unwrap().to_string();
     // Answered within moments; the extension still applies, once.
-    let done = app.completed(&officer, id).await;
+    let done = app.completed(officer, &id).await;
     assert_eq!(done["status"], "completed");
-    let r = app
-        .post(
-            &format!("/v1/subject-requests/{id}/extend"),
-            &officer,
-            &json!({"reason": "complex request"}),
-        )
+    let r = extend(id.clone(), json!({"reason": "complex request"}))
         .await
         .expect(200);
     let due = chrono::DateTime::parse_from_rfc3339(req["due_at"].as_str().unwrap()).unwrap();
@@ -371,22 +373,27 @@ async fn deadlines_extend_once_by_two_months(app: TestApp) {
         due.checked_add_months(chrono::Months::new(2)).unwrap()
     );
     assert_eq!(r.body["extension_reason"], "complex request");
-    app.post(
-        &format!("/v1/subject-requests/{id}/extend"),
-        &officer,
-        &json!({"reason": "again"}),
-    )
-    .await
-    .expect(409);
-    app.post(
-        &format!("/v1/subject-requests/{id}/extend"),
-        &officer,
-        &json!({}),
-    )
-    .await
-    .expect(422);
-    let list = app.get("/v1/subject-requests", &officer).await.expect(200);
+    extend(id.clone(), json!({"reason": "again"}))
+        .await
+        .expect(409);
+    extend(id, json!({})).await.expect(422);
+    let list = app.get("/v1/subject-requests", officer).await.expect(200);
     assert_eq!(list.body[0]["overdue"], false);
+
+    // A deadline already past cannot be moved after the fact.
+    let late = access().await["id"].as_str().unwrap().to_string();
+    let moved = app
+        .exec(
+            "UPDATE subject_requests SET due_at = due_at - 4000000000000 WHERE id = $1",
+            None,
+            Some(uuid::Uuid::parse_str(&late).unwrap()),
+        )
+        .await;
+    assert_eq!(moved, 1);
+    let r = extend(late, json!({"reason": "too late"}))
+        .await
+        .expect(409);
+    assert!(r.text.contains("past its deadline"), "{}", r.text);
 }
 both!(deadlines_extend_once_by_two_months);
 

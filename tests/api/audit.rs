@@ -127,6 +127,9 @@ async fn every_access_is_audited_without_personal_data(app: TestApp) {
         .await
         .expect(400);
     assert!(r.text.contains("X-Access-Reason"), "{}", r.text);
+    // So is reading a data subject's consent without one.
+    let r = app.get("/v1/consents/ds-1", &officer).await.expect(400);
+    assert!(r.text.contains("X-Access-Reason"), "{}", r.text);
 
     let entries = app.audit_entries().await;
     let acts = actions(&entries);
@@ -168,7 +171,7 @@ async fn every_access_is_audited_without_personal_data(app: TestApp) {
         .iter()
         .filter(|e| e["action"] == "request.denied")
         .collect();
-    assert_eq!(denied.len(), 4, "{denied:#?}");
+    assert_eq!(denied.len(), 5, "{denied:#?}");
     assert_eq!(denied[0]["actor"]["sub"], "anonymous");
     assert_eq!(denied[1]["actor"]["role"], "platform", "{denied:#?}");
     assert_eq!(denied[1]["target"]["route"], "/v1/transfers");
@@ -176,6 +179,8 @@ async fn every_access_is_audited_without_personal_data(app: TestApp) {
     assert_eq!(denied[3]["actor"]["role"], "privacy_officer");
     assert_eq!(denied[3]["target"]["route"], "/v1/transfers/{id}");
     assert_eq!(denied[3]["target"]["status"], 400);
+    assert_eq!(denied[4]["target"]["route"], "/v1/consents/{reference}");
+    assert_eq!(denied[4]["actor"]["role"], "privacy_officer");
     // Subject lookups are recorded by blind index only.
     let list = entries
         .iter()

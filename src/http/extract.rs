@@ -76,14 +76,80 @@ async fn read<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, AppError
 }
 
 fn parse(bytes: &[u8]) -> Result<Value, AppError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        // serde_json's message names the position, never the content.
-        AppError::BadRequest(format!(
-            "the body is not valid JSON: line {}, column {}",
-            e.line(),
-            e.column()
-        ))
-    })
+    serde_json::from_slice::<NoRepeatedKeys>(bytes)
+        .map(|v| v.0)
+        .map_err(|e| {
+            // Positions only, never the content.
+            let what = if e.to_string().starts_with(REPEATED_KEY) {
+                "the body repeats a key within one object"
+            } else {
+                "the body is not valid JSON"
+            };
+            AppError::BadRequest(format!("{what}: line {}, column {}", e.line(), e.column()))
+        })
+}
+
+const REPEATED_KEY: &str = "repeated key";
+
+/// A JSON value in which no object names a key twice. `{"carrier_id": "a",
+/// "carrier_id": "b"}` is ambiguous: serde keeps the last, a proxy or an
+/// auditing tool in front of the service may read the first, so the
+/// request is refused rather than read one way.
+struct NoRepeatedKeys(Value);
+
+impl<'de> serde::Deserialize<'de> for NoRepeatedKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoRepeatedKeysVisitor).map(Self)
+    }
+}
+
+struct NoRepeatedKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoRepeatedKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(NoRepeatedKeys(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(REPEATED_KEY));
+            }
+            let NoRepeatedKeys(v) = map.next_value()?;
+            object.insert(key, v);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// `X-Access-Reason`: why a privacy officer decrypts personal data.

@@ -101,6 +101,47 @@ async fn every_error_is_problem_json(app: TestApp) {
         .await;
     assert_eq!(r.status, 400, "no JSON content type");
 
+    // A key named twice in one object is ambiguous (which one counts?):
+    // refused, at any depth, with nothing stored.
+    let mut t = cdr("carrier-a", "c-1", "+14255550100", "+14255550101");
+    let body = t.to_string();
+    let twice_at_top = body.replacen("{", r#"{"carrier_id": "carrier-b", "#, 1);
+    t["payload"]["call_id"] = "c-2".into();
+    let twice_in_payload = t.to_string().replacen(
+        r#""call_id":"c-2""#,
+        r#""call_id":"c-1","call_id":"c-2""#,
+        1,
+    );
+    assert_ne!(twice_in_payload, t.to_string());
+    for twice in [twice_at_top, twice_in_payload] {
+        let r = app
+            .raw(
+                app.client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(twice),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{}", r.text);
+        assert!(
+            r.body["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with("the body repeats a key"),
+            "{}",
+            r.text
+        );
+    }
+    assert_eq!(app.count("transfers").await, 0);
+    app.post(
+        "/v1/transfers",
+        &token,
+        &cdr("carrier-a", "c-1", "+14255550100", "+14255550101"),
+    )
+    .await
+    .expect(201);
+
     for (req, status) in [
         (app.client.get(format!("{}/no/such/route", app.addr)), 404),
         (app.client.delete(format!("{}/healthz", app.addr)), 405),

@@ -77,16 +77,18 @@ both!(health_readiness_and_openapi);
 async fn every_error_is_problem_json(app: TestApp) {
     let token = app.platform();
     let url = format!("{}/v1/transfers", app.addr);
-
-    let r = app
-        .raw(
+    // A body sent as is, labelled JSON.
+    let post_text = |text: String| {
+        app.raw(
             app.client
                 .post(&url)
                 .bearer_auth(&token)
                 .header("content-type", "application/json")
-                .body("{not json"),
+                .body(text),
         )
-        .await;
+    };
+
+    let r = post_text("{not json".into()).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.headers["content-type"], "application/problem+json");
     assert!(r.body["detail"].as_str().unwrap().contains("line 1"));
@@ -114,15 +116,7 @@ async fn every_error_is_problem_json(app: TestApp) {
     );
     assert_ne!(twice_in_payload, t.to_string());
     for twice in [twice_at_top, twice_in_payload] {
-        let r = app
-            .raw(
-                app.client
-                    .post(&url)
-                    .bearer_auth(&token)
-                    .header("content-type", "application/json")
-                    .body(twice),
-            )
-            .await;
+        let r = post_text(twice).await;
         assert_eq!(r.status, 400, "{}", r.text);
         assert!(
             r.body["detail"]

@@ -108,18 +108,18 @@ pub fn negotiate(requested: &str) -> &'static str {
             .to_ascii_lowercase()
     };
     let same_language = |tag: &str| LANGUAGES.iter().find(|(t, _)| primary(t) == primary(tag));
+    let matching = |tag: &str| offered(tag).or_else(|| same_language(tag)).map(|(t, _)| *t);
     // `q=0` rules a language out, whichever way it would match.
     let excluded: Vec<&str> = weighed
         .iter()
         .filter(|w| w.1 == 0.0)
-        .filter_map(|w| offered(w.0).or_else(|| same_language(w.0)).map(|(t, _)| *t))
+        .filter_map(|w| matching(w.0))
         .collect();
     let mut ranked: Vec<(&str, f32)> = weighed.into_iter().filter(|w| w.1 > 0.0).collect();
     // Stable: equal weights keep the client's order.
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     for (tag, _) in ranked {
-        let found = offered(tag).or_else(|| same_language(tag));
-        if let Some((t, _)) = found.filter(|(t, _)| !excluded.contains(t)) {
+        if let Some(t) = matching(tag).filter(|t| !excluded.contains(t)) {
             return t;
         }
     }

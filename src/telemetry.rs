@@ -26,8 +26,9 @@ pub async fn scope_request_id(req: Request, next: Next) -> Response {
 
 /// Keeps a client's `X-Request-Id` only if it is plain: 1 to 128 visible
 /// ASCII characters. Otherwise it is dropped and the service makes one, so
-/// that logs, problem bodies and audit entries never carry whatever a
-/// client stuffs into the header.
+/// that logs, problem bodies and audit entries carry no more than that of
+/// what a client puts in the header (still client text: see
+/// docs/threat-model.md).
 pub async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
     let usable = req.headers().get("x-request-id").map(|v| {
         let b = v.as_bytes();

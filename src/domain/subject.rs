@@ -16,13 +16,20 @@ impl PhoneNumber {
     /// `ext. N`. Letters (+1425555CALL) and a second `+` are refused: the
     /// numbering-plan parser would read them leniently as keypad digits.
     pub fn parse(input: &str) -> Result<Self, String> {
-        let ascii: String = input.trim().chars().map(ascii_form).collect();
-        let s = ascii.trim();
-        let s = s.strip_prefix("tel:").unwrap_or(s);
+        // Most input is printable ASCII already: no copy for it.
+        let input = input.trim();
+        let ascii: std::borrow::Cow<str> =
+            if input.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+                input.into()
+            } else {
+                input.chars().map(ascii_form).collect::<String>().into()
+            };
+        let s = ascii.strip_prefix("tel:").unwrap_or(&ascii);
         let (number, ext) = split_extension(s)?;
-        let s = match number.trim().strip_prefix("00") {
+        let number = number.trim();
+        let s = match number.strip_prefix("00") {
             Some(rest) => format!("+{rest}"),
-            None => number.trim().to_string(),
+            None => number.to_string(),
         };
         let Some(digits) = s.strip_prefix('+') else {
             return Err("must be an international phone number starting with + (E.164)".into());
@@ -110,8 +117,8 @@ fn split_extension(s: &str) -> Result<(&str, Option<String>), String> {
     let lower = number.to_ascii_lowercase();
     for marker in ["ext.", "ext", "x"] {
         if let Some(at) = lower.rfind(marker) {
-            let rest = &number[at + marker.len()..];
-            if rest.trim().bytes().all(|b| b.is_ascii_digit()) && !rest.trim().is_empty() {
+            let rest = number[at + marker.len()..].trim();
+            if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) {
                 return Ok((&number[..at], Some(digits(rest).ok_or_else(bad)?)));
             }
         }

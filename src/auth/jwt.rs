@@ -138,6 +138,12 @@ impl TokenVerifier {
                 .to_string()
             })?;
         let c = data.claims;
+        // A token cannot have been issued after now: one that says so comes
+        // from a clock far off or was made to outlive its stated age. (A
+        // minute of skew allowed: identity providers' clocks drift.)
+        if c.iat > Utc::now().timestamp() + 60 {
+            return Err("token issued in the future (iat)".into());
+        }
         let role: Role = c
             .role
             .parse()
@@ -149,9 +155,7 @@ impl TokenVerifier {
             (Role::Carrier, None) => return Err("the carrier role requires a carrier claim".into()),
             (_, _) => None,
         };
-        if c.sub.is_empty() || c.sub.len() > 256 {
-            return Err("sub claim must be 1 to 256 characters".into());
-        }
+        check_sub(&c.sub).map_err(|e| format!("sub claim {e}"))?;
         Ok(Verified {
             sub: c.sub,
             role,
@@ -222,4 +226,13 @@ impl TokenIssuer {
             &self.key,
         )?)
     }
+}
+
+/// A token's subject: 1 to 256 bytes (it names the actor in every audit
+/// entry). Shared by the verifier and `token issue`.
+pub fn check_sub(sub: &str) -> Result<(), &'static str> {
+    if sub.is_empty() || sub.len() > 256 {
+        return Err("must be 1 to 256 characters");
+    }
+    Ok(())
 }

@@ -142,23 +142,39 @@ impl SipUri {
         } else {
             return Err("must be a SIP URI starting with sip: or sips:".into());
         };
-        let rest = rest.split(['?', ';']).next().unwrap_or_default();
-        let (user, hostport) = match rest.rsplit_once('@') {
+        // RFC 3261: `user;user-params@host:port;uri-params?headers`. The
+        // user part may carry parameters of its own (RFC 3966 in a
+        // telephone-subscriber user, `+14255551000;ext=1234;npdi`).
+        let rest = rest.split('?').next().unwrap_or_default();
+        let (user, hostport) = match rest.split_once('@') {
             Some((u, h)) => (Some(u), h),
             None => (None, rest),
         };
-        if let Some(u) = user {
-            let ok = !u.is_empty()
-                && u.len() <= 128
-                && u.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,/%".contains(c));
-            if !ok {
-                return Err("has an invalid user part".into());
+        let hostport = hostport.split(';').next().unwrap_or_default();
+        let user = match user {
+            Some(u) => Some(sip_user(u)?),
+            None => None,
+        };
+        let (host, port, v6) = match hostport.strip_prefix('[') {
+            // An IPv6 reference: `[2001:db8::1]` or `[2001:db8::1]:5060`.
+            Some(rest) => {
+                let Some((v6, after)) = rest.split_once(']') else {
+                    return Err("has an invalid host".into());
+                };
+                let Ok(addr) = v6.parse::<std::net::Ipv6Addr>() else {
+                    return Err("has an invalid host".into());
+                };
+                let host = &hostport[..v6.len() + 2];
+                match (after, after.strip_prefix(':')) {
+                    ("", _) => (host, None, Some(addr)),
+                    (_, Some(p)) => (host, Some(p), Some(addr)),
+                    _ => return Err("has an invalid host".into()),
+                }
             }
-        }
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (h, Some(p)),
-            _ => (hostport, None),
+            None => match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p), None),
+                None => (hostport, None, None),
+            },
         };
         let host_ok = !host.is_empty()
             && host.len() <= 253
@@ -166,21 +182,114 @@ impl SipUri {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-.[]:".contains(c))
             && !host.starts_with(['-', '.'])
-            && !host.ends_with(['-']);
+            && !host.ends_with(['-'])
+            && (v6.is_some() || !host.contains([':', '[', ']']));
         if !host_ok {
             return Err("has an invalid host".into());
         }
-        if let Some(p) = port {
-            if p.parse::<u16>().map_or(true, |p| p == 0) {
-                return Err("has an invalid port".into());
-            }
-        }
-        Ok(Self(format!("{scheme}:{rest}")))
+        let port = match port {
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Some(n),
+                _ => return Err("has an invalid port".into()),
+            },
+            None => None,
+        };
+        // One spelling per address: an IPv6 reference in its RFC 5952 form
+        // (`[0:0::1]` is `[::1]`), a port without leading zeros.
+        let host = match v6 {
+            Some(addr) => format!("[{addr}]"),
+            None => host.to_string(),
+        };
+        let hostport = match port {
+            Some(n) => format!("{host}:{n}"),
+            None => host,
+        };
+        Ok(Self(match user {
+            Some(u) => format!("{scheme}:{u}@{hostport}"),
+            None => format!("{scheme}:{hostport}"),
+        }))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// A SIP URI's user part, normalized. A global number (`+…`, an RFC 3966
+/// telephone-subscriber) keeps the parameters that name another line
+/// (`;ext=`, `;isub=`) and drops routing ones (number portability's
+/// `;npdi`, `;rn=…`, `;cic=…`), which say nothing about who it is. Any other
+/// user keeps its parameters: `;` is an ordinary character of a SIP user
+/// (RFC 3261), and `;phone-context=` is part of a local number's identity.
+fn sip_user(u: &str) -> Result<String, String> {
+    const USER_CHARS: &str = "-_.!~*'()&=+$,/%";
+    let (base, params) = u.split_once(';').unwrap_or((u, ""));
+    let valid = |s: &str, extra: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || USER_CHARS.contains(c) || extra.contains(c))
+    };
+    if base.is_empty() || u.len() > 128 || !valid(base, "") || !valid(params, ";") {
+        return Err("has an invalid user part".into());
+    }
+    let base = unescape_unreserved(base)?;
+    if !base.starts_with('+') {
+        return Ok(if params.is_empty() {
+            base
+        } else {
+            format!("{base};{}", unescape_unreserved(params)?)
+        });
+    }
+    let mut kept = Vec::new();
+    for p in params.split(';').filter(|p| !p.is_empty()) {
+        let (key, value) = p.split_once('=').unwrap_or((p, ""));
+        match key {
+            "ext" => {
+                if value.is_empty()
+                    || value.len() > 20
+                    || !value.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return Err("has an extension that is not 1 to 20 digits".into());
+                }
+                kept.push(format!("ext={value}"));
+            }
+            "isub" if !value.is_empty() => {
+                kept.push(format!("isub={}", unescape_unreserved(value)?))
+            }
+            "isub" => return Err("has an empty subaddress (isub)".into()),
+            _ => {}
+        }
+    }
+    kept.sort();
+    Ok(std::iter::once(base)
+        .chain(kept)
+        .collect::<Vec<_>>()
+        .join(";"))
+}
+
+/// RFC 3261 §19.1.4: an escaped character that needs no escaping is the
+/// character itself (`sip:%61lice@…` is `sip:alice@…`): such escapes are
+/// decoded (and lower-cased, like the rest); escapes of characters with a
+/// meaning in the URI stay escaped.
+fn unescape_unreserved(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let hex = rest
+            .get(at + 1..at + 3)
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or("has a % not followed by two hexadecimal digits")?;
+        let byte = u8::from_str_radix(hex, 16).expect("two hex digits");
+        if byte.is_ascii_alphanumeric() || b"-_.!~*'()".contains(&byte) {
+            out.push(byte.to_ascii_lowercase() as char);
+        } else {
+            out.push('%');
+            out.push_str(hex);
+        }
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Who a piece of personal data is about.
@@ -333,6 +442,79 @@ mod tests {
     }
 
     #[test]
+    fn sip_escapes_of_plain_characters_are_the_characters() {
+        let plain = SipUri::parse("sip:alice@pct.example").unwrap();
+        assert_eq!(SipUri::parse("sip:%61lice@pct.example").unwrap(), plain);
+        assert_eq!(SipUri::parse("sip:%41LICE@PCT.example").unwrap(), plain);
+        // An escaped delimiter stays escaped: another user.
+        assert_eq!(
+            SipUri::parse("sip:a%3bb@pct.example").unwrap().as_str(),
+            "sip:a%3bb@pct.example"
+        );
+        assert!(SipUri::parse("sip:al%zzice@pct.example").is_err());
+        assert!(SipUri::parse("sip:alice%4@pct.example").is_err());
+    }
+
+    #[test]
+    fn sip_hosts_may_be_ipv6_references() {
+        for ok in [
+            "sip:alice@[::1]",
+            "sip:alice@[2001:db8::1]:5060",
+            "sips:[2001:db8::1]",
+        ] {
+            assert!(SipUri::parse(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(
+            SipUri::parse("sip:alice@[0:0:0::1]:05060").unwrap(),
+            SipUri::parse("sip:alice@[::1]:5060").unwrap()
+        );
+        assert_eq!(
+            SipUri::parse("sip:alice@h.example:05060").unwrap().as_str(),
+            "sip:alice@h.example:5060"
+        );
+        for bad in [
+            "sip:alice@h.example:+5060",
+            "sip:alice@[::1",
+            "sip:alice@::1",
+            "sip:alice@[nothost]",
+            "sip:alice@[::1]x",
+            "sip:alice@[::1]:99999",
+        ] {
+            assert!(SipUri::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sip_user_parameters_keep_only_an_extension() {
+        let ext = SipUri::parse("sip:+14255551000;EXT=1234;npdi@sbc.example;user=phone").unwrap();
+        assert_eq!(ext.as_str(), "sip:+14255551000;ext=1234@sbc.example");
+        let ported =
+            SipUri::parse("sip:+14255551000;npdi;rn=+14255559999@sbc.example:5060").unwrap();
+        assert_eq!(ported.as_str(), "sip:+14255551000@sbc.example:5060");
+        assert_ne!(ext, ported);
+        // Other users keep their parameters: different local numbers,
+        // different users.
+        let local = |ctx: &str| {
+            SipUri::parse(&format!("sip:1234;phone-context={ctx}@h.example"))
+                .unwrap()
+                .as_str()
+                .to_string()
+        };
+        assert_ne!(local("a.example"), local("b.example"));
+        assert_ne!(
+            SipUri::parse("sip:bob;x@h.example").unwrap(),
+            SipUri::parse("sip:bob;y@h.example").unwrap()
+        );
+        for bad in [
+            "sip:+14255551000;ext=@sbc.example",
+            "sip:+14255551000;ext=12a@sbc.example",
+            "sip:;ext=1@sbc.example",
+        ] {
+            assert!(SipUri::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn malformed_sip_uris_are_refused() {
         for input in [
             "http://x",
@@ -373,6 +555,17 @@ mod tests {
         fn sip_parser_never_panics(s in "\\PC{0,60}") {
             let _ = SipUri::parse(&s);
             let _ = SubjectId::parse(&s);
+        }
+
+        #[test]
+        fn sip_normalization_is_idempotent(
+            user in "[a-zA-Z0-9+.-]{1,12}",
+            params in "(;[a-z]{1,4}(=[0-9]{1,3})?){0,3}",
+            host in "[a-z]{1,8}\\.example",
+        ) {
+            let once = SipUri::parse(&format!("sip:{user}{params}@{host};transport=tls")).unwrap();
+            let twice = SipUri::parse(once.as_str()).unwrap();
+            prop_assert_eq!(once, twice);
         }
     }
 }

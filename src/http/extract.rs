@@ -192,14 +192,50 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let q = parts.uri.query().unwrap_or_default();
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).map_err(|_| {
-            AppError::BadRequest("the query string is not valid URL encoding".into())
-        })?;
+        let pairs = q
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                let k = url_decode(k).map_err(|why| {
+                    AppError::BadRequest(format!(
+                        "the query string is not valid URL encoding: a parameter name {why}"
+                    ))
+                })?;
+                let v = url_decode(v).map_err(|why| {
+                    AppError::BadRequest(format!(
+                        "the query string is not valid URL encoding: the value of `{k}` {why}"
+                    ))
+                })?;
+                Ok((k, v))
+            })
+            .collect::<Result<Vec<_>, AppError>>()?;
         Ok(Self {
             pairs,
             errors: Vec::new(),
         })
     }
+}
+
+/// Decodes one `application/x-www-form-urlencoded` component strictly: a
+/// `%` not followed by two hexadecimal digits, or an escape that decodes to
+/// bytes that are not UTF-8, is an error (the lenient decoders keep the
+/// first as text and replace the second, so `?subject=%FF` would be
+/// searched for as `�`). Says what is wrong, never echoing the value.
+fn url_decode(s: &str) -> Result<String, &'static str> {
+    let b = s.as_bytes();
+    for (i, _) in s.match_indices('%') {
+        if !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+            && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+        {
+            return Err("has a % not followed by two hexadecimal digits");
+        }
+    }
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| "decodes to bytes that are not UTF-8")
 }
 
 impl Params {

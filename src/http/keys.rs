@@ -53,7 +53,17 @@ pub async fn rotate_signing(
     responses((status = 200, body = KeyStatus)), security(("bearer" = [])))]
 pub async fn status(State(state): State<AppState>, who: Principal) -> Result<Json<KeyStatus>> {
     state.authorize(&who, "keys", "read")?;
-    Ok(Json(lifecycle::status(&state).await?))
+    let status = lifecycle::status(&state).await?;
+    crate::audit::record(
+        &state,
+        Some(&who),
+        crate::audit::Event::new(
+            "keys.status.read",
+            serde_json::json!({"current": status.current, "rewrap_pending": status.rewrap_pending}),
+        ),
+    )
+    .await?;
+    Ok(Json(status))
 }
 
 /// Re-reads `policies/` (model, rules, retention); a file that does not

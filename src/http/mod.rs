@@ -11,6 +11,7 @@ mod openapi;
 mod reconciliation;
 mod reports;
 mod retention;
+pub mod server;
 mod subject_requests;
 mod transfers;
 

@@ -58,39 +58,43 @@ pub struct Listing<'a> {
     pub limit: usize,
 }
 
-/// One side's calls in call-key order, straight from the covering index
-/// (no sort): `(call key, duration)`.
-fn side<'a>(
-    db: &'a Db,
-    carrier: &'a str,
-    category: &'static str,
-    from: i64,
-    to: i64,
-) -> futures::stream::BoxStream<'a, sqlx::Result<(Vec<u8>, i64)>> {
-    const SQL: &str = "SELECT call_key, duration_seconds FROM transfers
-        WHERE carrier_id = $1 AND category = $2 AND call_key IS NOT NULL AND duration_seconds IS NOT NULL
-          AND occurred_at >= $3 AND occurred_at < $4
-        ORDER BY call_key";
-    match db {
-        Db::Sqlite { read, .. } => sqlx::query_as(SQL)
-            .bind(carrier)
-            .bind(category)
-            .bind(from)
-            .bind(to)
-            .fetch(read),
-        Db::Postgres(p) => sqlx::query_as(SQL)
-            .bind(carrier)
-            .bind(category)
-            .bind(from)
-            .bind(to)
-            .fetch(p),
-    }
+/// The two sides' statement: one side's calls in call-key order, straight
+/// from the covering index (no sort): `(call key, duration)`.
+const SIDE: &str = "SELECT call_key, duration_seconds FROM transfers
+    WHERE carrier_id = $1 AND category = $2 AND call_key IS NOT NULL AND duration_seconds IS NOT NULL
+      AND occurred_at >= $3 AND occurred_at < $4
+    ORDER BY call_key";
+
+type Side<'a> = futures::stream::BoxStream<'a, sqlx::Result<(Vec<u8>, i64)>>;
+
+/// Serializes taking two connections at once. A reconciliation reads its
+/// two sides through two connections; several taking their first
+/// connection each and then waiting for a second could hold the whole read
+/// pool between them and stall every reader until the acquire timeout (a
+/// carrier's burst of reconciliations did). Taken one pair at a time, pairs
+/// no longer wait for each other. What remains: a transaction that takes a
+/// second connection while it holds one (a write that meets a master-key
+/// version another instance just added and re-reads the keyring; a
+/// PostgreSQL sweep's batch beside its lock connection) can, with enough of
+/// them at once on a small pool, wait for the pool's acquire timeout and
+/// fail; that was so before reconciliations took pairs, and a pool of at
+/// least a few connections per concurrent writer avoids it.
+static PAIRS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn pair<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> sqlx::Result<(
+    sqlx::pool::PoolConnection<DB>,
+    sqlx::pool::PoolConnection<DB>,
+)> {
+    let _one = PAIRS.lock().await;
+    Ok((pool.acquire().await?, pool.acquire().await?))
 }
 
 /// Next call of a side, with retries of the same call folded into one
 /// (the longest duration stands).
 async fn next_call(
-    s: &mut futures::stream::BoxStream<'_, sqlx::Result<(Vec<u8>, i64)>>,
+    s: &mut Side<'_>,
     peeked: &mut Option<(Vec<u8>, i64)>,
 ) -> sqlx::Result<Option<(Vec<u8>, i64)>> {
     use futures::StreamExt;
@@ -120,8 +124,58 @@ pub async fn reconcile(
     tolerance: i64,
     listing: Option<Listing<'_>>,
 ) -> sqlx::Result<(Summary, Vec<Item>)> {
-    let mut platform = side(db, carrier, "call_detail_record", from, to);
-    let mut carrier_side = side(db, carrier, "call_duration", from, to);
+    macro_rules! side {
+        ($conn:expr, $category:expr) => {
+            sqlx::query_as(SIDE)
+                .bind(carrier)
+                .bind($category)
+                .bind(from)
+                .bind(to)
+                .fetch(&mut *$conn)
+        };
+    }
+    // A pool of one connection (an in-memory database, or a PostgreSQL pool
+    // configured that small) cannot give a pair: both sides are read in
+    // turn on its one connection and merged from memory.
+    macro_rules! one {
+        ($pool:expr) => {{
+            let mut c = $pool.acquire().await?;
+            let platform: Vec<(Vec<u8>, i64)> =
+                side!(c, "call_detail_record").try_collect().await?;
+            let carrier_side: Vec<(Vec<u8>, i64)> = side!(c, "call_duration").try_collect().await?;
+            drop(c);
+            let stream =
+                |v: Vec<(Vec<u8>, i64)>| futures::stream::iter(v.into_iter().map(Ok)).boxed();
+            merge(stream(platform), stream(carrier_side), tolerance, listing).await
+        }};
+    }
+    macro_rules! two {
+        ($pool:expr) => {{
+            let (mut a, mut b) = pair($pool).await?;
+            merge(
+                side!(a, "call_detail_record"),
+                side!(b, "call_duration"),
+                tolerance,
+                listing,
+            )
+            .await
+        }};
+    }
+    use futures::{StreamExt, TryStreamExt};
+    match db {
+        Db::Sqlite { read, .. } if read.options().get_max_connections() < 2 => one!(read),
+        Db::Postgres(p) if p.options().get_max_connections() < 2 => one!(p),
+        Db::Sqlite { read, .. } => two!(read),
+        Db::Postgres(p) => two!(p),
+    }
+}
+
+async fn merge(
+    mut platform: Side<'_>,
+    mut carrier_side: Side<'_>,
+    tolerance: i64,
+    listing: Option<Listing<'_>>,
+) -> sqlx::Result<(Summary, Vec<Item>)> {
     let (mut pp, mut cp) = (None, None);
     let mut p = next_call(&mut platform, &mut pp).await?;
     let mut c = next_call(&mut carrier_side, &mut cp).await?;

@@ -7,7 +7,7 @@ use crate::both;
 use crate::helpers::*;
 
 impl TestApp {
-    async fn audit_entries(&self) -> Vec<Value> {
+    pub(crate) async fn audit_entries(&self) -> Vec<Value> {
         let auditor = self.token(transfer_ledger::auth::Role::Auditor, None);
         let mut out: Vec<Value> = self
             .all_pages("/v1/audit?limit=1000", &auditor)

@@ -60,6 +60,7 @@ async fn bad_tokens_are_rejected(app: TestApp) {
     let cases = [
         ("expired", with("exp", json!(now() - 3600))),
         ("not yet valid", with("nbf", json!(now() + 3600))),
+        ("issued in the future", with("iat", json!(now() + 3600))),
         ("wrong issuer", with("iss", json!("someone-else"))),
         ("wrong audience", with("aud", json!("other-service"))),
         (

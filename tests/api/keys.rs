@@ -229,6 +229,15 @@ async fn rotation_under_concurrent_traffic_fails_no_request(app: TestApp) {
         .await
         .expect(200);
     assert_eq!(retirements.body["items"].as_array().unwrap().len(), 2);
+    // Reading the key status is a read like any other: audited.
+    let status = app.key_status().await;
+    let reads = app
+        .get("/v1/audit?action=keys.status.read", &auditor)
+        .await
+        .expect(200);
+    let last = &reads.body["items"][0]["entry"];
+    assert_eq!(last["actor"]["role"], "admin");
+    assert_eq!(last["target"]["current"], status["current"]);
 }
 both!(rotation_under_concurrent_traffic_fails_no_request);
 

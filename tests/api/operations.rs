@@ -169,6 +169,37 @@ async fn oversized_bodies_are_refused() {
     assert_eq!(app.count("transfers").await, 0);
 }
 
+/// Connections that hold the service without asking anything — silent
+/// ones, half-sent headers, an HTTP/2 preface and then nothing (slowloris;
+/// no token needed) — are closed, so a crowd of them cannot hold every
+/// descriptor; a client that asks meanwhile is served.
+#[tokio::test]
+async fn idle_and_half_sent_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let addr = app.addr.trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    for opening in [
+        &b""[..],
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+        b"PRI * HTTP/2.0\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(opening).await.unwrap();
+        held.push(s);
+    }
+    app.get("/healthz", "").await.expect(200);
+    // Idle timeout, plus the grace a connection asked to close has, plus a
+    // margin for the once-a-second check.
+    let limit = transfer_ledger::http::server::IDLE_TIMEOUT * 2 + std::time::Duration::from_secs(5);
+    for (i, mut s) in held.into_iter().enumerate() {
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(limit, s.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "connection {i} is still held");
+    }
+}
+
 async fn metrics_use_route_templates_and_no_personal_data(app: TestApp) {
     let r = app
         .post(

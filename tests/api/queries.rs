@@ -128,6 +128,40 @@ async fn filters_narrow_the_log(app: TestApp) {
             .expect(422);
         assert_eq!(r.bad_fields(), ["to"], "{path}");
     }
+    // A query string that is not URL encoding is refused, not searched for
+    // as some other text, and the answer names the parameter, not its value.
+    for (query, names) in [
+        (
+            "subject=%2B1425%zz",
+            "the value of `subject` has a % not followed",
+        ),
+        (
+            "subject=%FF%FE",
+            "the value of `subject` decodes to bytes that are not UTF-8",
+        ),
+        (
+            "carrier_id=carrier-a&category=call%2",
+            "the value of `category` has a %",
+        ),
+        ("sub%jject=1", "a parameter name has a %"),
+    ] {
+        let r = app
+            .get(&format!("/v1/transfers?{query}"), &officer)
+            .await
+            .expect(400);
+        let detail = r.body["detail"].as_str().unwrap();
+        assert!(detail.contains(names), "{query}: {detail}");
+        assert!(!detail.contains("1425"), "{query}: {detail}");
+    }
+    // Encoded text that is valid still decodes.
+    let r = app
+        .get(
+            "/v1/transfers?purpose=trouble%73hooting&carrier_id=carrier%2Da",
+            &officer,
+        )
+        .await
+        .expect(200);
+    assert!(count(&r) > 0);
 }
 both!(filters_narrow_the_log);
 
@@ -203,6 +237,43 @@ async fn subjects_are_found_through_the_blind_index_in_any_spelling(app: TestApp
             .bad_fields(),
         ["subject"]
     );
+
+    // A SIP user part's parameters: an extension is another subject, number
+    // portability's routing parameters are not.
+    for (call, caller) in [
+        ("c3", "sip:+14255551000;ext=12;npdi@sbc.example;user=phone"),
+        ("c4", "sip:+14255551000;npdi;rn=+14255559999@sbc.example"),
+    ] {
+        app.post(
+            "/v1/transfers",
+            &platform,
+            &cdr("carrier-a", call, caller, "+33123456780"),
+        )
+        .await
+        .expect(201);
+    }
+    for (spelling, calls) in [
+        ("sip:+14255551000;ext=12@sbc.example", ["c3"]),
+        ("sip:+14255551000@SBC.example;user=phone", ["c4"]),
+    ] {
+        let r = app
+            .read(
+                &format!(
+                    "/v1/transfers?subject={}&include=payload",
+                    urlencode(spelling)
+                ),
+                &officer,
+            )
+            .await
+            .expect(200);
+        let found: Vec<&str> = r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["payload"]["call_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(found, calls, "{spelling}");
+    }
 }
 both!(subjects_are_found_through_the_blind_index_in_any_spelling);
 

@@ -221,3 +221,69 @@ async fn durations_are_matched_by_call_id(app: TestApp) {
     );
 }
 both!(durations_are_matched_by_call_id);
+
+/// `n` calls of carrier-a on both sides; durations differ by 0, 1 or 2 s
+/// in turn, so with a tolerance of 1 s two in three match.
+async fn seed_calls(app: &TestApp, n: i64) {
+    let (platform, carrier): (Vec<Value>, Vec<Value>) = (0..n)
+        .map(|i| pair("carrier-a", &format!("call-{i}"), 60, 60 + (i % 3)))
+        .unzip();
+    for (token, items) in [
+        (app.platform(), platform),
+        (app.carrier("carrier-a"), carrier),
+    ] {
+        app.post("/v1/transfers/batch", &token, &json!({"transfers": items}))
+            .await
+            .expect(201);
+    }
+}
+
+/// Many reconciliations at once (a carrier may send them in a burst) leave
+/// the read pool to everyone else: none waits for a connection another
+/// holds, and a read beside them is served at once.
+async fn concurrent_reconciliations_do_not_starve_the_read_pool(app: TestApp) {
+    seed_calls(&app, 2000).await;
+    let token = app.carrier("carrier-a");
+    let burst: Vec<_> = (0..16)
+        .map(|_| {
+            let (app, token) = (&app, &token);
+            async move {
+                app.get("/v1/reconciliation?tolerance_seconds=1", token)
+                    .await
+            }
+        })
+        .collect();
+    let officer = app.officer();
+    let (answers, read) = tokio::join!(
+        futures::future::join_all(burst),
+        app.get("/v1/transfers?limit=1", &officer)
+    );
+    for r in answers {
+        let r = r.expect(200);
+        assert_eq!(r.body["matched"], 1334, "{}", r.text);
+    }
+    read.expect(200);
+}
+both!(concurrent_reconciliations_do_not_starve_the_read_pool);
+
+/// With a pool of one connection (allowed on PostgreSQL, and SQLite's
+/// in-memory database) a reconciliation cannot take a pair: it reads the
+/// two sides in turn and gets the same answer.
+async fn a_single_connection_pool_reconciles_too(app: TestApp) {
+    seed_calls(&app, 30).await;
+    let r = app
+        .get(
+            "/v1/reconciliation?tolerance_seconds=1",
+            &app.carrier("carrier-a"),
+        )
+        .await
+        .expect(200);
+    assert_eq!(
+        (r.body["matched"].clone(), r.body["mismatched"].clone()),
+        (json!(20), json!(10))
+    );
+}
+both!(
+    a_single_connection_pool_reconciles_too,
+    [("LEDGER_DB_MAX_CONNECTIONS", "1")]
+);

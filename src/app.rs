@@ -44,13 +44,21 @@ pub struct LoadedPolicies {
     pub retention: RetentionPolicy,
     /// SHA-256 of each file read, for the audit trail.
     pub files: Vec<(String, String)>,
+    /// The directory read, or that the compiled-in defaults are in force.
+    pub source: String,
 }
+
+/// What `source` says when no policy directory is configured or found.
+pub const COMPILED_IN: &str = "compiled into the binary";
 
 /// What a reload changed.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Reloaded {
     /// The policy files now in force, with their SHA-256.
     pub files: Vec<ReloadedFile>,
+    /// The directory they were read from, or `compiled into the binary`
+    /// when no policy directory is configured or found.
+    pub source: String,
 }
 
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
@@ -68,10 +76,19 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// error names the file and, where the parser knows it, the line.
 pub async fn load_policies(dir: Option<&std::path::Path>) -> anyhow::Result<LoadedPolicies> {
     let Some(dir) = dir else {
+        use crate::{auth::policy, retention::policy::DEFAULT_RETENTION};
         return Ok(LoadedPolicies {
             policy: Policy::load(None).await?,
             retention: RetentionPolicy::default_policy(),
-            files: Vec::new(),
+            files: [
+                ("model.conf", policy::DEFAULT_MODEL),
+                ("policy.csv", policy::DEFAULT_POLICY),
+                ("retention.toml", DEFAULT_RETENTION),
+            ]
+            .into_iter()
+            .map(|(name, text)| (name.to_string(), sha256_hex(text.as_bytes())))
+            .collect(),
+            source: COMPILED_IN.to_string(),
         });
     };
     let read = |name: &str| {
@@ -92,12 +109,17 @@ pub async fn load_policies(dir: Option<&std::path::Path>) -> anyhow::Result<Load
         ),
     ];
     let policy = Policy::from_text(&model, &rules).await?;
-    let retention = RetentionPolicy::parse(&retention)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("retention.toml").display()))?;
+    let retention = RetentionPolicy::parse(&retention).map_err(|e| {
+        // "retention.toml line 13: …" → "/etc/…/retention.toml line 13: …"
+        let e = e.to_string();
+        let why = e.strip_prefix("retention.toml").unwrap_or(&e);
+        anyhow::anyhow!("{}{why}", dir.join("retention.toml").display())
+    })?;
     Ok(LoadedPolicies {
         policy,
         retention,
         files,
+        source: dir.display().to_string(),
     })
 }
 
@@ -121,7 +143,12 @@ impl AppState {
     /// Connects, migrates and loads keys and policies: everything `serve`
     /// and the other subcommands share.
     pub async fn init(config: Config) -> anyhow::Result<Self> {
-        let secrets = config.secrets()?;
+        // Everything that can be refused is checked before anything is
+        // written: a refused start leaves no generated key, no database.
+        config.check_secrets()?;
+        let loaded = load_policies(config.policy_dir().as_deref()).await?;
+        let jwks = load_jwks(&config)?;
+        tracing::info!(source = %loaded.source, "authorization and retention policies loaded");
         if config.database_url.is_none() && !config.data_dir.exists() {
             // Only the service's user may read the embedded database.
             std::fs::DirBuilder::new()
@@ -132,9 +159,18 @@ impl AppState {
         }
         let db = Db::connect(&config.database_url(), config.db_max_connections).await?;
         db.migrate().await.context("migrations failed")?;
+        if let Some(path) = config.generated_master_key_file() {
+            if !path.exists() && Keyring::exists(&db).await? {
+                anyhow::bail!(
+                    "this database's keys are sealed under a master key that is not configured: \
+                     set LEDGER_MASTER_KEY or LEDGER_MASTER_KEY_FILE as when it was created \
+                     (no key was generated, nothing was changed)"
+                );
+            }
+        }
+        let secrets = config.secrets()?;
         let keys = Keyring::open(&db, &secrets.root_key).await?;
-        let loaded = load_policies(config.policy_dir().as_deref()).await?;
-        let (tokens, fingerprint) = match load_jwks(&config)? {
+        let (tokens, fingerprint) = match jwks {
             Some((verifier, fingerprint)) => (verifier, Some(fingerprint)),
             None => (
                 TokenVerifier::hs256(
@@ -184,6 +220,7 @@ impl AppState {
                 .into_iter()
                 .map(|(file, sha256)| ReloadedFile { file, sha256 })
                 .collect(),
+            source: loaded.source,
         })
     }
 
@@ -280,9 +317,7 @@ impl Application {
                 }
             }
         });
-        axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        crate::http::server::serve(self.listener, router, shutdown).await;
         // A request cut short here is picked up again by the next processor;
         // a rewrap batch cut short rolls back and is redone by the next pass.
         for (stop, task) in [
@@ -331,4 +366,22 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn compiled_in_policies_say_so_and_list_their_hashes() {
+        let loaded = load_policies(None).await.unwrap();
+        assert_eq!(loaded.source, COMPILED_IN);
+        let from_dir = load_policies(Some(std::path::Path::new("policies")))
+            .await
+            .unwrap();
+        assert_eq!(from_dir.source, "policies");
+        // The repository's files are the ones compiled in.
+        assert_eq!(loaded.files, from_dir.files);
+        assert_eq!(loaded.files.len(), 3);
+    }
 }

@@ -1,6 +1,7 @@
 //! The command line: every subcommand reads the same configuration as
 //! `serve`, so run from the same directory it finds the same data.
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::app::{shutdown_signal, AppState, Application};
@@ -39,6 +40,7 @@ pub enum Command {
     },
     /// Compare a carrier's call durations with the platform's call records.
     Reconcile {
+        /// The carrier whose call durations are compared.
         #[arg(long)]
         carrier: String,
         /// RFC 3339, inclusive (occurred_at).
@@ -47,7 +49,8 @@ pub enum Command {
         /// RFC 3339, exclusive.
         #[arg(long)]
         to: Option<String>,
-        #[arg(long, default_value_t = 0)]
+        /// Seconds by which two durations of one call may differ and still match.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         tolerance_seconds: i64,
     },
     /// Measure the service against raw baselines, in one run.
@@ -129,7 +132,7 @@ pub struct IssueArgs {
     #[arg(long)]
     pub sub: Option<String>,
     /// Lifetime, e.g. 15m, 1h, 7d.
-    #[arg(long, default_value = "1h")]
+    #[arg(long, default_value = "1h", allow_hyphen_values = true)]
     pub ttl: String,
 }
 
@@ -189,12 +192,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .transpose()
             };
+            anyhow::ensure!(
+                tolerance_seconds >= 0,
+                "--tolerance-seconds must be 0 or more"
+            );
             let q = crate::ledger::reconciliation::Query {
                 carrier: CarrierId::parse(&carrier)
                     .map_err(|e| anyhow::anyhow!("--carrier {e}"))?,
                 from: time("from", from)?,
                 to: time("to", to)?,
-                tolerance_seconds: tolerance_seconds.max(0),
+                tolerance_seconds,
                 outcome: crate::storage::reconciliation::Outcome::Mismatched,
                 limit: 0,
                 cursor: None,
@@ -214,7 +221,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 sp.finish_and_clear();
             }
             println!(
-                "reconciliation of {carrier} (tolerance {tolerance_seconds} s, {:.1} s)",
+                "reconciliation of {carrier} (tolerance {tolerance_seconds} s; took {:.1} s)",
                 started.elapsed().as_secs_f64()
             );
             for (k, v) in [
@@ -235,12 +242,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 "SQLite"
             };
+            anyhow::ensure!(
+                (1..=10_000).contains(&b.batch),
+                "--batch must be from 1 to 10000 (the service's batch limit)"
+            );
+            anyhow::ensure!(
+                (1..=256).contains(&b.concurrency),
+                "--concurrency must be from 1 to 256"
+            );
             let args = crate::bench::BenchArgs {
                 records: b.records,
                 database_url: b.database_url,
                 json: b.json.clone(),
-                batch: b.batch.clamp(1, 10_000),
-                concurrency: b.concurrency.max(1),
+                batch: b.batch,
+                concurrency: b.concurrency,
                 export_records: b.export_records,
             };
             let report = crate::bench::run(args).await?;
@@ -258,12 +273,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Who runs a command, for the audit trail: the login name, or the user id
+/// when the environment names none (a container, a cron job).
 fn cli_principal(role: Role) -> crate::auth::Principal {
+    use std::os::unix::fs::MetadataExt;
+    let user = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        .or_else(|| {
+            std::fs::metadata("/proc/self")
+                .ok()
+                .map(|m| format!("uid-{}", m.uid()))
+        })
+        .unwrap_or_else(|| "unknown".into());
     crate::auth::Principal {
-        sub: format!(
-            "cli:{}",
-            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-        ),
+        sub: format!("cli:{user}"),
         role,
         carrier: None,
     }
@@ -333,11 +357,12 @@ async fn keys(config: Config, command: KeysCommand) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", new_key_file.display()))?;
             let new = crate::config::parse_root_key(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", new_key_file.display()))?;
+            let generated = config.generated_master_key_file();
+            // Opening the state proves the current root key opens the keyring
+            // (and refuses, generating nothing, when none is configured).
+            let state = AppState::init(config.clone()).await?;
             let old = config.secrets()?.root_key;
             anyhow::ensure!(*old != *new, "the new root key is the one in use");
-            let generated = config.generated_master_key_file();
-            // Opening the state proves the current root key opens the keyring.
-            let state = AppState::init(config).await?;
             let moved = crate::crypto::Keyring::rotate_root(&state.db, &old, &new).await?;
             let mut tx = state.db.begin().await?;
             crate::audit::append(
@@ -421,12 +446,24 @@ fn issue_token(config: &Config, args: &IssueArgs) -> anyhow::Result<String> {
         Some(c) => format!("{role}:{c}"),
         None => role.to_string(),
     });
-    let secrets = config.secrets()?;
-    let issuer = TokenIssuer::hs256(
-        &secrets.jwt_secret,
-        &config.jwt_issuer,
-        &config.jwt_audience,
-    );
+    crate::auth::jwt::check_sub(&sub).map_err(|e| anyhow::anyhow!("--sub {e}"))?;
+    if let Some(jwks) = &config.jwt_keys_file {
+        anyhow::bail!(
+            "LEDGER_JWT_KEYS_FILE is set ({}): the service accepts only tokens signed by those keys, \
+             not this command's HS256 tokens; issue tokens with the identity provider that holds them",
+            jwks.display()
+        );
+    }
+    let fresh = config.jwt_secret.is_none() && !config.data_dir.exists();
+    let secret = config.jwt_secret()?;
+    if fresh {
+        eprintln!(
+            "warning: there was no data dir at {}: created it with a new JWT secret; a server started \
+             from another directory (or with another LEDGER_DATA_DIR) will refuse this token",
+            config.data_dir.display()
+        );
+    }
+    let issuer = TokenIssuer::hs256(&secret, &config.jwt_issuer, &config.jwt_audience);
     issuer.issue(&sub, role, carrier.as_ref().map(CarrierId::as_str), ttl)
 }
 
@@ -436,7 +473,8 @@ async fn audit_verify(
 ) -> anyhow::Result<()> {
     let saved: Option<crate::audit::SignedHead> = match &since_head {
         Some(path) => {
-            let text = std::fs::read_to_string(path)?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --since-head {}", path.display()))?;
             Some(serde_json::from_str(&text).map_err(|e| {
                 anyhow::anyhow!("{} is not a saved audit head: {e}", path.display())
             })?)

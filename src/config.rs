@@ -100,23 +100,53 @@ impl Config {
 
     /// Builds the configuration from any variable source (tests pass a map).
     pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
-        let file: FileConfig = match var("LEDGER_CONFIG") {
+        let config_path = var("LEDGER_CONFIG");
+        let file: FileConfig = match &config_path {
             Some(path) => {
-                let text = std::fs::read_to_string(&path)
+                let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read LEDGER_CONFIG {path}"))?;
-                toml::from_str(&text)
-                    .with_context(|| format!("invalid configuration file {path}"))?
+                let file: FileConfig = toml::from_str(&text)
+                    .with_context(|| format!("invalid configuration file {path}"))?;
+                if file.master_key.is_some() || file.jwt_secret.is_some() {
+                    warn_if_readable_by_others(Path::new(path));
+                }
+                file
             }
             None => FileConfig::default(),
         };
         let env = |k: &str| var(k).filter(|v| !v.is_empty());
-        let duration = |name: &str, v: Option<String>, default: &str| -> anyhow::Result<Duration> {
-            let v = v.unwrap_or_else(|| default.to_string());
+        // Where a setting came from, for its error message: the variable,
+        // or its key in the configuration file.
+        let source = |name: &str| match (&config_path, env(name)) {
+            (Some(path), None) => format!(
+                "`{}` in {path}",
+                name.trim_start_matches("LEDGER_").to_ascii_lowercase()
+            ),
+            _ => name.to_string(),
+        };
+        // A duration from the variable or the file, else `default`; `0` is
+        // off, anything else must be at least `min`.
+        let duration = |name: &str,
+                        file_value: Option<String>,
+                        default: &str,
+                        min: Duration|
+         -> anyhow::Result<Duration> {
+            let Some(v) = env(name).or(file_value) else {
+                return Ok(humantime::parse_duration(default).expect("valid default"));
+            };
             if v.trim() == "0" {
                 return Ok(Duration::ZERO);
             }
-            humantime::parse_duration(v.trim())
-                .with_context(|| format!("{name} must be a duration such as 30s, 1h or 0"))
+            let d = humantime::parse_duration(v.trim()).with_context(|| {
+                format!("{} must be a duration such as 30s, 1h or 0", source(name))
+            })?;
+            anyhow::ensure!(
+                d >= min,
+                "{} must be 0 (off) or at least {}",
+                source(name),
+                humantime::format_duration(min)
+            );
+            Ok(d)
         };
         let policy_dir = env("LEDGER_POLICY_DIR")
             .map(PathBuf::from)
@@ -151,8 +181,9 @@ impl Config {
             policy_dir,
             sweep_interval: duration(
                 "LEDGER_SWEEP_INTERVAL",
-                env("LEDGER_SWEEP_INTERVAL").or(file.sweep_interval),
+                file.sweep_interval,
                 "1h",
+                Duration::from_secs(1),
             )?,
             sweep_batch: match env("LEDGER_SWEEP_BATCH") {
                 Some(v) => v
@@ -172,8 +203,9 @@ impl Config {
             },
             request_timeout: duration(
                 "LEDGER_REQUEST_TIMEOUT",
-                env("LEDGER_REQUEST_TIMEOUT").or(file.request_timeout),
+                file.request_timeout,
                 "60s",
+                Duration::ZERO,
             )?,
             body_limit_bytes: match env("LEDGER_BODY_LIMIT_BYTES") {
                 Some(v) => v
@@ -183,16 +215,16 @@ impl Config {
             },
             reload_interval: duration(
                 "LEDGER_RELOAD_INTERVAL",
-                env("LEDGER_RELOAD_INTERVAL").or(file.reload_interval),
+                file.reload_interval,
                 "5s",
+                Duration::ZERO,
             )?,
-            checkpoint_interval: Some(duration(
+            checkpoint_interval: duration(
                 "LEDGER_CHECKPOINT_INTERVAL",
-                env("LEDGER_CHECKPOINT_INTERVAL").or(file.checkpoint_interval),
+                file.checkpoint_interval,
                 "100ms",
-            )?)
-            .filter(|d| d.is_zero() || *d >= Duration::from_millis(10))
-            .context("LEDGER_CHECKPOINT_INTERVAL must be 0 (off) or at least 10ms")?,
+                Duration::from_millis(10),
+            )?,
             data_key_max_seals: match env("LEDGER_DATA_KEY_MAX_SEALS") {
                 Some(v) => v.parse().ok(),
                 None => file.data_key_max_seals.or(Some(DATA_KEY_MAX_SEALS)),
@@ -200,7 +232,8 @@ impl Config {
             .filter(|n: &i64| (DATA_KEY_MIN_SEALS..=DATA_KEY_MAX_SEALS).contains(n))
             .with_context(|| {
                 format!(
-                    "LEDGER_DATA_KEY_MAX_SEALS must be a whole number from {DATA_KEY_MIN_SEALS} to {DATA_KEY_MAX_SEALS}"
+                    "{} must be a whole number from {DATA_KEY_MIN_SEALS} to {DATA_KEY_MAX_SEALS}",
+                    source("LEDGER_DATA_KEY_MAX_SEALS")
                 )
             })?,
             controller: Contact {
@@ -223,11 +256,12 @@ impl Config {
     }
 
     /// The policy directory: `LEDGER_POLICY_DIR`, else `./policies` if it
-    /// exists, else `None` (the compiled-in defaults).
+    /// exists (all three files then must be there), else `None` (the
+    /// compiled-in defaults).
     pub fn policy_dir(&self) -> Option<PathBuf> {
         self.policy_dir.clone().or_else(|| {
             let p = PathBuf::from("policies");
-            p.join("model.conf").is_file().then_some(p)
+            p.is_dir().then_some(p)
         })
     }
 
@@ -238,43 +272,83 @@ impl Config {
             .then(|| self.data_dir.join("master.key"))
     }
 
-    /// Resolves the master key and the HS256 secret, generating files in the
-    /// data dir for whichever is not configured.
-    pub fn secrets(&self) -> anyhow::Result<Secrets> {
-        let root_b64 = match (&self.master_key, &self.master_key_file) {
-            (Some(k), _) => k.expose_secret().to_string(),
-            (None, Some(path)) => std::fs::read_to_string(path).with_context(|| {
-                format!("cannot read LEDGER_MASTER_KEY_FILE {}", path.display())
-            })?,
-            (None, None) => {
-                let path = self.data_dir.join("master.key");
-                generated_secret(
-                    &path,
-                    "master key",
-                    "LEDGER_MASTER_KEY or LEDGER_MASTER_KEY_FILE",
-                )?
+    /// The root key when configured (`LEDGER_MASTER_KEY`, or the file
+    /// `LEDGER_MASTER_KEY_FILE` names); `None` for the embedded default's
+    /// generated one. Errors name the setting.
+    fn configured_root_key(&self) -> anyhow::Result<Option<RawKey>> {
+        match (&self.master_key, &self.master_key_file) {
+            (Some(k), _) => parse_root_key(k.expose_secret())
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("LEDGER_MASTER_KEY: {e:#}")),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read LEDGER_MASTER_KEY_FILE {}", path.display())
+                })?;
+                parse_root_key(&text).map(Some).map_err(|e| {
+                    anyhow::anyhow!("LEDGER_MASTER_KEY_FILE {}: {e:#}", path.display())
+                })
             }
-        };
-        let root_key = parse_root_key(&root_b64)?;
-        let jwt_secret = match &self.jwt_secret {
-            Some(s) => s.clone(),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Checks the secrets that are configured, generating nothing: a
+    /// service refused for a bad setting leaves no files behind.
+    pub fn check_secrets(&self) -> anyhow::Result<()> {
+        self.configured_root_key()?;
+        if let Some(s) = &self.jwt_secret {
+            check_jwt_secret(s, "LEDGER_JWT_SECRET")?;
+        }
+        Ok(())
+    }
+
+    /// The HS256 secret: configured, or the embedded default's generated one.
+    pub fn jwt_secret(&self) -> anyhow::Result<SecretString> {
+        match &self.jwt_secret {
+            Some(s) => {
+                check_jwt_secret(s, "LEDGER_JWT_SECRET")?;
+                Ok(s.clone())
+            }
             None => {
                 let path = self.data_dir.join("jwt.secret");
-                SecretString::from(
+                let s = SecretString::from(
                     generated_secret(&path, "JWT secret", "LEDGER_JWT_SECRET")?
                         .trim()
                         .to_string(),
-                )
+                );
+                check_jwt_secret(&s, &path.display().to_string())?;
+                Ok(s)
+            }
+        }
+    }
+
+    /// Resolves the master key and the HS256 secret, generating files in the
+    /// data dir for whichever is not configured.
+    pub fn secrets(&self) -> anyhow::Result<Secrets> {
+        let root_key = match self.configured_root_key()? {
+            Some(k) => k,
+            None => {
+                let path = self.data_dir.join("master.key");
+                let text = generated_secret(
+                    &path,
+                    "master key",
+                    "LEDGER_MASTER_KEY or LEDGER_MASTER_KEY_FILE",
+                )?;
+                parse_root_key(&text).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?
             }
         };
-        if jwt_secret.expose_secret().len() < 32 {
-            bail!("LEDGER_JWT_SECRET must be at least 32 bytes long");
-        }
         Ok(Secrets {
             root_key,
-            jwt_secret,
+            jwt_secret: self.jwt_secret()?,
         })
     }
+}
+
+fn check_jwt_secret(s: &SecretString, source: &str) -> anyhow::Result<()> {
+    if s.expose_secret().len() < 32 {
+        bail!("{source}: the JWT secret must be at least 32 bytes long");
+    }
+    Ok(())
 }
 
 /// A root (master) key: 32 bytes in base64, surrounding whitespace ignored.
@@ -291,6 +365,23 @@ pub fn parse_root_key(text: &str) -> anyhow::Result<crate::crypto::RawKey> {
         );
     };
     Ok(zeroize::Zeroizing::new(arr))
+}
+
+/// A configuration file that holds secrets should be readable by the
+/// service's user only (docs/operations.md); say so when it is not.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the configuration file holds a secret (master_key or jwt_secret) and other users may read it; \
+                 make it mode 0600 or move the secret to LEDGER_MASTER_KEY_FILE"
+            );
+        }
+    }
 }
 
 /// Reads a generated secret, creating it (mode 0600) on first use.
@@ -328,5 +419,73 @@ fn generated_secret(path: &Path, what: &str, variable: &str) -> anyhow::Result<S
             Ok(std::fs::read_to_string(path)?)
         }
         Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let vars: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| vars.get(k).cloned())
+    }
+
+    #[test]
+    fn errors_name_the_variable_or_the_files_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ledger.toml");
+        std::fs::write(&file, "sweep_interval = \"often\"\n").unwrap();
+        let path = file.display().to_string();
+        let e = config(&[("LEDGER_CONFIG", &path)]).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with(&format!("`sweep_interval` in {path} must be")),
+            "{e:#}"
+        );
+        // The variable wins over the file, and is what the message names.
+        let e = config(&[("LEDGER_CONFIG", &path), ("LEDGER_SWEEP_INTERVAL", "soon")]).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("LEDGER_SWEEP_INTERVAL must be"),
+            "{e:#}"
+        );
+        assert!(config(&[("LEDGER_CONFIG", &path), ("LEDGER_SWEEP_INTERVAL", "10m")]).is_ok());
+    }
+
+    #[test]
+    fn sweep_interval_is_off_or_at_least_a_second() {
+        assert_eq!(
+            config(&[("LEDGER_SWEEP_INTERVAL", "0")])
+                .unwrap()
+                .sweep_interval,
+            Duration::ZERO
+        );
+        assert!(config(&[("LEDGER_SWEEP_INTERVAL", "1s")]).is_ok());
+        assert!(config(&[("LEDGER_SWEEP_INTERVAL", "999ms")]).is_err());
+    }
+
+    #[test]
+    fn master_key_errors_name_their_source() {
+        let e = config(&[("LEDGER_MASTER_KEY", "not*base64")])
+            .unwrap()
+            .check_secrets()
+            .unwrap_err();
+        assert!(format!("{e:#}").starts_with("LEDGER_MASTER_KEY: the master key must be base64"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k");
+        std::fs::write(&file, "AAAA").unwrap();
+        let e = config(&[("LEDGER_MASTER_KEY_FILE", &file.display().to_string())])
+            .unwrap()
+            .check_secrets()
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains(&format!(
+                "LEDGER_MASTER_KEY_FILE {}: the master key must be 32 bytes",
+                file.display()
+            )),
+            "{e:#}"
+        );
     }
 }

@@ -858,7 +858,7 @@ pub fn table(r: &Report, backend: &str) -> String {
         (
             "export peak RSS",
             opt(r.export_peak_rss_mb),
-            "MiB, target < 150 (issue 5), < 200 (issue 8)".into(),
+            "MiB, target < 150 (exports), < 200 (whole service)".into(),
         ),
         (
             "access p50",

@@ -64,6 +64,11 @@ impl Rotatable {
 }
 
 impl Keyring {
+    /// Whether this database already has keys (sealed under some root key).
+    pub async fn exists(db: &Db) -> anyhow::Result<bool> {
+        Ok(!storage::keys::keyring(db).await?.is_empty())
+    }
+
     /// Loads the keyring, creating master key v1, the blind-index key and
     /// the signing key on first start. Fails if `root` is not the key this
     /// database was set up with.

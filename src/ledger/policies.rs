@@ -21,7 +21,13 @@ pub async fn reload(state: &AppState, who: &Principal) -> Result<Reloaded> {
                 .iter()
                 .map(|f| (f.file.clone(), f.sha256.clone().into()))
                 .collect();
-            record(state, who, "policies.reload", json!({ "files": files })).await?;
+            record(
+                state,
+                who,
+                "policies.reload",
+                json!({ "files": files, "source": reloaded.source }),
+            )
+            .await?;
             tracing::info!(by = %who.sub, "policies reloaded");
             Ok(reloaded)
         }

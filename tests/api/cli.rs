@@ -140,6 +140,125 @@ async fn token_issue_validates_its_arguments() {
     assert!(out.status.success());
     let token = String::from_utf8(out.stdout).unwrap();
     assert_eq!(token.trim().split('.').count(), 3);
+
+    // What the service would refuse is refused here, naming the flag.
+    let refused = |args: &[&str], env: &[(&str, &str)], names: &str| {
+        let out = ledger(dir.path())
+            .args(["token", "issue"])
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: {err}");
+    };
+    let long = "x".repeat(257);
+    refused(
+        &["--role", "auditor", "--sub", ""],
+        &[],
+        "--sub must be 1 to 256",
+    );
+    refused(
+        &["--role", "auditor", "--sub", &long],
+        &[],
+        "--sub must be 1 to 256",
+    );
+    refused(&["--role", "auditor", "--ttl", "-1h"], &[], "--ttl must be");
+    refused(
+        &["--role", "auditor"],
+        &[("LEDGER_JWT_KEYS_FILE", "/etc/jwks.json")],
+        "LEDGER_JWT_KEYS_FILE is set",
+    );
+}
+
+/// A start refused for a bad setting writes nothing: no generated key, no
+/// database; the error names the setting.
+#[tokio::test]
+async fn refused_starts_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("bad-policies");
+    std::fs::create_dir(&policies).unwrap();
+    for f in ["model.conf", "policy.csv", "retention.toml"] {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("policies")
+            .join(f);
+        std::fs::copy(src, policies.join(f)).unwrap();
+    }
+    std::fs::write(
+        policies.join("retention.toml"),
+        "[categories]\ncall_quality = 0\n",
+    )
+    .unwrap();
+    let short_key = "AAAAAAAAAAAAAAAAAAAAAA==";
+    let bad_policy = policies.display().to_string();
+    for (env, names) in [
+        (
+            ("LEDGER_POLICY_DIR", bad_policy.as_str()),
+            "retention.toml line",
+        ),
+        (("LEDGER_JWT_SECRET", "short"), "LEDGER_JWT_SECRET"),
+        (
+            ("LEDGER_MASTER_KEY", short_key),
+            "LEDGER_MASTER_KEY: the master key must be 32 bytes",
+        ),
+        (
+            ("LEDGER_SWEEP_INTERVAL", "500ms"),
+            "LEDGER_SWEEP_INTERVAL must be 0 (off) or at least 1s",
+        ),
+    ] {
+        let out = ledger(dir.path())
+            .env(env.0, env.1)
+            .arg("migrate")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{env:?}: {err}");
+        assert!(err.contains(names), "{env:?}: {err}");
+        assert!(!dir.path().join("ledger-data").exists(), "{env:?}: {err}");
+    }
+
+    // A ledger set up with a configured master key, started without one:
+    // refused, and no key is generated that would open nothing.
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let migrate = |key: Option<&str>| {
+        let mut c = ledger(dir.path());
+        if let Some(k) = key {
+            c.env("LEDGER_MASTER_KEY", k);
+        }
+        let out = c.arg("migrate").output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = migrate(Some(key));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = migrate(None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("set LEDGER_MASTER_KEY or LEDGER_MASTER_KEY_FILE"),
+        "{err}"
+    );
+    assert!(!dir.path().join("ledger-data/master.key").exists());
+    // So is a root-key rotation, which needs the current key first.
+    let new_key = dir.path().join("new.key");
+    std::fs::write(&new_key, "MTIzNDU2Nzg5MGFiY2RlZjEyMzQ1Njc4OTBhYmNkZWY=").unwrap();
+    let out = ledger(dir.path())
+        .args(["keys", "rotate-root", "--new-key-file"])
+        .arg(&new_key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("set LEDGER_MASTER_KEY or LEDGER_MASTER_KEY_FILE"),
+        "{err}"
+    );
+    assert!(!dir.path().join("ledger-data/master.key").exists());
+    // With the key, it opens as before.
+    let (code, err) = migrate(Some(key));
+    assert_eq!(code, Some(0), "{err}");
 }
 
 #[tokio::test]

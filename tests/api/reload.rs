@@ -68,6 +68,7 @@ async fn policies_reload_or_stay(backend: Backend) {
         .map(|f| f["file"].as_str().unwrap())
         .collect();
     assert_eq!(files, ["model.conf", "policy.csv", "retention.toml"]);
+    assert_eq!(r.body["source"], dir.display().to_string());
     app.get("/v1/transfers", &auditor).await.expect(200);
 
     // Broken files, one at a time: each refused by name; the policy in force

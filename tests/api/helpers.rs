@@ -323,6 +323,24 @@ impl TestApp {
         c
     }
 
+    /// Records transfers as the platform in one batch; their ids, in order.
+    pub async fn batch(&self, items: Vec<Value>) -> Vec<String> {
+        let r = self
+            .post(
+                "/v1/transfers/batch",
+                &self.platform(),
+                &json!({"transfers": items}),
+            )
+            .await
+            .expect(201);
+        r.body["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    }
+
     pub fn platform(&self) -> String {
         self.token(Role::Platform, None)
     }

@@ -38,23 +38,6 @@ impl TestApp {
             .expect(201)
             .body
     }
-
-    async fn batch(&self, items: Vec<Value>) -> Vec<String> {
-        let r = self
-            .post(
-                "/v1/transfers/batch",
-                &self.platform(),
-                &json!({"transfers": items}),
-            )
-            .await
-            .expect(201);
-        r.body["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap().to_string())
-            .collect()
-    }
 }
 
 async fn the_policy_in_force_is_shown(app: TestApp) {

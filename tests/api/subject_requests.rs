@@ -300,6 +300,18 @@ async fn a_subject_with_no_records_gets_an_empty_valid_export(app: TestApp) {
         .as_str()
         .unwrap()
         .contains("X-Access-Reason"));
+    // And the refusal is audited, like every denied request.
+    let entries = app.audit_entries().await;
+    let denied = entries
+        .iter()
+        .find(|e| e["action"] == "request.denied")
+        .expect("the refused download is audited");
+    assert_eq!(
+        denied["target"]["route"],
+        "/v1/subject-requests/{id}/export"
+    );
+    assert_eq!(denied["target"]["status"], 400);
+    assert_eq!(denied["actor"]["role"], "privacy_officer");
 }
 both!(a_subject_with_no_records_gets_an_empty_valid_export);
 
@@ -642,3 +654,177 @@ async fn a_request_abandoned_mid_way_is_finished_and_never_served_half_done(app:
     assert_eq!(a["records"], b["records"]);
 }
 both!(a_request_abandoned_mid_way_is_finished_and_never_served_half_done);
+
+/// Kill the service with SIGKILL in the middle of erasures, several times:
+/// once the claim of the dead process has lapsed, another instance finishes
+/// each erasure; every record of the subject is erased exactly once (one
+/// batch entry per record in the audit trail, one completion, a receipt
+/// that counts each record once), nothing of the subject is left to find,
+/// and the audit chain verifies.
+async fn erasures_survive_the_service_being_killed(app: TestApp) {
+    const PER_SUBJECT: usize = 3500; // four batches of the erasure
+    let subjects = [
+        "+14255550141",
+        "+14255550142",
+        "+14255550143",
+        "+14255550144",
+    ];
+    let mut ids: Vec<std::collections::HashSet<String>> = Vec::new();
+    for (s, subject) in subjects.iter().enumerate() {
+        let mut mine = std::collections::HashSet::new();
+        for chunk in 0..PER_SUBJECT / 500 {
+            let items: Vec<Value> = (0..500)
+                .map(|i| {
+                    cdr(
+                        "carrier-a",
+                        &format!("k{s}-{chunk}-{i}"),
+                        subject,
+                        "+33123456780",
+                    )
+                })
+                .collect();
+            mine.extend(app.batch(items).await);
+        }
+        ids.push(mine);
+    }
+
+    let carrier = app.carrier("carrier-a");
+    let mut requests = Vec::new();
+    for (round, subject) in subjects.iter().enumerate() {
+        // A second instance on the same database takes the request.
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let mut other = app.cli_spawn(
+            &["serve"],
+            &[("LEDGER_LISTEN", &format!("127.0.0.1:{port}"))],
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !reqwest::get(format!("{url}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second instance never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let r = app
+            .raw(
+                reqwest::Client::new()
+                    .post(format!("{url}/v1/subject-requests"))
+                    .bearer_auth(&carrier)
+                    .json(&json!({"kind": "erasure", "carrier_id": "carrier-a", "subject": {"phone_number": subject}})),
+            )
+            .await
+            .expect(202);
+        let id = uuid::Uuid::parse_str(r.body["id"].as_str().unwrap()).unwrap();
+        // Even rounds: once a batch has committed; odd rounds: at some instant.
+        if round % 2 == 0 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while app
+                .exec(
+                    "UPDATE subject_requests SET status = status WHERE id = $1 AND progress IS NOT NULL",
+                    None,
+                    Some(id),
+                )
+                .await
+                == 0
+            {
+                assert!(std::time::Instant::now() < deadline, "no batch ever committed");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(5 + round as u64 * 37)).await;
+        }
+        other.kill().unwrap(); // SIGKILL
+        other.wait().unwrap();
+        requests.push(id.to_string());
+    }
+    // Every instance that claimed them is dead (a new one also takes up a
+    // request the one before it died before claiming): their claims lapse,
+    // as if CLAIM_TIMEOUT had passed. Whatever this running service claimed
+    // it finishes before it looks for more, so it never runs one twice.
+    let killed_mid_way = app
+        .exec(
+            "UPDATE subject_requests SET claimed_at = 0 WHERE status = 'processing'",
+            None,
+            None,
+        )
+        .await;
+    assert!(
+        killed_mid_way >= 2,
+        "the erasures finished before they could be killed"
+    );
+
+    // Any wake-up (here: another request) makes this instance finish them.
+    app.request(
+        &carrier,
+        "access",
+        "carrier-a",
+        json!({"phone_number": "+14255550149"}),
+        None,
+    )
+    .await;
+    let auditor = app.token(Role::Auditor, None);
+    let officer = app.officer();
+    for ((id, subject), mine) in requests.iter().zip(subjects).zip(&ids) {
+        let done = app.completed(&carrier, id).await;
+        assert_eq!(
+            done["receipt"]["deleted"],
+            json!({"call_detail_record": PER_SUBJECT}),
+            "each record counted once"
+        );
+        let batches = app
+            .all_pages(
+                "/v1/audit?action=subject_request.erasure_batch&limit=1000",
+                &auditor,
+            )
+            .await;
+        let erased: Vec<String> = batches
+            .iter()
+            .filter(|e| e["entry"]["target"]["request_id"] == id.as_str())
+            .flat_map(|e| {
+                e["entry"]["target"]["transfer_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+            })
+            .collect();
+        let unique: std::collections::HashSet<String> = erased.iter().cloned().collect();
+        assert_eq!(
+            erased.len(),
+            unique.len(),
+            "no record erased or audited twice"
+        );
+        assert_eq!(&unique, mine, "every record of the subject erased");
+        let completions = app
+            .all_pages(
+                "/v1/audit?action=subject_request.erasure_completed&limit=1000",
+                &auditor,
+            )
+            .await
+            .iter()
+            .filter(|e| e["entry"]["target"]["request_id"] == id.as_str())
+            .count();
+        assert_eq!(completions, 1);
+        let left = app
+            .read(
+                &format!("/v1/transfers?subject={}", subject.replace('+', "%2B")),
+                &officer,
+            )
+            .await
+            .expect(200);
+        assert_eq!(
+            left.body["items"],
+            json!([]),
+            "nothing of the subject is left"
+        );
+    }
+    assert_eq!(
+        app.get("/v1/audit/verify", &auditor).await.body["valid"],
+        true
+    );
+}
+both!(erasures_survive_the_service_being_killed);

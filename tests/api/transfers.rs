@@ -264,15 +264,7 @@ async fn a_full_batch_of_ten_thousand_is_one_transaction(app: TestApp) {
             )
         })
         .collect();
-    let r = app
-        .post(
-            "/v1/transfers/batch",
-            &app.platform(),
-            &json!({"transfers": items}),
-        )
-        .await
-        .expect(201);
-    assert_eq!(r.body["ids"].as_array().unwrap().len(), 10_000);
+    assert_eq!(app.batch(items).await.len(), 10_000);
     assert_eq!(app.count("transfers").await, 10_000);
     assert_eq!(app.count("transfer_slots").await, 20_000);
 }

@@ -224,10 +224,13 @@ impl Db {
         Ok(())
     }
 
-    /// A write transaction.
+    /// A write transaction. On SQLite it takes the write lock at `BEGIN`
+    /// (waiting up to the busy timeout): a deferred transaction that read
+    /// first fails at its first write, without waiting, if another process
+    /// on the same file (a second instance, the CLI) committed meanwhile.
     pub async fn begin(&self) -> sqlx::Result<Tx> {
         Ok(match self {
-            Self::Sqlite { write, .. } => Tx::Sqlite(write.begin().await?),
+            Self::Sqlite { write, .. } => Tx::Sqlite(write.begin_with("BEGIN IMMEDIATE").await?),
             Self::Postgres(pool) => Tx::Postgres(pool.begin().await?),
         })
     }

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use base64::Engine;
 use reqwest::{Client, Response, StatusCode};
@@ -27,6 +28,27 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A service process started by [`TestApp::another_instance`].
+pub struct Instance {
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl Instance {
+    /// SIGKILL: the process gets no chance to finish anything.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The PostgreSQL server tests run against.
@@ -307,6 +329,34 @@ impl TestApp {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap()
+    }
+
+    /// Another instance of the service, a process on the same database,
+    /// once it answers `/readyz`; killed when dropped.
+    pub async fn another_instance(&self, env: &[(&str, &str)]) -> Instance {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut env = env.to_vec();
+        env.push(("LEDGER_LISTEN", &listen));
+        let child = self.cli_spawn(&["serve"], &env);
+        let instance = Instance {
+            url: format!("http://{listen}"),
+            child,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self
+            .client
+            .get(format!("{}/readyz", instance.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the other instance never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        instance
     }
 
     fn cli_command(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Command {

@@ -387,3 +387,45 @@ async fn concurrent_batches_sharing_subjects_across_carriers_all_succeed(app: Te
     assert!(app.count("subject_keys").await <= 4 * 60);
 }
 both!(concurrent_batches_sharing_subjects_across_carriers_all_succeed);
+
+/// Two instances on one database (a second server, or the CLI beside one)
+/// write side by side: no write fails because the other wrote meanwhile.
+async fn two_instances_write_side_by_side(app: TestApp) {
+    let other = app.another_instance(&[]).await;
+    let platform = app.platform();
+    let writers = [&app.addr, &other.url, &app.addr, &other.url].map(|base| {
+        let (client, platform) = (&app.client, &platform);
+        async move {
+            let mut statuses = Vec::new();
+            for round in 0..15 {
+                let items: Vec<_> = (0..20)
+                    .map(|i| {
+                        // Shared subjects: every writer uses their keys.
+                        cdr(
+                            "carrier-a",
+                            &format!("{base}-{round}-{i}"),
+                            &format!("+1425555{:04}", i % 5),
+                            "+33123456780",
+                        )
+                    })
+                    .collect();
+                let r = client
+                    .post(format!("{base}/v1/transfers/batch"))
+                    .bearer_auth(platform)
+                    .json(&json!({"transfers": items}))
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push((r.status().as_u16(), r.text().await.unwrap()));
+            }
+            statuses
+        }
+    });
+    let results = futures::future::join_all(writers).await;
+    for (status, body) in results.iter().flatten() {
+        assert_eq!(*status, 201, "{body}");
+    }
+    drop(other);
+    assert_eq!(app.count("transfers").await, 4 * 15 * 20);
+}
+both!(two_instances_write_side_by_side);

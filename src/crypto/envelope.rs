@@ -20,25 +20,66 @@ pub struct SealedSlot {
     pub sealed: Vec<u8>,
 }
 
-/// What a record's body is bound to: its id and the metadata that decides
-/// who may see it and how long it lives. Changing any of these in the
-/// database makes the body fail to open.
+/// The associated-data layout new records are sealed with.
+pub const BODY_AAD_VERSION: i16 = 2;
+
+/// What a record's body is bound to: its id and every metadata column.
+/// Changing any of them in the database makes the body fail to open, so a
+/// database writer cannot re-label a record (another carrier, a longer
+/// retention, another purpose or legal basis, a different call duration)
+/// without its next decrypting read failing.
+///
+/// Version 1 (records written before migration 0013) bound only the id,
+/// carrier, category, direction, occurrence and retention; it is still
+/// read. The version column is bound implicitly: a record sealed under
+/// version 2 does not open under version 1's associated data.
 #[derive(Debug, Clone, Copy)]
 pub struct Binding<'a> {
+    pub version: i16,
     pub transfer_id: Uuid,
     pub carrier_id: &'a str,
     pub category: &'a str,
     pub direction: &'a str,
     pub occurred_at: i64,
     pub retain_until: i64,
+    pub purpose: &'a str,
+    pub legal_basis: &'a str,
+    pub jurisdiction: &'a str,
+    pub consent_reference: Option<&'a str>,
+    pub recorded_at: i64,
+    pub recorded_by: &'a str,
+    pub call_key: Option<&'a [u8]>,
+    pub duration_seconds: Option<i64>,
 }
 
-fn body_aad(b: &Binding<'_>) -> Vec<u8> {
-    format!(
-        "tl/body/{}/{}/{}/{}/{}/{}",
-        b.transfer_id, b.carrier_id, b.category, b.direction, b.occurred_at, b.retain_until
-    )
-    .into_bytes()
+fn body_aad(b: &Binding<'_>) -> Result<Vec<u8>, IntegrityError> {
+    match b.version {
+        1 => Ok(format!(
+            "tl/body/{}/{}/{}/{}/{}/{}",
+            b.transfer_id, b.carrier_id, b.category, b.direction, b.occurred_at, b.retain_until
+        )
+        .into_bytes()),
+        // A JSON array: unambiguous whatever the fields contain.
+        2 => Ok(serde_json::to_vec(&serde_json::json!([
+            "tl/body/2",
+            b.transfer_id,
+            b.carrier_id,
+            b.category,
+            b.direction,
+            b.occurred_at,
+            b.retain_until,
+            b.purpose,
+            b.legal_basis,
+            b.jurisdiction,
+            b.consent_reference,
+            b.recorded_at,
+            b.recorded_by,
+            b.call_key.map(hex::encode),
+            b.duration_seconds,
+        ]))
+        .expect("JSON")),
+        _ => Err(IntegrityError("unknown associated-data version")),
+    }
 }
 
 fn slot_aad(transfer_id: Uuid, slot: &str, subject_key_id: Uuid) -> Vec<u8> {
@@ -54,8 +95,12 @@ pub fn seal_record(
     let cek_raw = Key::generate_raw();
     let cek = Key::from_bytes(&cek_raw);
     let transfer_id = binding.transfer_id;
+    let binding = Binding {
+        version: BODY_AAD_VERSION,
+        ..*binding
+    };
     let body_sealed = cek.seal(
-        &body_aad(binding),
+        &body_aad(&binding).expect("the current version"),
         &serde_json::to_vec(body).expect("JSON map"),
     );
     let sealed_slots = slots
@@ -97,7 +142,7 @@ pub fn open_body(
     cek: &RawKey,
     sealed: &[u8],
 ) -> Result<Map<String, Value>, IntegrityError> {
-    let pt = Key::from_bytes(cek).open(&body_aad(binding), sealed)?;
+    let pt = Key::from_bytes(cek).open(&body_aad(binding)?, sealed)?;
     serde_json::from_slice(&pt).map_err(|_| IntegrityError("body is not JSON"))
 }
 
@@ -116,20 +161,14 @@ mod tests {
             Key::from_bytes(&Key::generate_raw()),
             Key::from_bytes(&Key::generate_raw()),
         );
-        let (ida, idb, t) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let (ida, idb) = (Uuid::now_v7(), Uuid::now_v7());
         let body = map(json!({"call_id": "c-1"}));
         let (fa, fb) = (
             map(json!({"caller": "+14255550100"})),
             map(json!({"callee": "+14255550101"})),
         );
-        let bind = Binding {
-            transfer_id: t,
-            carrier_id: "c",
-            category: "call_detail_record",
-            direction: "platform_to_carrier",
-            occurred_at: 1,
-            retain_until: 2,
-        };
+        let bind = binding();
+        let t = bind.transfer_id;
         let (sealed_body, slots) = seal_record(
             &bind,
             &body,
@@ -172,5 +211,143 @@ mod tests {
             &sealed_body
         )
         .is_err());
+    }
+
+    fn sealed_with(bind: &Binding<'_>) -> (RawKey, Vec<u8>) {
+        let key = Key::from_bytes(&Key::generate_raw());
+        let id = Uuid::now_v7();
+        let fields = map(json!({"caller": "+14255550100"}));
+        let (body, slots) = seal_record(
+            bind,
+            &map(json!({"call_id": "c-1"})),
+            &[("caller", id, &key, &fields)],
+        );
+        let (cek, _) = open_slot(bind.transfer_id, "caller", id, &key, &slots[0].sealed).unwrap();
+        (cek, body)
+    }
+
+    fn binding() -> Binding<'static> {
+        Binding {
+            version: BODY_AAD_VERSION,
+            transfer_id: Uuid::now_v7(),
+            carrier_id: "carrier-a",
+            category: "call_detail_record",
+            direction: "platform_to_carrier",
+            occurred_at: 1,
+            retain_until: 2,
+            purpose: "troubleshooting",
+            legal_basis: "legitimate_interest",
+            jurisdiction: "FR",
+            consent_reference: Some("consent-1"),
+            recorded_at: 3,
+            recorded_by: "platform",
+            call_key: Some(&[7; 32]),
+            duration_seconds: Some(100),
+        }
+    }
+
+    #[test]
+    fn every_metadata_column_is_bound() {
+        let bind = binding();
+        let (cek, body) = sealed_with(&bind);
+        assert!(open_body(&bind, &cek, &body).is_ok());
+        let changed = [
+            Binding {
+                purpose: "billing",
+                ..bind
+            },
+            Binding {
+                legal_basis: "contract",
+                ..bind
+            },
+            Binding {
+                jurisdiction: "DE",
+                ..bind
+            },
+            Binding {
+                consent_reference: None,
+                ..bind
+            },
+            Binding {
+                consent_reference: Some("consent-2"),
+                ..bind
+            },
+            Binding {
+                recorded_at: 4,
+                ..bind
+            },
+            Binding {
+                recorded_by: "someone-else",
+                ..bind
+            },
+            Binding {
+                call_key: None,
+                ..bind
+            },
+            Binding {
+                call_key: Some(&[8; 32]),
+                ..bind
+            },
+            Binding {
+                duration_seconds: Some(1),
+                ..bind
+            },
+            Binding {
+                duration_seconds: None,
+                ..bind
+            },
+            Binding {
+                occurred_at: 0,
+                ..bind
+            },
+            Binding {
+                direction: "carrier_to_platform",
+                ..bind
+            },
+            Binding {
+                category: "call_quality",
+                ..bind
+            },
+            // Downgrading the version column does not help either.
+            Binding { version: 1, ..bind },
+            Binding { version: 3, ..bind },
+        ];
+        for c in &changed {
+            assert!(open_body(c, &cek, &body).is_err(), "{c:?} opened");
+        }
+    }
+
+    #[test]
+    fn records_sealed_under_version_1_still_open() {
+        let bind = Binding {
+            version: 1,
+            ..binding()
+        };
+        let cek_raw = Key::generate_raw();
+        let body = map(json!({"call_id": "c-1"}));
+        let sealed = Key::from_bytes(&cek_raw).seal(
+            &body_aad(&bind).unwrap(),
+            &serde_json::to_vec(&body).unwrap(),
+        );
+        assert_eq!(open_body(&bind, &cek_raw, &sealed).unwrap(), body);
+        // Version 1 bound the carrier and retention, not the purpose.
+        assert!(open_body(
+            &Binding {
+                retain_until: 9,
+                ..bind
+            },
+            &cek_raw,
+            &sealed
+        )
+        .is_err());
+        assert!(open_body(
+            &Binding {
+                purpose: "billing",
+                ..bind
+            },
+            &cek_raw,
+            &sealed
+        )
+        .is_ok());
     }
 }

@@ -353,13 +353,35 @@ async fn write(
                 });
             }
         }
+        let call_key = t
+            .payload
+            .call_id()
+            .map(|c| call_key(state, t.carrier_id.as_str(), c));
+        let duration_seconds = match t.category {
+            Category::CallDetailRecord | Category::CallDuration => t
+                .payload
+                .body
+                .get("duration_seconds")
+                .and_then(Value::as_i64),
+            _ => None,
+        };
+        let consent_reference = t.consent.as_ref().map(|c| c.reference.clone());
         let binding = envelope::Binding {
+            version: envelope::BODY_AAD_VERSION,
             transfer_id: id,
             carrier_id: &carrier,
             category: t.category.as_str(),
             direction: t.direction.as_str(),
             occurred_at: micros(t.occurred_at),
             retain_until: micros(retain[i]),
+            purpose: t.purpose.as_str(),
+            legal_basis: t.legal_basis.as_str(),
+            jurisdiction: t.jurisdiction.as_str(),
+            consent_reference: consent_reference.as_deref(),
+            recorded_at: micros(now),
+            recorded_by: &who.sub,
+            call_key: call_key.as_deref(),
+            duration_seconds,
         };
         let (body, sealed_slots) = envelope::seal_record(&binding, &t.payload.body, &to_seal);
         slots.extend(sealed_slots.into_iter().map(|s| NewSlot {
@@ -376,7 +398,7 @@ async fn write(
             purpose: t.purpose.as_str(),
             legal_basis: t.legal_basis.as_str(),
             jurisdiction: t.jurisdiction.to_string(),
-            consent_reference: t.consent.as_ref().map(|c| c.reference.clone()),
+            consent_reference,
             occurred_at: micros(t.occurred_at),
             recorded_at: micros(now),
             retain_until: micros(retain[i]),
@@ -384,18 +406,8 @@ async fn write(
             idempotency_key: t.idempotency_key.clone(),
             request_hash: hashes[i].clone(),
             body,
-            call_key: t
-                .payload
-                .call_id()
-                .map(|c| call_key(state, t.carrier_id.as_str(), c)),
-            duration_seconds: match t.category {
-                Category::CallDetailRecord | Category::CallDuration => t
-                    .payload
-                    .body
-                    .get("duration_seconds")
-                    .and_then(Value::as_i64),
-                _ => None,
-            },
+            call_key,
+            duration_seconds,
         });
         results[i] = Some(Recorded {
             id,
@@ -710,7 +722,7 @@ async fn decrypt_all(state: &AppState, views: &mut [TransferView]) -> Result<()>
         .keys
         .ensure(&state.db, slots.iter().map(|s| s.master_version))
         .await?;
-    let bodies: HashMap<Uuid, Vec<u8>> = bodies.into_iter().map(|b| (b.id, b.body)).collect();
+    let bodies: HashMap<Uuid, _> = bodies.into_iter().map(|b| (b.id, b)).collect();
     let mut by_record: HashMap<Uuid, Vec<_>> = HashMap::new();
     for s in slots {
         by_record.entry(s.transfer_id).or_default().push(s);
@@ -754,19 +766,28 @@ async fn decrypt_all(state: &AppState, views: &mut [TransferView]) -> Result<()>
             v.payload = Some(Value::Null);
             continue;
         };
-        let sealed_body = bodies
+        let sealed = bodies
             .get(&v.id)
             .ok_or_else(|| AppError::Integrity(format!("record {} has no body", v.id)))?;
         let binding = envelope::Binding {
+            version: sealed.aad_version,
             transfer_id: v.id,
             carrier_id: &v.carrier_id,
             category: &v.category,
             direction: &v.direction,
             occurred_at: micros(v.occurred_at),
             retain_until: micros(v.retain_until),
+            purpose: &v.purpose,
+            legal_basis: &v.legal_basis,
+            jurisdiction: &v.jurisdiction,
+            consent_reference: v.consent_reference.as_deref(),
+            recorded_at: micros(v.recorded_at),
+            recorded_by: &v.recorded_by,
+            call_key: sealed.call_key.as_deref(),
+            duration_seconds: sealed.duration_seconds,
         };
         let body: Map<String, Value> =
-            envelope::open_body(&binding, &cek, sealed_body).map_err(|e| integrity("body", e))?;
+            envelope::open_body(&binding, &cek, &sealed.body).map_err(|e| integrity("body", e))?;
         v.payload = Some(Payload::assemble(category, body, opened));
     }
     Ok(())

@@ -4,6 +4,7 @@ use sqlx::{FromRow, QueryBuilder};
 use uuid::Uuid;
 
 use super::{on_db, on_tx, push_list, Db, Tx, MAX_BINDS};
+use crate::crypto::envelope::BODY_AAD_VERSION;
 
 #[derive(Debug, Clone)]
 pub struct NewRecord {
@@ -73,10 +74,15 @@ pub struct SlotRow {
     pub wrapped_key: Vec<u8>,
 }
 
+/// A sealed body with the columns bound to it that reads of the log do
+/// not otherwise fetch.
 #[derive(Debug, Clone, FromRow)]
 pub struct BodyRow {
     pub id: Uuid,
     pub body: Vec<u8>,
+    pub aad_version: i16,
+    pub call_key: Option<Vec<u8>>,
+    pub duration_seconds: Option<i64>,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -94,7 +100,7 @@ pub async fn insert_records(tx: &mut Tx, records: &[NewRecord]) -> sqlx::Result<
             let mut qb = QueryBuilder::<DB>::new(
                 "INSERT INTO transfers (id, carrier_id, direction, category, purpose, legal_basis, jurisdiction, \
                  consent_reference, occurred_at, recorded_at, retain_until, recorded_by, idempotency_key, \
-                 request_hash, body, call_key, duration_seconds) ",
+                 request_hash, body, call_key, duration_seconds, aad_version) ",
             );
             qb.push_values(chunk, |mut b, r| {
                 b.push_bind(r.id)
@@ -113,7 +119,9 @@ pub async fn insert_records(tx: &mut Tx, records: &[NewRecord]) -> sqlx::Result<
                     .push_bind(r.request_hash.as_slice())
                     .push_bind(r.body.as_slice())
                     .push_bind(r.call_key.as_deref())
-                    .push_bind(r.duration_seconds);
+                    .push_bind(r.duration_seconds)
+                    // A constant, not a parameter: the binds stay at 17 a row.
+                    .push(BODY_AAD_VERSION);
             });
             qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
         })?;
@@ -190,7 +198,7 @@ pub async fn sealed(db: &Db, ids: &[Uuid]) -> sqlx::Result<(Vec<BodyRow>, Vec<Sl
     let mut tx = db.begin_read_probes().await?;
     for chunk in ids.chunks(MAX_BINDS) {
         on_tx!(&mut tx, c, DB => {
-            let mut qb = QueryBuilder::<DB>::new("SELECT id, body FROM transfers WHERE id IN (");
+            let mut qb = QueryBuilder::<DB>::new("SELECT id, body, aad_version, call_key, duration_seconds FROM transfers WHERE id IN (");
             push_list(&mut qb, chunk.iter().copied());
             qb.push(")");
             bodies.extend(qb.build_query_as::<BodyRow>().fetch_all(&mut *c).await?);

@@ -249,3 +249,60 @@ async fn the_wrong_master_key_refuses_to_start(app: TestApp) {
     );
 }
 both!(the_wrong_master_key_refuses_to_start);
+
+/// A database writer who re-labels a record (another purpose, legal basis,
+/// jurisdiction, consent, recorder, time, retention or call duration) makes
+/// its next decrypting read fail: every metadata column is bound to the
+/// sealed payload. Metadata-only reads cannot tell (threat model).
+async fn relabelled_records_do_not_open(app: TestApp) {
+    let officer = app.officer();
+    let changes = [
+        "purpose = 'billing'",
+        "legal_basis = 'contract'",
+        "jurisdiction = 'DE'",
+        "consent_reference = 'consent-forged'",
+        "recorded_by = 'someone-else'",
+        "recorded_at = recorded_at + 1",
+        "occurred_at = occurred_at - 1",
+        "retain_until = retain_until + 86400000000",
+        "direction = 'carrier_to_platform'",
+        "carrier_id = 'carrier-b'",
+        "duration_seconds = 1",
+        "call_key = NULL",
+        "aad_version = 1",
+    ];
+    let items = (0..=changes.len())
+        .map(|i| {
+            cdr(
+                "carrier-a",
+                &format!("call-{i}"),
+                "+14255550100",
+                "+33123456780",
+            )
+        })
+        .collect();
+    let ids = app.batch(items).await;
+    for (change, id) in changes.iter().zip(&ids) {
+        let id = Uuid::parse_str(id).unwrap();
+        let sql = format!("UPDATE transfers SET {change} WHERE id = $1");
+        assert_eq!(app.exec(&sql, None, Some(id)).await, 1, "{sql}");
+        let r = app
+            .read(&format!("/v1/transfers/{id}"), &officer)
+            .await
+            .expect(500);
+        assert!(
+            r.body["type"].as_str().unwrap().ends_with("/integrity"),
+            "{change}: {}",
+            r.text
+        );
+        assert!(!r.text.contains("+14255550100"));
+    }
+    // The untouched record opens.
+    let last = ids.last().unwrap();
+    let ok = app
+        .read(&format!("/v1/transfers/{last}"), &officer)
+        .await
+        .expect(200);
+    assert_eq!(ok.body["payload"]["caller"], "+14255550100");
+}
+both!(relabelled_records_do_not_open);

@@ -244,7 +244,9 @@ pub async fn set_status(
 async fn view(state: &AppState, row: ConsentRow) -> Result<ConsentView> {
     let subject = match (&row.subject_key_id, &row.subject_sealed) {
         (Some(key_id), Some(sealed)) => Some(open_subject(state, &row, *key_id, sealed).await?),
-        (None, Some(_)) => Some(Value::Null),
+        // A data subject's consent whose subject was erased (an erasure
+        // clears the sealed identifier and the key reference together).
+        _ if row.kind == ConsentKind::DataSubject.as_str() => Some(Value::Null),
         _ => None,
     };
     Ok(ConsentView {

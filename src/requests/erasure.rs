@@ -17,7 +17,7 @@ use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::error::Result;
 use crate::storage::requests::{self as store, RequestRow};
-use crate::storage::{erasure as erase, micros};
+use crate::storage::{erasure as erase, from_micros, micros};
 
 /// Records handled per transaction.
 const BATCH: i64 = 1000;
@@ -84,10 +84,13 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
         &Event::new("subject_request.erasure_completed", target),
     )
     .await?;
+    // One instant for the receipt and the request, to the microsecond the
+    // database keeps.
+    let completed_at = from_micros(micros(Utc::now()));
     let mut receipt = json!({
         "request_id": r.id,
         "carrier_id": r.carrier_id,
-        "completed_at": Utc::now(),
+        "completed_at": completed_at,
         "deleted": progress.deleted,
         "held": held_counts,
         "hold_ids": hold_ids,
@@ -103,7 +106,7 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
     store::complete(
         &mut tx,
         r.id,
-        micros(Utc::now()),
+        micros(completed_at),
         Some(&receipt.to_string()),
         false,
     )

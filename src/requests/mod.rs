@@ -289,8 +289,11 @@ pub async fn extend(
             row.id
         )));
     }
-    let due = from_micros(row.due_at)
-        .checked_add_months(Months::new(2))
+    // One month plus two further months, both counted from receipt: a
+    // request received on 31 January is due on 28 February, and extended
+    // to 30 April (not to two months after 28 February).
+    let due = from_micros(row.received_at)
+        .checked_add_months(Months::new(3))
         .expect("in range");
     let mut tx = state.db.begin().await?;
     if !store::extend(&mut tx, row.id, micros(due), micros(Utc::now()), &reason).await? {

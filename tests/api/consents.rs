@@ -1,6 +1,6 @@
 //! Consents gate the transfers that rely on them.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::both;
 use crate::helpers::*;
@@ -170,6 +170,28 @@ async fn consent_as_legal_basis_needs_the_subjects_own_consent(app: TestApp) {
     )
     .await
     .expect(409);
+
+    // Once the subject is erased the consent stays, its subject shown as
+    // null (the key that sealed it is gone).
+    let erasure = app
+        .request(
+            &carrier,
+            "erasure",
+            "carrier-a",
+            json!({"phone_number": "+14255550100"}),
+            None,
+        )
+        .await;
+    app.completed(&carrier, erasure["id"].as_str().unwrap())
+        .await;
+    let r = app.get("/v1/consents/ds-1", &carrier).await.expect(200);
+    assert_eq!(r.body["subject"], Value::Null);
+    assert!(
+        r.body.as_object().unwrap().contains_key("subject"),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.body["status"], "withdrawn");
 }
 both!(consent_as_legal_basis_needs_the_subjects_own_consent);
 

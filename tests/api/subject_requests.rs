@@ -352,7 +352,7 @@ async fn carriers_only_reach_their_own_requests(app: TestApp) {
 }
 both!(carriers_only_reach_their_own_requests);
 
-async fn deadlines_extend_once_by_two_months(app: TestApp) {
+async fn deadlines_extend_once_to_three_months_from_receipt(app: TestApp) {
     let officer = app.officer();
     let (app, officer) = (&app, &officer);
     let access = || async move {
@@ -377,12 +377,13 @@ async fn deadlines_extend_once_by_two_months(app: TestApp) {
     let r = extend(id.clone(), json!({"reason": "complex request"}))
         .await
         .expect(200);
-    let due = chrono::DateTime::parse_from_rfc3339(req["due_at"].as_str().unwrap()).unwrap();
+    let received =
+        chrono::DateTime::parse_from_rfc3339(req["received_at"].as_str().unwrap()).unwrap();
     let extended =
         chrono::DateTime::parse_from_rfc3339(r.body["due_at"].as_str().unwrap()).unwrap();
     assert_eq!(
         extended,
-        due.checked_add_months(chrono::Months::new(2)).unwrap()
+        received.checked_add_months(chrono::Months::new(3)).unwrap()
     );
     assert_eq!(r.body["extension_reason"], "complex request");
     extend(id.clone(), json!({"reason": "again"}))
@@ -391,6 +392,32 @@ async fn deadlines_extend_once_by_two_months(app: TestApp) {
     extend(id, json!({})).await.expect(422);
     let list = app.get("/v1/subject-requests", officer).await.expect(200);
     assert_eq!(list.body[0]["overdue"], false);
+
+    // Both periods run from receipt: received on 31 January, due on 28
+    // February (the month's last day), extended to 30 April — not to two
+    // months after 28 February.
+    let end_of_month = access().await["id"].as_str().unwrap().to_string();
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .timestamp_micros()
+    };
+    let moved = app
+        .exec(
+            &format!(
+                "UPDATE subject_requests SET received_at = {}, due_at = {} WHERE id = $1",
+                at("2027-01-31T10:00:00Z"),
+                at("2027-02-28T10:00:00Z")
+            ),
+            None,
+            Some(uuid::Uuid::parse_str(&end_of_month).unwrap()),
+        )
+        .await;
+    assert_eq!(moved, 1);
+    let r = extend(end_of_month, json!({"reason": "complex request"}))
+        .await
+        .expect(200);
+    assert_eq!(r.body["due_at"], "2027-04-30T10:00:00Z");
 
     // A deadline already past cannot be moved after the fact.
     let late = access().await["id"].as_str().unwrap().to_string();
@@ -407,7 +434,7 @@ async fn deadlines_extend_once_by_two_months(app: TestApp) {
         .expect(409);
     assert!(r.text.contains("past its deadline"), "{}", r.text);
 }
-both!(deadlines_extend_once_by_two_months);
+both!(deadlines_extend_once_to_three_months_from_receipt);
 
 async fn erasure_removes_the_subject_in_scope_and_keeps_what_is_held(app: TestApp) {
     seed(&app).await;
@@ -439,6 +466,8 @@ async fn erasure_removes_the_subject_in_scope_and_keeps_what_is_held(app: TestAp
         receipt["deleted"],
         json!({"call_detail_record": 3, "call_duration": 1, "number_assignment": 1})
     );
+    // One instant: the receipt says when the request completed.
+    assert_eq!(receipt["completed_at"], done["completed_at"]);
     assert_eq!(receipt["held"], json!({"call_quality": 1}));
     assert_eq!(receipt["hold_ids"], json!([hold_id]));
     assert_eq!(

@@ -285,6 +285,20 @@ impl Params {
         }
     }
 
+    /// A boolean parameter: `true` or `false`.
+    pub fn flag(&mut self, name: &str) -> Option<bool> {
+        self.parse(name, |s| match s {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err("must be true or false".into()),
+        })
+    }
+
+    /// `cursor`: where the previous page ended.
+    pub fn cursor(&mut self) -> Option<(i64, uuid::Uuid)> {
+        self.parse("cursor", crate::storage::decode_cursor)
+    }
+
     /// `limit`: a page size from 1 to 1000, 100 when absent.
     pub fn limit(&mut self) -> i64 {
         self.parse("limit", |s| match s.parse::<i64>() {
@@ -324,4 +338,15 @@ impl Params {
             Err(AppError::Validation(self.errors))
         }
     }
+}
+
+/// The RFC 8288 `Link` to the next page of a list answered as a bare JSON
+/// array: `path` with the same filters and `cursor`. Filter values are
+/// tokens this service validated and the cursor is URL-safe base64, so
+/// nothing needs escaping.
+pub fn next_link(path: &str, filters: &[(&str, String)], cursor: &str) -> axum::http::HeaderValue {
+    let mut query: Vec<String> = filters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    query.push(format!("cursor={cursor}"));
+    axum::http::HeaderValue::from_str(&format!("<{path}?{}>; rel=\"next\"", query.join("&")))
+        .expect("ASCII tokens")
 }

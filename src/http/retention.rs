@@ -1,7 +1,8 @@
 //! `/v1/retention`: the policy in force and the sweeps.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -14,6 +15,7 @@ use crate::domain::fields::{Errors, Obj};
 use crate::error::{AppError, Result};
 use crate::retention::sweep::{self, SweepReport};
 use crate::retention::RetentionPolicy;
+use crate::storage::encode_cursor;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -77,25 +79,51 @@ pub async fn run_sweep(
     Ok((StatusCode::CREATED, Json(report)))
 }
 
-/// Past sweeps, newest first.
+/// Past sweeps, newest first. When more follow, a `Link` header
+/// (`rel="next"`) gives the next page.
 #[utoipa::path(get, path = "/v1/retention/sweeps", tag = "retention",
-    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100")),
-    responses((status = 200, body = Vec<SweepReport>)), security(("bearer" = [])))]
+    params(("dry_run" = Option<bool>, Query, description = "true: only dry runs; false: only sweeps that deleted"),
+           ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100"),
+           ("cursor" = Option<String>, Query, description = "from the Link header of the previous page")),
+    responses((status = 200, body = Vec<SweepReport>,
+               headers(("Link" = String, description = "<…>; rel=\"next\" when more sweeps follow")))),
+    security(("bearer" = [])))]
 pub async fn list_sweeps(
     State(state): State<AppState>,
     who: Principal,
     mut p: Params,
-) -> Result<Json<Vec<SweepReport>>> {
+) -> Result<Response> {
     state.authorize(&who, "sweeps", "read")?;
-    p.allow(&["limit"]);
+    p.allow(&["dry_run", "limit", "cursor"]);
+    let dry_run = p.flag("dry_run");
     let limit = p.limit();
+    let after = p.cursor();
     p.finish()?;
-    let rows = crate::storage::retention::list_sweeps(&state.db, limit).await?;
+    let mut rows =
+        crate::storage::retention::list_sweeps(&state.db, dry_run, after, limit + 1).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next = more
+        .then(|| rows.last().map(|r| encode_cursor(r.started_at, r.id)))
+        .flatten();
     audit::record(
         &state,
         Some(&who),
-        Event::new("retention.sweeps.read", json!({"returned": rows.len()})),
+        Event::new(
+            "retention.sweeps.read",
+            json!({"returned": rows.len(), "filters": {"dry_run": dry_run, "after": after.map(|(at, id)| json!([at, id]))}}),
+        ),
     )
     .await?;
-    Ok(Json(rows.into_iter().map(SweepReport::from).collect()))
+    let mut response =
+        Json(rows.into_iter().map(SweepReport::from).collect::<Vec<_>>()).into_response();
+    if let Some(cursor) = next {
+        let mut filters = vec![("limit", limit.to_string())];
+        filters.extend(dry_run.map(|d| ("dry_run", d.to_string())));
+        response.headers_mut().insert(
+            header::LINK,
+            super::extract::next_link("/v1/retention/sweeps", &filters, &cursor),
+        );
+    }
+    Ok(response)
 }

@@ -42,19 +42,45 @@ pub async fn create(
     ))
 }
 
-/// Requests, newest first, with overdue ones flagged.
+/// Requests, newest first, with overdue ones flagged. When more follow,
+/// a `Link` header (`rel="next"`) gives the next page.
 #[utoipa::path(get, operation_id = "list_subject_requests", path = "/v1/subject-requests", tag = "subject requests",
-    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100")),
-    responses((status = 200, body = Vec<RequestView>)), security(("bearer" = [])))]
+    params(("status" = Option<String>, Query, description = "received, processing or completed"),
+           ("overdue" = Option<bool>, Query, description = "true: only requests not completed and past due_at; false: only the others"),
+           ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100"),
+           ("cursor" = Option<String>, Query, description = "from the Link header of the previous page")),
+    responses((status = 200, body = Vec<RequestView>,
+               headers(("Link" = String, description = "<…>; rel=\"next\" when more requests follow")))),
+    security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     who: Principal,
     mut p: Params,
-) -> Result<Json<Vec<RequestView>>> {
-    p.allow(&["limit"]);
-    let limit = p.limit();
+) -> Result<Response> {
+    p.allow(&["status", "overdue", "limit", "cursor"]);
+    let status = p.parse("status", |s| match s {
+        "received" | "processing" | "completed" => Ok(s.to_string()),
+        _ => Err("must be received, processing or completed".into()),
+    });
+    let filter = requests::ListFilter {
+        overdue: p.flag("overdue"),
+        limit: p.limit(),
+        after: p.cursor(),
+        status,
+    };
     p.finish()?;
-    Ok(Json(requests::list(&state, &who, limit).await?))
+    let (views, next) = requests::list(&state, &who, &filter).await?;
+    let mut response = Json(views).into_response();
+    if let Some(cursor) = next {
+        let mut filters = vec![("limit", filter.limit.to_string())];
+        filters.extend(filter.status.map(|s| ("status", s)));
+        filters.extend(filter.overdue.map(|o| ("overdue", o.to_string())));
+        response.headers_mut().insert(
+            header::LINK,
+            super::extract::next_link("/v1/subject-requests", &filters, &cursor),
+        );
+    }
+    Ok(response)
 }
 
 /// One request: status, due date, and the signed receipt of an erasure.

@@ -17,7 +17,8 @@ use crate::domain::transfer::NewTransfer;
 use crate::domain::{Category, Country, Direction, LegalBasis, Purpose, SubjectId};
 use crate::error::{AppError, FieldError, Result};
 use crate::ledger::transfers::{self as ledger, Recorded, TransferView, MAX_BATCH};
-use crate::storage::transfers::{decode_cursor, encode_cursor, LogFilter};
+use crate::storage::transfers::LogFilter;
+use crate::storage::{decode_cursor, encode_cursor};
 use crate::storage::{micros, transfers as store};
 
 pub fn router() -> Router<AppState> {

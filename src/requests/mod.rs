@@ -25,7 +25,7 @@ use crate::domain::fields::{Errors, Obj};
 use crate::domain::{CarrierId, SubjectId};
 use crate::error::{AppError, Result};
 use crate::storage::requests::{self as store, RequestRow};
-use crate::storage::{from_micros, micros};
+use crate::storage::{encode_cursor, from_micros, micros};
 
 /// A processor that has not renewed its claim for this long is presumed dead.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -244,16 +244,50 @@ pub async fn get(
     Ok(row.into())
 }
 
-pub async fn list(state: &AppState, who: &Principal, limit: i64) -> Result<Vec<RequestView>> {
+/// What a list of requests shows.
+#[derive(Debug, Clone)]
+pub struct ListFilter {
+    pub status: Option<String>,
+    pub overdue: Option<bool>,
+    pub after: Option<(i64, Uuid)>,
+    pub limit: i64,
+}
+
+/// A page of requests, newest first, and the cursor of the next page when
+/// more follow.
+pub async fn list(
+    state: &AppState,
+    who: &Principal,
+    f: &ListFilter,
+) -> Result<(Vec<RequestView>, Option<String>)> {
     state.authorize(who, "subject_requests", "read")?;
-    let rows = store::list(&state.db, who.scope(), limit).await?;
+    let mut rows = store::list(
+        &state.db,
+        &store::RequestFilter {
+            scope: who.scope(),
+            status: f.status.as_deref(),
+            overdue: f.overdue,
+            now: micros(Utc::now()),
+            after: f.after,
+            limit: f.limit + 1,
+        },
+    )
+    .await?;
+    let more = rows.len() as i64 > f.limit;
+    rows.truncate(f.limit as usize);
+    let next = more
+        .then(|| rows.last().map(|r| encode_cursor(r.received_at, r.id)))
+        .flatten();
     audit::record(
         state,
         Some(who),
-        Event::new("subject_request.list", json!({"returned": rows.len()})),
+        Event::new(
+            "subject_request.list",
+            json!({"returned": rows.len(), "filters": {"status": f.status, "overdue": f.overdue, "after": f.after.map(|(at, id)| json!([at, id]))}}),
+        ),
     )
     .await?;
-    Ok(rows.into_iter().map(RequestView::from).collect())
+    Ok((rows.into_iter().map(RequestView::from).collect(), next))
 }
 
 /// Extends the deadline once, by two further months (Art. 12(3)).

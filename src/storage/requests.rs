@@ -70,14 +70,38 @@ pub async fn get(db: &Db, id: Uuid, scope: Option<&str>) -> sqlx::Result<Option<
     })
 }
 
-pub async fn list(db: &Db, scope: Option<&str>, limit: i64) -> sqlx::Result<Vec<RequestRow>> {
+/// Which requests a list shows; every filter optional.
+#[derive(Debug, Clone, Default)]
+pub struct RequestFilter<'a> {
+    pub scope: Option<&'a str>,
+    pub status: Option<&'a str>,
+    /// Not completed and past `due_at` at `now` (or the opposite).
+    pub overdue: Option<bool>,
+    pub now: i64,
+    /// Keyset cursor: the `(received_at, id)` of the last item already seen.
+    pub after: Option<(i64, Uuid)>,
+    pub limit: i64,
+}
+
+/// Requests, newest first.
+pub async fn list(db: &Db, f: &RequestFilter<'_>) -> sqlx::Result<Vec<RequestRow>> {
+    let (at, id) = f.after.unzip();
     on_db!(db, c => {
         sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM subject_requests WHERE ($1 IS NULL OR carrier_id = $1)
-             ORDER BY received_at DESC, id DESC LIMIT $2"
+            "SELECT {COLUMNS} FROM subject_requests
+             WHERE ($1 IS NULL OR carrier_id = $1)
+               AND ($2 IS NULL OR status = $2)
+               AND ($3 IS NULL OR (status <> 'completed' AND due_at < $4) = $3)
+               AND ($5 IS NULL OR received_at < $5 OR (received_at = $5 AND id < $6))
+             ORDER BY received_at DESC, id DESC LIMIT $7"
         ))
-        .bind(scope)
-        .bind(limit)
+        .bind(f.scope)
+        .bind(f.status)
+        .bind(f.overdue)
+        .bind(f.now)
+        .bind(at)
+        .bind(id)
+        .bind(f.limit)
         .fetch_all(c)
         .await
     })

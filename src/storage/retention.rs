@@ -197,12 +197,28 @@ pub async fn sweep(db: &Db, id: Uuid) -> sqlx::Result<Option<SweepRow>> {
     })
 }
 
-pub async fn list_sweeps(db: &Db, limit: i64) -> sqlx::Result<Vec<SweepRow>> {
+/// Sweeps, newest first: all, or only dry runs or only real ones; after
+/// the `(started_at, id)` cursor of the last one already seen.
+pub async fn list_sweeps(
+    db: &Db,
+    dry_run: Option<bool>,
+    after: Option<(i64, Uuid)>,
+    limit: i64,
+) -> sqlx::Result<Vec<SweepRow>> {
+    let (at, id) = after.unzip();
     on_db!(db, c => {
-        sqlx::query_as(&format!("SELECT {SWEEP_COLUMNS} FROM sweeps ORDER BY started_at DESC, id DESC LIMIT $1"))
-            .bind(limit)
-            .fetch_all(c)
-            .await
+        sqlx::query_as(&format!(
+            "SELECT {SWEEP_COLUMNS} FROM sweeps
+             WHERE ($1 IS NULL OR dry_run = $1)
+               AND ($2 IS NULL OR started_at < $2 OR (started_at = $2 AND id < $3))
+             ORDER BY started_at DESC, id DESC LIMIT $4"
+        ))
+        .bind(dry_run)
+        .bind(at)
+        .bind(id)
+        .bind(limit)
+        .fetch_all(c)
+        .await
     })
 }
 

@@ -351,26 +351,6 @@ pub async fn processing_groups(
     })
 }
 
-/// The opaque keyset cursor of a log position.
-pub fn encode_cursor(occurred_at: i64, id: Uuid) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{occurred_at}:{id}"))
-}
-
-pub fn decode_cursor(s: &str) -> Result<(i64, Uuid), String> {
-    use base64::Engine;
-    let bad = || "is not a cursor this service issued".to_string();
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(raw).map_err(|_| bad())?;
-    let (at, id) = text.split_once(':').ok_or_else(bad)?;
-    Ok((
-        at.parse().map_err(|_| bad())?,
-        Uuid::parse_str(id).map_err(|_| bad())?,
-    ))
-}
-
 /// Metadata of the given records (any carrier: callers scope beforehand).
 pub async fn get_many(db: &Db, ids: &[Uuid]) -> sqlx::Result<Vec<TransferRow>> {
     let mut out = Vec::with_capacity(ids.len());

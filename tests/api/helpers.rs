@@ -302,6 +302,23 @@ impl TestApp {
         }
     }
 
+    /// The pages of a listing answered as a JSON array, following its
+    /// `Link: <…>; rel="next"` headers.
+    pub async fn linked_pages(&self, path: &str, token: &str) -> Vec<Vec<Value>> {
+        let mut pages = Vec::new();
+        let mut next = Some(path.to_string());
+        while let Some(path) = next {
+            let r = self.get(&path, token).await.expect(200);
+            pages.push(r.body.as_array().unwrap().clone());
+            next = r.headers.get("link").map(|l| {
+                let l = l.to_str().unwrap();
+                assert!(l.ends_with(">; rel=\"next\""), "{l}");
+                l[1..l.find('>').unwrap()].to_string()
+            });
+        }
+        pages
+    }
+
     pub fn dir(&self) -> &std::path::Path {
         self._dir.path()
     }

@@ -188,6 +188,31 @@ async fn sweeps_delete_what_expired_and_keep_what_is_held(app: TestApp) {
     // Sweeps are listed and audited; the chain verifies.
     let list = app.get("/v1/retention/sweeps", &officer).await.expect(200);
     assert_eq!(list.body.as_array().unwrap().len(), 3);
+    // Page by page (Link headers), each once, newest first; dry runs and
+    // sweeps that deleted apart.
+    let pages = app
+        .linked_pages("/v1/retention/sweeps?limit=2", &officer)
+        .await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1]);
+    assert_eq!(pages.concat(), *list.body.as_array().unwrap());
+    let real = app
+        .linked_pages("/v1/retention/sweeps?dry_run=false&limit=1", &officer)
+        .await;
+    assert_eq!(real.len(), 2);
+    assert!(real.iter().flatten().all(|s| s["dry_run"] == false));
+    let dry_runs = app
+        .get("/v1/retention/sweeps?dry_run=true", &officer)
+        .await
+        .expect(200);
+    assert_eq!(dry_runs.body[0]["id"], dry.body["id"]);
+    assert_eq!(dry_runs.body.as_array().unwrap().len(), 1);
+    let r = app
+        .get("/v1/retention/sweeps?dry_run=1&cursor=%3D", &officer)
+        .await
+        .expect(422);
+    let mut bad = r.bad_fields();
+    bad.sort();
+    assert_eq!(bad, ["cursor", "dry_run"]);
     let auditor = app.token(Role::Auditor, None);
     let entries = app
         .get("/v1/audit?action=retention.sweep&limit=10", &auditor)

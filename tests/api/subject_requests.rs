@@ -844,3 +844,95 @@ async fn erasures_survive_the_service_being_killed(app: TestApp) {
     );
 }
 both!(erasures_survive_the_service_being_killed);
+
+/// The list pages with a `Link` header and filters by status and overdue:
+/// an overdue request older than a page is still found.
+async fn requests_are_listed_page_by_page_and_filtered(app: TestApp) {
+    let officer = app.officer();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = app
+            .request(
+                &officer,
+                "access",
+                "carrier-a",
+                json!({"phone_number": format!("+1425555017{i}")}),
+                None,
+            )
+            .await;
+        let id = r["id"].as_str().unwrap().to_string();
+        app.completed(&officer, &id).await;
+        ids.push(id);
+    }
+    // The oldest one is overdue: still processing (claimed just now, so no
+    // worker takes it) and past its deadline.
+    let late = uuid::Uuid::parse_str(&ids[0]).unwrap();
+    let now = chrono::Utc::now().timestamp_micros();
+    let moved = app
+        .exec(
+            &format!(
+                "UPDATE subject_requests SET status = 'processing', claimed_at = {now}, due_at = {} WHERE id = $1",
+                now - 1_000_000
+            ),
+            None,
+            Some(late),
+        )
+        .await;
+    assert_eq!(moved, 1);
+
+    let pages = app
+        .linked_pages("/v1/subject-requests?limit=2", &officer)
+        .await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+    let listed: Vec<String> = pages
+        .iter()
+        .flatten()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(listed, newest_first, "each once, newest first");
+
+    let overdue = app
+        .linked_pages("/v1/subject-requests?overdue=true&limit=1", &officer)
+        .await;
+    assert_eq!(overdue.len(), 1, "one page, no link");
+    assert_eq!(overdue[0][0]["id"], ids[0].as_str());
+    assert_eq!(overdue[0][0]["overdue"], true);
+    let on_time = app
+        .linked_pages("/v1/subject-requests?overdue=false&limit=3", &officer)
+        .await;
+    assert_eq!(on_time.iter().map(Vec::len).collect::<Vec<_>>(), [3, 1]);
+    assert!(on_time.iter().flatten().all(|r| r["overdue"] == false));
+    let completed = app
+        .get("/v1/subject-requests?status=completed", &officer)
+        .await
+        .expect(200);
+    assert_eq!(completed.body.as_array().unwrap().len(), 4);
+    let processing = app
+        .get("/v1/subject-requests?status=processing", &officer)
+        .await
+        .expect(200);
+    assert_eq!(processing.body[0]["id"], ids[0].as_str());
+
+    // Another carrier sees none of them, on any page.
+    let other = app
+        .get(
+            "/v1/subject-requests?overdue=true",
+            &app.carrier("carrier-b"),
+        )
+        .await
+        .expect(200);
+    assert_eq!(other.body, json!([]));
+
+    let r = app
+        .get(
+            "/v1/subject-requests?status=done&overdue=yes&cursor=zz",
+            &officer,
+        )
+        .await
+        .expect(422);
+    let mut bad = r.bad_fields();
+    bad.sort();
+    assert_eq!(bad, ["cursor", "overdue", "status"]);
+}
+both!(requests_are_listed_page_by_page_and_filtered);

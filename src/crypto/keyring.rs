@@ -63,6 +63,16 @@ impl Rotatable {
     }
 }
 
+/// What [`Keyring::add_version`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewVersion {
+    Added(i64),
+    /// A concurrent rotation took that version number first.
+    Raced,
+    /// The keyring is no longer under this instance's root key.
+    RootRotated,
+}
+
 impl Keyring {
     /// Whether this database already has keys (sealed under some root key).
     pub async fn exists(db: &Db) -> anyhow::Result<bool> {
@@ -177,17 +187,35 @@ impl Keyring {
     }
 
     /// Adds the next version of a rotatable key, wrapped under the root key,
-    /// inside `tx`. Returns the version, or `None` if a concurrent rotation
-    /// took that version number first. Takes effect here after commit and
-    /// `refresh`.
-    pub async fn add_version(&self, tx: &mut Tx, kind: Rotatable) -> anyhow::Result<Option<i64>> {
+    /// inside `tx`. Takes effect here after commit and `refresh`. Refused
+    /// when the root key this instance holds no longer opens the keyring:
+    /// `keys rotate-root` ran beside it, and a version wrapped under the old
+    /// root would leave the ledger opened by neither key.
+    pub async fn add_version(&self, tx: &mut Tx, kind: Rotatable) -> anyhow::Result<NewVersion> {
+        storage::TxLock::Keyring.take(tx, false).await?;
+        let rows = storage::keys::keyring_for_update(tx).await?;
+        let live = rows
+            .iter()
+            .find(|r| r.retired_at.is_none())
+            .context("the keyring is empty")?;
+        if self
+            .root
+            .unwrap_key(&root_aad(&live.purpose, live.version), &live.wrapped)
+            .is_err()
+        {
+            return Ok(NewVersion::RootRotated);
+        }
         let purpose = kind.purpose();
         let version = storage::keys::next_version(tx, purpose).await?;
         let raw = Key::generate_raw();
         let wrapped = self.root.wrap(&root_aad(purpose, version), &raw);
         let now = storage::micros(chrono::Utc::now());
         let inserted = storage::keys::insert_keyring(tx, purpose, version, &wrapped, now).await?;
-        Ok(inserted.then_some(version))
+        Ok(if inserted {
+            NewVersion::Added(version)
+        } else {
+            NewVersion::Raced
+        })
     }
 
     /// Rewraps every live keyring entry from the root key `old` to `new` in
@@ -195,6 +223,9 @@ impl Keyring {
     pub async fn rotate_root(db: &Db, old: &RawKey, new: &RawKey) -> anyhow::Result<usize> {
         let (old, new) = (Key::from_bytes(old), Key::from_bytes(new));
         let mut tx = db.begin().await?;
+        // After any version a running instance is adding: its row is read
+        // here and moved too; one added later sees the root has changed.
+        storage::TxLock::Keyring.take(&mut tx, false).await?;
         let rows = storage::keys::keyring_for_update(&mut tx).await?;
         let mut moved = 0;
         for r in rows.iter().filter(|r| r.retired_at.is_none()) {

@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::app::AppState;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
-use crate::crypto::keyring::Rotatable;
+use crate::crypto::keyring::{NewVersion, Rotatable};
 use crate::error::{AppError, Result};
 use crate::storage::{self, keys as store, micros, Tx};
 
@@ -86,13 +86,21 @@ fn system() -> Principal {
 /// rewrap; the old version keeps decrypting until it wraps nothing.
 pub async fn rotate(state: &AppState, who: &Principal, kind: Rotatable) -> Result<Rotation> {
     let mut tx = state.db.begin().await?;
-    let version = state
-        .keys
-        .add_version(&mut tx, kind)
-        .await?
-        .ok_or_else(|| {
-            AppError::Conflict("another rotation added a key version at the same moment".into())
-        })?;
+    let version = match state.keys.add_version(&mut tx, kind).await? {
+        NewVersion::Added(v) => v,
+        NewVersion::Raced => {
+            return Err(AppError::Conflict(
+                "another rotation added a key version at the same moment".into(),
+            ))
+        }
+        NewVersion::RootRotated => {
+            return Err(AppError::Conflict(
+                "the root key was rotated (keys rotate-root) since this instance started; \
+                 restart it with the new root key, then rotate"
+                    .into(),
+            ))
+        }
+    };
     let key = match kind {
         Rotatable::Master => "master",
         Rotatable::Signing => "signing",

@@ -400,3 +400,44 @@ pub fn decode_cursor(s: &str) -> Result<(i64, Uuid), String> {
         Uuid::parse_str(id).map_err(|_| bad())?,
     ))
 }
+
+/// Transaction-scoped locks that order operations of different instances
+/// on PostgreSQL. (On SQLite a write transaction already excludes every
+/// other: it begins `IMMEDIATE`.)
+#[derive(Debug, Clone, Copy)]
+pub enum TxLock {
+    /// Root-wrapped keyring entries: a new key version against a root-key
+    /// rotation, so that neither misses the other's rows.
+    Keyring,
+    /// Holds: placing or releasing one (exclusive) against a sweep or
+    /// erasure batch deciding what is held (shared), so that what a batch
+    /// deletes was unheld for the whole of its transaction.
+    Holds,
+}
+
+impl TxLock {
+    /// Advisory lock classes ("tlkr", "tlho"); the second key is the
+    /// schema's hash, as for the sweep lock.
+    fn class(self) -> i32 {
+        match self {
+            Self::Keyring => 0x746c_6b72,
+            Self::Holds => 0x746c_686f,
+        }
+    }
+
+    /// Waits for the lock; it is released when `tx` ends.
+    pub async fn take(self, tx: &mut Tx, shared: bool) -> sqlx::Result<()> {
+        if let Tx::Postgres(t) = tx {
+            let f = if shared {
+                "pg_advisory_xact_lock_shared"
+            } else {
+                "pg_advisory_xact_lock"
+            };
+            sqlx::query(&format!("SELECT {f}($1, hashtext(current_schema()))"))
+                .bind(self.class())
+                .execute(&mut **t)
+                .await?;
+        }
+        Ok(())
+    }
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{json, Value};
 use transfer_ledger::auth::Role;
-use transfer_ledger::crypto::keyring::Rotatable;
+use transfer_ledger::crypto::keyring::{NewVersion, Rotatable};
 use transfer_ledger::storage::keys as store;
 
 use crate::both;
@@ -268,10 +268,9 @@ async fn rewrap_resurrects_nothing_and_new_writes_use_the_new_version(app: TestA
         .keys
         .add_version(&mut tx, Rotatable::Master)
         .await
-        .unwrap()
         .unwrap();
     tx.commit().await.unwrap();
-    assert_eq!(v2, 2);
+    assert_eq!(v2, NewVersion::Added(2));
     assert_eq!(state.keys.current_version(), 1);
 
     // The rewrap reads the stale keys and computes their new wrapping...
@@ -652,6 +651,18 @@ async fn root_key_rotation(app: TestApp) {
         file.to_str().unwrap(),
     ]);
     assert!(String::from_utf8_lossy(&stdout).contains("LEDGER_MASTER_KEY_FILE"));
+
+    // This instance still holds the old root key: a new master or signing
+    // version wrapped under it would leave the ledger opened by neither
+    // key, so it refuses and says to restart.
+    for path in ["/v1/keys/rotate", "/v1/keys/export-signing/rotate"] {
+        let r = app.post(path, &app.admin(), &json!({})).await.expect(409);
+        assert!(
+            r.body["detail"].as_str().unwrap().contains("restart"),
+            "{}",
+            r.text
+        );
+    }
 
     // The old root key is refused, the new one opens everything.
     let out = app.cli(&["keys", "status"]);

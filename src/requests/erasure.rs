@@ -17,7 +17,7 @@ use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
 use crate::error::Result;
 use crate::storage::requests::{self as store, RequestRow};
-use crate::storage::{erasure as erase, from_micros, micros};
+use crate::storage::{erasure as erase, from_micros, micros, Tx, TxLock};
 
 /// Records handled per transaction.
 const BATCH: i64 = 1000;
@@ -44,9 +44,12 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
         .as_deref()
         .and_then(|p| serde_json::from_str(p).ok())
         .unwrap_or_default();
-    erase_batches(state, r.id, &r.carrier_id, &r.subject_index, &mut progress).await?;
-
-    let mut tx = state.db.begin_probes().await?;
+    let mut tx = loop {
+        erase_batches(state, r.id, &r.carrier_id, &r.subject_index, &mut progress).await?;
+        if let Some(tx) = settled(state, &r.carrier_id, &r.subject_index).await? {
+            break tx;
+        }
+    };
     let held = erase::held_records(&mut tx, &r.carrier_id, &r.subject_index).await?;
     let keys_destroyed = erase::forget_subject(&mut tx, &r.carrier_id, &r.subject_index).await?;
     for k in &keys_destroyed {
@@ -115,6 +118,23 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
     Ok(())
 }
 
+/// A transaction in which the holds cannot change and nothing of the
+/// subject is left unheld, to complete an erasure in; `None` if a hold was
+/// released since the last batch (its records are erased first).
+async fn settled(state: &AppState, carrier: &str, index: &[u8]) -> Result<Option<Tx>> {
+    let mut tx = state.db.begin_probes().await?;
+    TxLock::Holds.take(&mut tx, true).await?;
+    if erase::unheld_records(&mut tx, carrier, index, 1)
+        .await?
+        .is_empty()
+    {
+        Ok(Some(tx))
+    } else {
+        drop(tx); // rolled back: it changed nothing
+        Ok(None)
+    }
+}
+
 /// SHA-256 of the receipt without `key_id` and `signature`, serialized
 /// compactly with keys in sorted order: the bytes its signature covers.
 pub fn receipt_digest(receipt: &Value) -> [u8; 32] {
@@ -139,6 +159,8 @@ async fn erase_batches(
         // together) is redone; the synchronous completing transaction
         // flushes every batch before the receipt exists.
         let mut tx = state.db.begin_relaxed().await?;
+        // Holds stay as they are until this batch commits.
+        TxLock::Holds.take(&mut tx, true).await?;
         let records = erase::unheld_records(&mut tx, carrier, index, BATCH).await?;
         if records.is_empty() {
             tx.commit().await?;
@@ -182,8 +204,12 @@ pub async fn redo_pending(state: &AppState) -> Result<()> {
             .and_then(|p| serde_json::from_str(p).ok())
             .unwrap_or_default();
         let before = progress.deleted.values().sum::<i64>();
-        erase_batches(state, request, &carrier, &index, &mut progress).await?;
-        let mut tx = state.db.begin_probes().await?;
+        let mut tx = loop {
+            erase_batches(state, request, &carrier, &index, &mut progress).await?;
+            if let Some(tx) = settled(state, &carrier, &index).await? {
+                break tx;
+            }
+        };
         let still_held = erase::held_records(&mut tx, &carrier, &index).await?;
         let mut destroyed = Vec::new();
         if still_held.is_empty() {

@@ -14,7 +14,7 @@ use crate::domain::fields::{Errors, Obj};
 use crate::domain::{CarrierId, Category};
 use crate::error::{AppError, Result};
 use crate::storage::retention::{self as store, HoldRow};
-use crate::storage::{from_micros, micros};
+use crate::storage::{from_micros, micros, TxLock};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct HoldView {
@@ -97,6 +97,9 @@ pub async fn place(state: &AppState, who: &Principal, body: &Value) -> Result<Ho
         released_by: None,
     };
     let mut tx = state.db.begin().await?;
+    // After the sweep and erasure batches in flight: from the 201 on,
+    // nothing the hold covers is deleted.
+    TxLock::Holds.take(&mut tx, false).await?;
     store::insert_hold(&mut tx, &row).await?;
     audit::append(&mut tx, Some(who), &Event::new("hold.place", target(&row))).await?;
     tx.commit().await?;
@@ -106,6 +109,9 @@ pub async fn place(state: &AppState, who: &Principal, body: &Value) -> Result<Ho
 pub async fn release(state: &AppState, who: &Principal, id: Uuid) -> Result<HoldView> {
     state.authorize(who, "holds", "write")?;
     let mut tx = state.db.begin().await?;
+    // Not in the middle of an erasure's completion, which decides from the
+    // holds whether anything is left to erase later.
+    TxLock::Holds.take(&mut tx, false).await?;
     if !store::release_hold(&mut tx, id, micros(Utc::now()), &who.sub).await? {
         let existing = store::hold(&state.db, id).await?;
         return Err(match existing {

@@ -22,7 +22,7 @@ use crate::audit::{self, Event};
 use crate::auth::Principal;
 use crate::error::{AppError, Result};
 use crate::storage::retention::{self as store, SweepRow};
-use crate::storage::{from_micros, micros};
+use crate::storage::{from_micros, micros, TxLock};
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SweepReport {
@@ -119,6 +119,9 @@ async fn sweep_batches(
         let mut cursor = store::SweepCursor::START;
         loop {
             let mut tx = db.begin_probes().await?;
+            // Holds stay as they are until this batch commits (a hold
+            // being placed waits), so nothing held is deleted.
+            TxLock::Holds.take(&mut tx, true).await?;
             let (ids, next) = store::expired_batch(&mut tx, row.cutoff, cursor, batch).await?;
             if next == cursor {
                 break;

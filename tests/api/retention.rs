@@ -601,3 +601,71 @@ async fn sweeps_survive_being_killed_at_any_instant(app: TestApp) {
         .expect(200);
 }
 both!(sweeps_survive_being_killed_at_any_instant);
+
+/// A hold placed while a sweep batch is in flight: once its 201 is back,
+/// every record it covers that is still there survives the sweep. (On
+/// PostgreSQL the batch is stalled before its delete, after choosing its
+/// records, to hold that window open: the hold waits for the batch.)
+async fn a_hold_placed_during_a_sweep_protects_what_is_left(app: TestApp) {
+    app.batch(
+        (0..200)
+            .map(|i| {
+                expired(
+                    "carrier-h",
+                    &format!("h{i}"),
+                    &format!("+1425555{:04}", 3000 + i),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    if app.backend == Backend::Postgres {
+        // Between the batch's choice of records and its audit entry (which
+        // would serialize it with the hold's own entry anyway).
+        app.exec(
+            "CREATE FUNCTION stall_sweep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END; $$",
+            None,
+            None,
+        )
+        .await;
+        app.exec(
+            "CREATE TRIGGER stall_sweep BEFORE DELETE ON transfers FOR EACH STATEMENT EXECUTE FUNCTION stall_sweep()",
+            None,
+            None,
+        )
+        .await;
+    }
+    let sweep = {
+        let (client, url, token) = (app.client.clone(), app.addr.clone(), app.sweeper());
+        tokio::spawn(async move {
+            client
+                .post(format!("{url}/v1/retention/sweeps"))
+                .bearer_auth(token)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    // Into the first batch (50 records), then the hold.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    app.hold(json!({"carrier_id": "carrier-h", "reason": "litigation L-9"}))
+        .await;
+    let there_at_201 = app.ids_left().await;
+    assert_eq!(sweep.await.unwrap(), 201);
+    let left = app.ids_left().await;
+    assert!(
+        there_at_201.is_subset(&left),
+        "{} records deleted after the hold was placed",
+        there_at_201.difference(&left).count()
+    );
+    if app.backend == Backend::Postgres {
+        // The hold came during the stalled first batch: the rest is held.
+        assert_eq!(there_at_201.len(), 150);
+    }
+}
+both!(
+    a_hold_placed_during_a_sweep_protects_what_is_left,
+    [("LEDGER_SWEEP_BATCH", "50")]
+);

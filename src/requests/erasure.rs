@@ -124,6 +124,8 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
 async fn settled(state: &AppState, carrier: &str, index: &[u8]) -> Result<Option<Tx>> {
     let mut tx = state.db.begin_probes().await?;
     TxLock::Holds.take(&mut tx, true).await?;
+    // After any export of the subject being completed: it is deleted here.
+    TxLock::Exports.take(&mut tx, false).await?;
     if erase::unheld_records(&mut tx, carrier, index, 1)
         .await?
         .is_empty()

@@ -18,7 +18,7 @@ use crate::error::{AppError, Result};
 use crate::ledger::transfers::{decrypt, TransferView};
 use crate::storage::requests::{self as store, ExportRow, RequestRow};
 use crate::storage::transfers::{self as transfers, LogFilter};
-use crate::storage::{micros, Tx};
+use crate::storage::{micros, Tx, TxLock};
 
 /// Plaintext bytes per sealed chunk.
 const CHUNK: usize = 64 * 1024;
@@ -117,6 +117,10 @@ pub async fn prepare(state: &AppState, r: &RequestRow) -> Result<()> {
 
     let mut tx = state.db.begin_relaxed().await?;
     store::discard_export(&mut tx, r.id).await?;
+    // An erasure of the subject completing while this export is built
+    // (on another instance) deletes what was written so far; see below.
+    let erasures_before =
+        store::completed_erasures(&mut tx, &r.carrier_id, &r.subject_index).await?;
     tx.commit().await?;
 
     let raw = Key::generate_raw();
@@ -188,6 +192,23 @@ pub async fn prepare(state: &AppState, r: &RequestRow) -> Result<()> {
     // The export key is wrapped under the master key current in the
     // transaction that stores it, which a rotation cannot retire under us.
     let mut tx = state.db.begin().await?;
+    TxLock::Exports.take(&mut tx, false).await?;
+    if store::completed_erasures(&mut tx, &r.carrier_id, &r.subject_index).await? > erasures_before
+    {
+        // The subject was erased meanwhile: what this export read may be
+        // gone, and part of what it wrote is. It goes, as if the erasure
+        // had come after it (a download answers 410 and says why).
+        store::discard_export(&mut tx, r.id).await?;
+        store::complete(&mut tx, r.id, micros(Utc::now()), None, false).await?;
+        append_system(
+            &mut tx,
+            "subject_request.access_completed",
+            json!({"request_id": r.id, "records": count, "discarded": "the subject was erased while the export was built"}),
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(());
+    }
     let master = crate::storage::keys::current_master(&mut tx).await?;
     state.keys.ensure(&state.db, [master]).await?;
     let wrapped_key = state

@@ -413,6 +413,10 @@ pub enum TxLock {
     /// erasure batch deciding what is held (shared), so that what a batch
     /// deletes was unheld for the whole of its transaction.
     Holds,
+    /// Completing an access export against completing an erasure: one sees
+    /// the other's outcome (an erasure deletes the exports of its subject;
+    /// an export built while an erasure completed is discarded).
+    Exports,
 }
 
 impl TxLock {
@@ -422,6 +426,7 @@ impl TxLock {
         match self {
             Self::Keyring => 0x746c_6b72,
             Self::Holds => 0x746c_686f,
+            Self::Exports => 0x746c_6578,
         }
     }
 

@@ -222,6 +222,20 @@ const EXPORT_COLUMNS: &str =
     "request_id, master, wrapped_key, chunks, size, records, sha256, signature, key_id, created_at, expires_at";
 
 /// Removes a half-written export of a request (a processor died mid-way).
+/// How many erasures of this subject in this carrier's scope completed.
+pub async fn completed_erasures(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<i64> {
+    on_tx!(tx, c => {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM subject_requests
+             WHERE carrier_id = $1 AND subject_index = $2 AND kind = 'erasure' AND status = 'completed'",
+        )
+        .bind(carrier)
+        .bind(index)
+        .fetch_one(c)
+        .await
+    })
+}
+
 pub async fn discard_export(tx: &mut Tx, id: Uuid) -> sqlx::Result<()> {
     on_tx!(tx, c => {
         sqlx::query("DELETE FROM subject_export_chunks WHERE request_id = $1").bind(id).execute(&mut *c).await?;

@@ -936,3 +936,83 @@ async fn requests_are_listed_page_by_page_and_filtered(app: TestApp) {
     assert_eq!(bad, ["cursor", "overdue", "status"]);
 }
 both!(requests_are_listed_page_by_page_and_filtered);
+
+/// An access export built on one instance while another completes an
+/// erasure of the same subject: the export is discarded (410, the trail
+/// says why), not completed with the erased data or with chunks the
+/// erasure deleted. PostgreSQL only: the export is stalled at its first
+/// chunk by a trigger to hold the window open (on SQLite the worker of one
+/// instance and the write lock serialize them).
+async fn an_export_built_while_its_subject_is_erased_is_discarded(app: TestApp) {
+    if app.backend != Backend::Postgres {
+        return;
+    }
+    app.batch(
+        (0..5)
+            .map(|i| cdr("carrier-a", &format!("e{i}"), X, "+33123456780"))
+            .collect(),
+    )
+    .await;
+    app.exec(
+        "CREATE FUNCTION stall_export() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END; $$",
+        None,
+        None,
+    )
+    .await;
+    app.exec(
+        "CREATE TRIGGER stall_export BEFORE INSERT ON subject_export_chunks FOR EACH ROW EXECUTE FUNCTION stall_export()",
+        None,
+        None,
+    )
+    .await;
+    let carrier = app.carrier("carrier-a");
+    let other = app.another_instance(&[]).await;
+    let access = app
+        .raw(
+            app.client
+                .post(format!("{}/v1/subject-requests", other.url))
+                .bearer_auth(&carrier)
+                .json(&json!({"kind": "access", "carrier_id": "carrier-a", "subject": {"phone_number": X}})),
+        )
+        .await
+        .expect(202);
+    let access = access.body["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let erasure = app
+        .request(
+            &carrier,
+            "erasure",
+            "carrier-a",
+            json!({"phone_number": X}),
+            None,
+        )
+        .await;
+    app.completed(&carrier, erasure["id"].as_str().unwrap())
+        .await;
+    let done = app.completed(&carrier, &access).await;
+    assert_eq!(done["status"], "completed");
+
+    let r = app
+        .get(&format!("/v1/subject-requests/{access}/export"), &carrier)
+        .await
+        .expect(410);
+    assert!(r.text.contains("erasure"), "{}", r.text);
+    let chunks = app
+        .scalar(&format!(
+            "SELECT COUNT(*) FROM subject_export_chunks WHERE request_id = '{access}'"
+        ))
+        .await;
+    assert_eq!(chunks, 0, "nothing of the export is kept");
+    let entries = app
+        .all_pages(
+            "/v1/audit?action=subject_request.access_completed&limit=100",
+            &app.token(Role::Auditor, None),
+        )
+        .await;
+    let entry = entries
+        .iter()
+        .find(|e| e["entry"]["target"]["request_id"] == access.as_str())
+        .unwrap();
+    assert!(entry["entry"]["target"]["discarded"].is_string(), "{entry}");
+}
+both!(an_export_built_while_its_subject_is_erased_is_discarded);

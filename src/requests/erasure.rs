@@ -44,8 +44,17 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
         .as_deref()
         .and_then(|p| serde_json::from_str(p).ok())
         .unwrap_or_default();
+    let mut claim = super::held_claim(r)?;
     let mut tx = loop {
-        erase_batches(state, r.id, &r.carrier_id, &r.subject_index, &mut progress).await?;
+        erase_batches(
+            state,
+            r.id,
+            &r.carrier_id,
+            &r.subject_index,
+            &mut progress,
+            Some(&mut claim),
+        )
+        .await?;
         if let Some(tx) = settled(state, &r.carrier_id, &r.subject_index).await? {
             break tx;
         }
@@ -106,14 +115,18 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
     receipt["signature"] =
         json!(base64::engine::general_purpose::STANDARD.encode(signature.to_bytes()));
     // The identifier is not kept past an erasure: only its blind index.
-    store::complete(
+    if !store::complete(
         &mut tx,
         r.id,
+        claim,
         micros(completed_at),
         Some(&receipt.to_string()),
         false,
     )
-    .await?;
+    .await?
+    {
+        return Err(super::claim_lost(r.id));
+    }
     tx.commit().await?;
     Ok(())
 }
@@ -155,6 +168,7 @@ async fn erase_batches(
     carrier: &str,
     index: &[u8],
     progress: &mut Progress,
+    mut claim: Option<&mut i64>,
 ) -> Result<()> {
     loop {
         // A batch lost in a crash (with its audit entry: they commit
@@ -181,7 +195,13 @@ async fn erase_batches(
             &serde_json::to_string(progress).expect("JSON"),
         )
         .await?;
-        store::renew_claim(&mut tx, request, micros(Utc::now())).await?;
+        if let Some(held) = claim.as_deref_mut() {
+            let now = micros(Utc::now());
+            if !store::renew_claim(&mut tx, request, *held, now).await? {
+                return Err(super::claim_lost(request));
+            }
+            *held = now;
+        }
         let target = json!({"request_id": request, "transfer_ids": ids, "records_deleted": removed, "by_category": batch});
         audit::append(
             &mut tx,
@@ -207,7 +227,8 @@ pub async fn redo_pending(state: &AppState) -> Result<()> {
             .unwrap_or_default();
         let before = progress.deleted.values().sum::<i64>();
         let mut tx = loop {
-            erase_batches(state, request, &carrier, &index, &mut progress).await?;
+            // A completed request: no claim to renew.
+            erase_batches(state, request, &carrier, &index, &mut progress, None).await?;
             if let Some(tx) = settled(state, &carrier, &index).await? {
                 break tx;
             }

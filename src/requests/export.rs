@@ -44,6 +44,8 @@ struct ChunkWriter<'a> {
     seq: i64,
     size: i64,
     hasher: Sha256,
+    /// The claim held on the request, renewed with every chunk.
+    claim: i64,
 }
 
 impl ChunkWriter<'_> {
@@ -66,7 +68,11 @@ impl ChunkWriter<'_> {
         // completing transaction is synchronous and flushes it first.
         let mut tx = self.state.db.begin_relaxed().await?;
         store::insert_chunk(&mut tx, self.id, self.seq, &sealed).await?;
-        store::renew_claim(&mut tx, self.id, micros(Utc::now())).await?;
+        let now = micros(Utc::now());
+        if !store::renew_claim(&mut tx, self.id, self.claim, now).await? {
+            return Err(super::claim_lost(self.id));
+        }
+        self.claim = now;
         tx.commit().await?;
         self.seq += 1;
         self.buf.clear();
@@ -132,6 +138,7 @@ pub async fn prepare(state: &AppState, r: &RequestRow) -> Result<()> {
         seq: 0,
         size: 0,
         hasher: Sha256::new(),
+        claim: super::held_claim(r)?,
     };
 
     let generated_at = Utc::now();
@@ -199,7 +206,9 @@ pub async fn prepare(state: &AppState, r: &RequestRow) -> Result<()> {
         // gone, and part of what it wrote is. It goes, as if the erasure
         // had come after it (a download answers 410 and says why).
         store::discard_export(&mut tx, r.id).await?;
-        store::complete(&mut tx, r.id, micros(Utc::now()), None, false).await?;
+        if !store::complete(&mut tx, r.id, w.claim, micros(Utc::now()), None, false).await? {
+            return Err(super::claim_lost(r.id));
+        }
         append_system(
             &mut tx,
             "subject_request.access_completed",
@@ -230,7 +239,9 @@ pub async fn prepare(state: &AppState, r: &RequestRow) -> Result<()> {
     };
     store::insert_export(&mut tx, &export).await?;
     // The identifier stays (sealed) while the export exists; it goes with it.
-    store::complete(&mut tx, r.id, micros(now), None, true).await?;
+    if !store::complete(&mut tx, r.id, w.claim, micros(now), None, true).await? {
+        return Err(super::claim_lost(r.id));
+    }
     append_system(
         &mut tx,
         "subject_request.access_completed",

@@ -353,6 +353,21 @@ pub async fn extend(
         .into())
 }
 
+/// A processor that stalled past the claim timeout (a pause, a long GC of
+/// the VM) finds its request taken over: it stops, its last transaction
+/// rolled back, and leaves the request to the one that took it.
+pub(crate) fn claim_lost(id: Uuid) -> AppError {
+    AppError::Conflict(format!(
+        "subject request {id} was taken over by another processor; this one stops"
+    ))
+}
+
+/// The claim a processing request's processor holds.
+pub(crate) fn held_claim(r: &RequestRow) -> Result<i64> {
+    r.claimed_at
+        .ok_or_else(|| AppError::Integrity(format!("subject request {} is not claimed", r.id)))
+}
+
 /// Processes one request if it can be claimed.
 pub async fn process(state: &AppState, id: Uuid) -> Result<()> {
     let now = micros(Utc::now());

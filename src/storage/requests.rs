@@ -141,11 +141,24 @@ pub async fn pending(db: &Db, stale_before: i64) -> sqlx::Result<Vec<Uuid>> {
     })
 }
 
-pub async fn renew_claim(tx: &mut Tx, id: Uuid, now: i64) -> sqlx::Result<()> {
-    on_tx!(tx, c => {
-        sqlx::query("UPDATE subject_requests SET claimed_at = $1 WHERE id = $2").bind(now).bind(id).execute(c).await.map(|r| r.rows_affected())
+/// Renews the claim this processor holds (`held`, the `claimed_at` it
+/// last wrote) to `now`. `false` when the claim is no longer its own:
+/// another processor took the request over after this one stalled past
+/// the claim timeout, and this one must stop.
+pub async fn renew_claim(tx: &mut Tx, id: Uuid, held: i64, now: i64) -> sqlx::Result<bool> {
+    let n = on_tx!(tx, c => {
+        sqlx::query(
+            "UPDATE subject_requests SET claimed_at = $1
+             WHERE id = $2 AND status = 'processing' AND claimed_at = $3",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(held)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
     })?;
-    Ok(())
+    Ok(n == 1)
 }
 
 pub async fn set_progress(tx: &mut Tx, id: Uuid, progress: &str) -> sqlx::Result<()> {
@@ -155,29 +168,33 @@ pub async fn set_progress(tx: &mut Tx, id: Uuid, progress: &str) -> sqlx::Result
     Ok(())
 }
 
+/// Completes a request whose claim this processor holds (`held`, as in
+/// [`renew_claim`]); `false`, changing nothing, when it no longer does.
 pub async fn complete(
     tx: &mut Tx,
     id: Uuid,
+    held: i64,
     now: i64,
     receipt: Option<&str>,
     keep_subject: bool,
-) -> sqlx::Result<()> {
-    on_tx!(tx, c => {
+) -> sqlx::Result<bool> {
+    let n = on_tx!(tx, c => {
         sqlx::query(
             "UPDATE subject_requests SET status = 'completed', completed_at = $1, receipt = $2,
                subject_sealed = CASE WHEN $3 THEN subject_sealed ELSE NULL END,
                subject_master = CASE WHEN $3 THEN subject_master ELSE NULL END
-             WHERE id = $4",
+             WHERE id = $4 AND status = 'processing' AND claimed_at = $5",
         )
         .bind(now)
         .bind(receipt)
         .bind(keep_subject)
         .bind(id)
+        .bind(held)
         .execute(c)
         .await
         .map(|r| r.rows_affected())
     })?;
-    Ok(())
+    Ok(n == 1)
 }
 
 pub async fn extend(

@@ -1016,3 +1016,62 @@ async fn an_export_built_while_its_subject_is_erased_is_discarded(app: TestApp) 
     assert!(entry["entry"]["target"]["discarded"].is_string(), "{entry}");
 }
 both!(an_export_built_while_its_subject_is_erased_is_discarded);
+
+/// A processor renews and completes a request only while the claim is its
+/// own: one that stalled past the claim timeout and was taken over stops
+/// instead of appending a second completion and overwriting the receipt.
+async fn a_processor_that_lost_its_claim_changes_nothing(app: TestApp) {
+    use transfer_ledger::storage::requests as store;
+    let carrier = app.carrier("carrier-a");
+    let r = app
+        .request(
+            &carrier,
+            "erasure",
+            "carrier-a",
+            json!({"phone_number": X}),
+            None,
+        )
+        .await;
+    let id = uuid::Uuid::parse_str(r["id"].as_str().unwrap()).unwrap();
+    let done = app.completed(&carrier, &id.to_string()).await;
+    // As if still processing, under the claim another processor took (111).
+    app.exec(
+        "UPDATE subject_requests SET status = 'processing', claimed_at = 111 WHERE id = $1",
+        None,
+        Some(id),
+    )
+    .await;
+    let db = app.db();
+    let mut tx = db.begin().await.unwrap();
+    assert!(
+        !store::renew_claim(&mut tx, id, 222, 333).await.unwrap(),
+        "not its claim"
+    );
+    assert!(!store::complete(&mut tx, id, 222, 444, Some("{}"), false)
+        .await
+        .unwrap());
+    assert!(store::renew_claim(&mut tx, id, 111, 333).await.unwrap());
+    assert!(
+        !store::complete(&mut tx, id, 111, 444, Some("{}"), false)
+            .await
+            .unwrap(),
+        "renewed since"
+    );
+    assert!(store::complete(&mut tx, id, 333, 444, Some("{}"), false)
+        .await
+        .unwrap());
+    assert!(
+        !store::complete(&mut tx, id, 333, 555, Some("{}"), false)
+            .await
+            .unwrap(),
+        "already completed"
+    );
+    drop(tx); // rolled back
+              // Rolled back: the request is as the test left it; its receipt intact.
+    let now = app
+        .get(&format!("/v1/subject-requests/{id}"), &carrier)
+        .await
+        .expect(200);
+    assert_eq!(now.body["receipt"], done["receipt"]);
+}
+both!(a_processor_that_lost_its_claim_changes_nothing);

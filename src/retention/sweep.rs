@@ -117,33 +117,24 @@ async fn sweep_batches(
         row.keys_shredded = store::keys_left_empty(db, row.cutoff).await?;
     } else {
         let mut cursor = store::SweepCursor::START;
+        let mut attempts = 0;
         loop {
-            let mut tx = db.begin_probes().await?;
-            // Holds stay as they are until this batch commits (a hold
-            // being placed waits), so nothing held is deleted.
-            TxLock::Holds.take(&mut tx, true).await?;
-            let (ids, next) = store::expired_batch(&mut tx, row.cutoff, cursor, batch).await?;
-            if next == cursor {
-                break;
-            }
+            let (next, deleted, shredded) = match sweep_batch(state, who, row, cursor, batch).await
+            {
+                Ok(Some(done)) => done,
+                Ok(None) => break,
+                // A writer sealing under a key this batch found unused (its
+                // slots not committed yet) or a deadlock with one: the batch
+                // rolled back and runs again from the same cursor.
+                Err(e) if attempts < 2 && retryable(&e) => {
+                    attempts += 1;
+                    tracing::warn!(error = %e, attempt = attempts, "sweep batch conflicted with a writer; retrying it");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            attempts = 0;
             cursor = next;
-            if ids.is_empty() {
-                // A batch of held records only: nothing to delete or audit.
-                continue;
-            }
-            let (deleted, keys) = store::delete_batch(&mut tx, &ids).await?;
-            let deleted = deleted as i64;
-            let shredded = store::shred_unused_keys(&mut tx, &keys).await?;
-            store::add_progress(&mut tx, row.id, deleted, shredded.len() as i64).await?;
-            let target =
-                json!({"sweep_id": row.id, "deleted_ids": ids, "keys_shredded": shredded.len()});
-            audit::append(
-                &mut tx,
-                Some(who),
-                &Event::new("retention.sweep.batch", target),
-            )
-            .await?;
-            tx.commit().await?;
             for k in &shredded {
                 state.keys.forget(*k);
             }
@@ -190,4 +181,48 @@ pub async fn schedule(state: AppState, interval: Duration, batch: i64) {
             Err(e) => tracing::error!(error = %e, "scheduled sweep failed; the next one resumes"),
         }
     }
+}
+
+/// One batch: the next expired, unheld records after `cursor`, deleted with
+/// the keys they leave unused, in one transaction with its audit entry.
+/// The cursor after it, what it deleted and the keys it destroyed; `None`
+/// once the walk is over.
+async fn sweep_batch(
+    state: &AppState,
+    who: &Principal,
+    row: &SweepRow,
+    cursor: store::SweepCursor,
+    batch: i64,
+) -> Result<Option<(store::SweepCursor, i64, Vec<Uuid>)>> {
+    let mut tx = state.db.begin_probes().await?;
+    // Holds stay as they are until this batch commits (a hold being placed
+    // waits), so nothing held is deleted.
+    TxLock::Holds.take(&mut tx, true).await?;
+    let (ids, next) = store::expired_batch(&mut tx, row.cutoff, cursor, batch).await?;
+    if next == cursor {
+        return Ok(None);
+    }
+    if ids.is_empty() {
+        // A batch of held records only: nothing to delete or audit.
+        return Ok(Some((next, 0, Vec::new())));
+    }
+    let (deleted, keys) = store::delete_batch(&mut tx, &ids).await?;
+    let shredded = store::shred_unused_keys(&mut tx, &keys).await?;
+    store::add_progress(&mut tx, row.id, deleted as i64, shredded.len() as i64).await?;
+    let target = json!({"sweep_id": row.id, "deleted_ids": ids, "keys_shredded": shredded.len()});
+    audit::append(
+        &mut tx,
+        Some(who),
+        &Event::new("retention.sweep.batch", target),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some((next, deleted as i64, shredded)))
+}
+
+/// A deadlock, a serialization failure, or (PostgreSQL) a key's deletion
+/// refused because a writer's slots now reference it.
+fn retryable(e: &AppError) -> bool {
+    matches!(e, AppError::Database(sqlx::Error::Database(db))
+        if matches!(db.code().as_deref(), Some("40P01" | "40001" | "23503")))
 }

@@ -378,8 +378,11 @@ pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Vec<U
     }
     if let Tx::Postgres(t) = tx {
         // One array parameter: planned as index probes, whatever the count.
+        // A key a writer is sealing under right now (its slot insert holds
+        // a key-share lock on it) is in use: skipped, not waited for.
         return sqlx::query_scalar(&format!(
-            "DELETE FROM subject_keys WHERE id = ANY($1) {UNUSED}"
+            "DELETE FROM subject_keys WHERE id IN
+               (SELECT id FROM subject_keys WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) {UNUSED}"
         ))
         .bind(keys)
         .fetch_all(&mut **t)

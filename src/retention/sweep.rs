@@ -143,8 +143,13 @@ async fn sweep_batches(
             row.keys_shredded += shredded.len() as i64;
             progress(row.deleted as u64, to_delete);
         }
-        row.held = held;
-        row.examined += held;
+        // Held as the walk left them: a hold placed during the sweep
+        // counts the records it kept.
+        let mut tx = db.begin_probes().await?;
+        let (_, held_now) = store::expired_counts(&mut tx, row.cutoff).await?;
+        tx.commit().await?;
+        row.held = held_now;
+        row.examined += held_now;
     }
 
     row.status = "completed".into();

@@ -47,7 +47,7 @@ pub async fn held_records(
                AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
                AND (h.category IS NULL OR h.category = t.category)
                AND (h.subject_index IS NULL OR EXISTS (
-                    SELECT 1 FROM subject_lookup hl WHERE hl.transfer_id = t.id AND hl.blind_index = h.subject_index))
+                    SELECT 1 FROM subject_lookup hl WHERE hl.blind_index = h.subject_index AND hl.occurred_at = t.occurred_at AND hl.transfer_id = t.id))
              WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2",
         )
         .bind(index)

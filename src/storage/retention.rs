@@ -228,7 +228,7 @@ pub(crate) const HELD: &str = "EXISTS (SELECT 1 FROM holds h WHERE h.released_at
        AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
        AND (h.category IS NULL OR h.category = t.category)
        AND (h.subject_index IS NULL OR EXISTS (
-             SELECT 1 FROM subject_lookup l WHERE l.transfer_id = t.id AND l.blind_index = h.subject_index)))";
+             SELECT 1 FROM subject_lookup l WHERE l.blind_index = h.subject_index AND l.occurred_at = t.occurred_at AND l.transfer_id = t.id)))";
 
 /// Where a sweep's next batch starts: just after the last record (by
 /// expiry, then id) the previous batch looked at.
@@ -477,7 +477,7 @@ pub async fn holds_covering(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<Vec<(Uuid
                    AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
                    AND (h.category IS NULL OR h.category = t.category)
                    AND (h.subject_index IS NULL OR EXISTS (
-                        SELECT 1 FROM subject_lookup l WHERE l.transfer_id = t.id AND l.blind_index = h.subject_index))
+                        SELECT 1 FROM subject_lookup l WHERE l.blind_index = h.subject_index AND l.occurred_at = t.occurred_at AND l.transfer_id = t.id))
                  WHERE t.id IN (",
             );
             push_list(&mut qb, chunk.iter().copied());

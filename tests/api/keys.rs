@@ -29,21 +29,6 @@ fn batch(from: usize, n: usize) -> Value {
 }
 
 impl TestApp {
-    /// Erases a phone number at carrier-a and waits for the receipt.
-    async fn erase(&self, phone: &str) {
-        let officer = self.officer();
-        let req = self
-            .request(
-                &officer,
-                "erasure",
-                "carrier-a",
-                json!({"phone_number": phone}),
-                None,
-            )
-            .await;
-        self.completed(&officer, req["id"].as_str().unwrap()).await;
-    }
-
     fn admin(&self) -> String {
         self.token(Role::Admin, None)
     }

@@ -33,6 +33,22 @@ impl TestApp {
         r.body
     }
 
+    /// Erases a phone number at carrier-a as a privacy officer; the
+    /// completed request, with its receipt.
+    pub(crate) async fn erase(&self, phone: &str) -> Value {
+        let officer = self.officer();
+        let req = self
+            .request(
+                &officer,
+                "erasure",
+                "carrier-a",
+                json!({"phone_number": phone}),
+                None,
+            )
+            .await;
+        self.completed(&officer, req["id"].as_str().unwrap()).await
+    }
+
     /// Waits for a request to complete, the way clients should: one GET
     /// with `Prefer: wait`.
     pub(crate) async fn completed(&self, token: &str, id: &str) -> Value {
@@ -978,17 +994,7 @@ async fn an_export_built_while_its_subject_is_erased_is_discarded(app: TestApp) 
         .expect(202);
     let access = access.body["id"].as_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let erasure = app
-        .request(
-            &carrier,
-            "erasure",
-            "carrier-a",
-            json!({"phone_number": X}),
-            None,
-        )
-        .await;
-    app.completed(&carrier, erasure["id"].as_str().unwrap())
-        .await;
+    app.erase(X).await;
     let done = app.completed(&carrier, &access).await;
     assert_eq!(done["status"], "completed");
 
@@ -1023,17 +1029,8 @@ both!(an_export_built_while_its_subject_is_erased_is_discarded);
 async fn a_processor_that_lost_its_claim_changes_nothing(app: TestApp) {
     use transfer_ledger::storage::requests as store;
     let carrier = app.carrier("carrier-a");
-    let r = app
-        .request(
-            &carrier,
-            "erasure",
-            "carrier-a",
-            json!({"phone_number": X}),
-            None,
-        )
-        .await;
-    let id = uuid::Uuid::parse_str(r["id"].as_str().unwrap()).unwrap();
-    let done = app.completed(&carrier, &id.to_string()).await;
+    let done = app.erase(X).await;
+    let id = uuid::Uuid::parse_str(done["id"].as_str().unwrap()).unwrap();
     // As if still processing, under the claim another processor took (111).
     app.exec(
         "UPDATE subject_requests SET status = 'processing', claimed_at = 111 WHERE id = $1",

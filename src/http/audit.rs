@@ -56,11 +56,8 @@ pub async fn list(
     p.finish()?;
     f.limit += 1;
     let mut rows = store::list(&state.db, &f).await?;
-    let more = rows.len() as i64 == f.limit;
-    rows.truncate((f.limit - 1) as usize);
-    let next_cursor = more
-        .then(|| rows.last().map(|r| r.seq.to_string()))
-        .flatten();
+    f.limit -= 1;
+    let next_cursor = crate::storage::next_page(&mut rows, f.limit, |r| r.seq.to_string());
     let target = json!({
         "filters": {"from": f.from, "to": f.to, "actor": f.actor, "action": f.action, "before": f.before},
         "returned": rows.len(),

@@ -15,7 +15,7 @@ use crate::domain::fields::{Errors, Obj};
 use crate::error::{AppError, Result};
 use crate::retention::sweep::{self, SweepReport};
 use crate::retention::RetentionPolicy;
-use crate::storage::encode_cursor;
+use crate::storage::{encode_cursor, next_page};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -101,11 +101,7 @@ pub async fn list_sweeps(
     p.finish()?;
     let mut rows =
         crate::storage::retention::list_sweeps(&state.db, dry_run, after, limit + 1).await?;
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next = more
-        .then(|| rows.last().map(|r| encode_cursor(r.started_at, r.id)))
-        .flatten();
+    let next = next_page(&mut rows, limit, |r| encode_cursor(r.started_at, r.id));
     audit::record(
         &state,
         Some(&who),

@@ -18,7 +18,7 @@ use crate::domain::{Category, Country, Direction, LegalBasis, Purpose, SubjectId
 use crate::error::{AppError, FieldError, Result};
 use crate::ledger::transfers::{self as ledger, Recorded, TransferView, MAX_BATCH};
 use crate::storage::transfers::LogFilter;
-use crate::storage::{decode_cursor, encode_cursor};
+use crate::storage::{decode_cursor, encode_cursor, next_page};
 use crate::storage::{micros, transfers as store};
 
 pub fn router() -> Router<AppState> {
@@ -212,11 +212,8 @@ pub async fn list(
     // One extra row tells whether another page follows.
     f.limit += 1;
     let mut rows = store::list(&state.db, &f).await?;
-    let more = rows.len() as i64 == f.limit;
-    rows.truncate((f.limit - 1) as usize);
-    let next_cursor = more
-        .then(|| rows.last().map(|r| encode_cursor(r.occurred_at, r.id)))
-        .flatten();
+    f.limit -= 1;
+    let next_cursor = next_page(&mut rows, f.limit, |r| encode_cursor(r.occurred_at, r.id));
     let mut items: Vec<TransferView> = rows.into_iter().map(TransferView::from).collect();
     if with_payload {
         ledger::decrypt(&state, &mut items).await?;

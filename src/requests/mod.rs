@@ -25,7 +25,7 @@ use crate::domain::fields::{Errors, Obj};
 use crate::domain::{CarrierId, SubjectId};
 use crate::error::{AppError, Result};
 use crate::storage::requests::{self as store, RequestRow};
-use crate::storage::{encode_cursor, from_micros, micros};
+use crate::storage::{encode_cursor, from_micros, micros, next_page};
 
 /// A processor that has not renewed its claim for this long is presumed dead.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -273,11 +273,7 @@ pub async fn list(
         },
     )
     .await?;
-    let more = rows.len() as i64 > f.limit;
-    rows.truncate(f.limit as usize);
-    let next = more
-        .then(|| rows.last().map(|r| encode_cursor(r.received_at, r.id)))
-        .flatten();
+    let next = next_page(&mut rows, f.limit, |r| encode_cursor(r.received_at, r.id));
     audit::record(
         state,
         Some(who),

@@ -380,6 +380,19 @@ pub fn from_micros(us: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
 
+/// A page read with one row more than `limit` (that row only says another
+/// page follows): cuts it to `limit` and returns the cursor of its last
+/// row, made by `cursor`, when another page follows.
+pub fn next_page<T>(
+    rows: &mut Vec<T>,
+    limit: i64,
+    cursor: impl Fn(&T) -> String,
+) -> Option<String> {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    more.then(|| rows.last().map(cursor)).flatten()
+}
+
 /// A keyset cursor: the `(time, id)` of the last item of a page, opaque to
 /// clients (URL-safe base64, so it needs no escaping in a query string).
 pub fn encode_cursor(at: i64, id: Uuid) -> String {

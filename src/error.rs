@@ -170,6 +170,12 @@ pub fn problem_response(
     if let Some(d) = &body.detail {
         resp.extensions_mut().insert(ProblemDetail(d.clone()));
     }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // What is unavailable (the database, a lock held by a batch) is
+        // usually back within seconds.
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

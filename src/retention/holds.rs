@@ -1,6 +1,8 @@
 //! Legal holds: records they match outlive their retention and survive
 //! erasure requests until released.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -14,7 +16,7 @@ use crate::domain::fields::{Errors, Obj};
 use crate::domain::{CarrierId, Category};
 use crate::error::{AppError, Result};
 use crate::storage::retention::{self as store, HoldRow};
-use crate::storage::{from_micros, micros, TxLock};
+use crate::storage::{from_micros, micros, Tx, TxLock};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct HoldView {
@@ -53,6 +55,23 @@ fn target(h: &HoldRow) -> Value {
         "hold_id": h.id, "carrier_id": h.carrier_id, "category": h.category,
         "subject_index": h.subject_index.as_ref().map(hex::encode),
     })
+}
+
+/// How long placing or releasing a hold waits for the sweep and erasure
+/// batches in flight (a batch takes about a second).
+const HOLD_LOCK_WAIT: Duration = Duration::from_secs(20);
+
+/// The holds lock, exclusively, or a 503 if batches keep it longer than
+/// [`HOLD_LOCK_WAIT`] (an instance stuck mid-batch: PostgreSQL ends its
+/// transaction after a minute idle). Nothing is left waiting.
+async fn hold_lock(tx: &mut Tx, done: &str) -> Result<()> {
+    if TxLock::Holds.take_within(tx, false, HOLD_LOCK_WAIT).await? {
+        return Ok(());
+    }
+    Err(AppError::Unavailable(format!(
+        "a retention sweep or erasure batch has been deleting records for more than {} s; the hold was not {done}: retry",
+        HOLD_LOCK_WAIT.as_secs()
+    )))
 }
 
 pub async fn place(state: &AppState, who: &Principal, body: &Value) -> Result<HoldView> {
@@ -99,7 +118,7 @@ pub async fn place(state: &AppState, who: &Principal, body: &Value) -> Result<Ho
     let mut tx = state.db.begin().await?;
     // After the sweep and erasure batches in flight: from the 201 on,
     // nothing the hold covers is deleted.
-    TxLock::Holds.take(&mut tx, false).await?;
+    hold_lock(&mut tx, "placed").await?;
     store::insert_hold(&mut tx, &row).await?;
     audit::append(&mut tx, Some(who), &Event::new("hold.place", target(&row))).await?;
     tx.commit().await?;
@@ -111,7 +130,7 @@ pub async fn release(state: &AppState, who: &Principal, id: Uuid) -> Result<Hold
     let mut tx = state.db.begin().await?;
     // Not in the middle of an erasure's completion, which decides from the
     // holds whether anything is left to erase later.
-    TxLock::Holds.take(&mut tx, false).await?;
+    hold_lock(&mut tx, "released").await?;
     if !store::release_hold(&mut tx, id, micros(Utc::now()), &who.sub).await? {
         let existing = store::hold(&state.db, id).await?;
         return Err(match existing {

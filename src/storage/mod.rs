@@ -125,7 +125,17 @@ impl Db {
                 // subject with many records made a 10-row probe of a blind
                 // index a parallel bitmap scan: 25 ms instead of 0.8 ms, and
                 // most of an erasure's time at 1 million records.
-                .options([("max_parallel_workers_per_gather", "0")])
+                //
+                // A transaction left idle for a minute ends with its
+                // session: a process frozen (or cut off) mid-transaction
+                // would otherwise keep its row and advisory locks, and every
+                // sweep, erasure and hold behind them, until someone killed
+                // it. The service never waits on anything outside the
+                // database inside a transaction.
+                .options([
+                    ("max_parallel_workers_per_gather", "0"),
+                    ("idle_in_transaction_session_timeout", "60s"),
+                ])
                 .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5))
                 // Batch statements vary in size; caching a hundred of them
                 // per connection costs more memory than re-preparing them.
@@ -432,6 +442,9 @@ pub enum TxLock {
     Exports,
 }
 
+/// PostgreSQL's SQLSTATE for a lock not granted within `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
 impl TxLock {
     /// Advisory lock classes ("tlkr", "tlho"); the second key is the
     /// schema's hash, as for the sweep lock.
@@ -441,6 +454,43 @@ impl TxLock {
             Self::Holds => 0x746c_686f,
             Self::Exports => 0x746c_6578,
         }
+    }
+
+    /// As [`TxLock::take`], but gives up after `wait`: `false` when the
+    /// lock was not granted in time, and `tx` is then aborted (PostgreSQL
+    /// refuses any further statement in it) and must be dropped. A caller
+    /// that gives up leaves no statement waiting behind it, and while it
+    /// waits, takers of the shared lock queue behind it, so the bound keeps
+    /// both short. On SQLite the lock is the one writer's, taken at `BEGIN`.
+    pub async fn take_within(
+        self,
+        tx: &mut Tx,
+        shared: bool,
+        wait: Duration,
+    ) -> sqlx::Result<bool> {
+        if let Tx::Postgres(t) = tx {
+            sqlx::query(&format!(
+                "SET LOCAL lock_timeout = {}",
+                wait.as_millis().max(1)
+            ))
+            .execute(&mut **t)
+            .await?;
+            match self.take(tx, shared).await {
+                Ok(()) => {}
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
+                {
+                    return Ok(false)
+                }
+                Err(e) => return Err(e),
+            }
+            if let Tx::Postgres(t) = tx {
+                sqlx::query("SET LOCAL lock_timeout TO DEFAULT")
+                    .execute(&mut **t)
+                    .await?;
+            }
+        }
+        Ok(true)
     }
 
     /// Waits for the lock; it is released when `tx` ends.

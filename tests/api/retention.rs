@@ -674,3 +674,62 @@ both!(
     a_hold_placed_during_a_sweep_protects_what_is_left,
     [("LEDGER_SWEEP_BATCH", "50")]
 );
+
+/// A batch that keeps the holds lock (an instance frozen mid-sweep) makes
+/// placing a hold answer 503 within its bounded wait, leaving no statement
+/// queued for the lock that would hold up every other batch; once the
+/// batch ends, the hold goes in.
+async fn a_hold_behind_a_stuck_batch_is_refused_and_leaves_nothing_waiting(app: TestApp) {
+    if app.backend != Backend::Postgres {
+        return;
+    }
+    let transfer_ledger::storage::Db::Postgres(pool) = app.db() else {
+        unreachable!()
+    };
+    // The shared lock a sweep or erasure batch takes ("tlho").
+    const HOLDS: i32 = 0x746c_686f;
+    let take_shared = "SELECT pg_advisory_xact_lock_shared($1, hashtext(current_schema()))";
+    let mut stuck = pool.begin().await.unwrap();
+    sqlx::query(take_shared)
+        .bind(HOLDS)
+        .execute(&mut *stuck)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let body = json!({"carrier_id": "carrier-a", "reason": "litigation L-10"});
+    let r = app
+        .post("/v1/holds", &app.officer(), &body)
+        .await
+        .expect(503);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(40),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.headers["retry-after"], "5");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("not placed"),
+        "{}",
+        r.text
+    );
+    // Nothing queued behind the stuck batch: another batch gets the shared
+    // lock at once.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = 1000")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query(take_shared)
+        .bind(HOLDS)
+        .execute(&mut *other)
+        .await
+        .expect("a refused hold left a statement waiting for the lock");
+    other.rollback().await.unwrap();
+    let holds = app.get("/v1/holds", &app.officer()).await.expect(200);
+    assert_eq!(holds.body.as_array().unwrap().len(), 0, "{}", holds.text);
+
+    stuck.rollback().await.unwrap();
+    app.hold(body).await;
+}
+both!(a_hold_behind_a_stuck_batch_is_refused_and_leaves_nothing_waiting);

@@ -52,6 +52,9 @@ pub struct Config {
     /// How often `serve` copies SQLite's write-ahead log into the database
     /// (`storage::Db::run_checkpointer`); zero leaves it to the writer.
     pub checkpoint_interval: Duration,
+    /// How long a subject request's processor may go without renewing its
+    /// claim before another processor takes the request over.
+    pub claim_timeout: Duration,
     /// Encryptions a data key may make before it is replaced.
     pub data_key_max_seals: i64,
     pub controller: Contact,
@@ -79,6 +82,7 @@ struct FileConfig {
     body_limit_bytes: Option<usize>,
     reload_interval: Option<String>,
     checkpoint_interval: Option<String>,
+    claim_timeout: Option<String>,
     data_key_max_seals: Option<i64>,
     #[serde(default)]
     controller: Contact,
@@ -225,6 +229,18 @@ impl Config {
                 "100ms",
                 Duration::from_millis(10),
             )?,
+            claim_timeout: match duration(
+                "LEDGER_CLAIM_TIMEOUT",
+                file.claim_timeout,
+                "120s",
+                Duration::from_secs(1),
+            )? {
+                d if d.is_zero() => bail!(
+                    "{} cannot be 0: a request whose processor died would never be taken up again",
+                    source("LEDGER_CLAIM_TIMEOUT")
+                ),
+                d => d,
+            },
             data_key_max_seals: match env("LEDGER_DATA_KEY_MAX_SEALS") {
                 Some(v) => v.parse().ok(),
                 None => file.data_key_max_seals.or(Some(DATA_KEY_MAX_SEALS)),
@@ -464,6 +480,24 @@ mod tests {
         );
         assert!(config(&[("LEDGER_SWEEP_INTERVAL", "1s")]).is_ok());
         assert!(config(&[("LEDGER_SWEEP_INTERVAL", "999ms")]).is_err());
+    }
+
+    #[test]
+    fn claim_timeout_is_at_least_a_second_and_never_off() {
+        let default = config(&[]).unwrap().claim_timeout;
+        assert_eq!(default, Duration::from_secs(120));
+        assert_eq!(
+            config(&[("LEDGER_CLAIM_TIMEOUT", "5m")])
+                .unwrap()
+                .claim_timeout,
+            Duration::from_secs(300)
+        );
+        let e = config(&[("LEDGER_CLAIM_TIMEOUT", "0")]).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("LEDGER_CLAIM_TIMEOUT cannot be 0"),
+            "{e:#}"
+        );
+        assert!(config(&[("LEDGER_CLAIM_TIMEOUT", "500ms")]).is_err());
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
         .as_deref()
         .and_then(|p| serde_json::from_str(p).ok())
         .unwrap_or_default();
-    let mut claim = super::held_claim(r)?;
+    let mut claim = Claim::Request(super::held_claim(r)?);
     let mut tx = loop {
         erase_batches(
             state,
@@ -52,10 +52,10 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
             &r.carrier_id,
             &r.subject_index,
             &mut progress,
-            Some(&mut claim),
+            &mut claim,
         )
         .await?;
-        if let Some(tx) = settled(state, &r.carrier_id, &r.subject_index).await? {
+        if let Some(tx) = settled(state, r.id, &r.carrier_id, &r.subject_index, &mut claim).await? {
             break tx;
         }
     };
@@ -118,7 +118,7 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
     if !store::complete(
         &mut tx,
         r.id,
-        claim,
+        claim.held(),
         micros(completed_at),
         Some(&receipt.to_string()),
         false,
@@ -131,23 +131,73 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
     Ok(())
 }
 
+/// The claim under which a processor erases: on a request it is
+/// processing, or on a pending erasure (a completed request's records that
+/// a hold kept) it is redoing. Each holds the `claimed_at` it last wrote.
+#[derive(Clone, Copy)]
+enum Claim {
+    Request(i64),
+    Pending(i64),
+}
+
+impl Claim {
+    fn held(self) -> i64 {
+        match self {
+            Self::Request(at) | Self::Pending(at) => at,
+        }
+    }
+
+    /// Renews the claim inside `tx`, before the transaction's long
+    /// statements: until `tx` ends, the row lock keeps any other
+    /// processor's claim waiting, and it then finds the claim fresh (or the
+    /// work done). The renewed claim, to keep once `tx` commits (if it
+    /// rolls back, the claim held is still `self`); an error if the claim
+    /// was lost meanwhile.
+    async fn renew(self, tx: &mut Tx, request: Uuid) -> Result<Self> {
+        let now = micros(Utc::now());
+        let (renewed, next) = match self {
+            Self::Request(held) => (
+                store::renew_claim(tx, request, held, now).await?,
+                Self::Request(now),
+            ),
+            Self::Pending(held) => (
+                store::renew_pending_erasure(tx, request, held, Some(now)).await?,
+                Self::Pending(now),
+            ),
+        };
+        if !renewed {
+            return Err(super::claim_lost(request));
+        }
+        Ok(next)
+    }
+}
+
 /// A transaction in which the holds cannot change and nothing of the
-/// subject is left unheld, to complete an erasure in; `None` if a hold was
-/// released since the last batch (its records are erased first).
-async fn settled(state: &AppState, carrier: &str, index: &[u8]) -> Result<Option<Tx>> {
+/// subject is left unheld, to complete an erasure in, with the claim
+/// renewed in it (so that however long the completion takes, no other
+/// processor takes it over); `None` if a hold was released since the last
+/// batch (its records are erased first).
+async fn settled(
+    state: &AppState,
+    request: Uuid,
+    carrier: &str,
+    index: &[u8],
+    claim: &mut Claim,
+) -> Result<Option<Tx>> {
     let mut tx = state.db.begin_probes().await?;
     TxLock::Holds.take(&mut tx, true).await?;
     // After any export of the subject being completed: it is deleted here.
     TxLock::Exports.take(&mut tx, false).await?;
-    if erase::unheld_records(&mut tx, carrier, index, 1)
+    if !erase::unheld_records(&mut tx, carrier, index, 1)
         .await?
         .is_empty()
     {
-        Ok(Some(tx))
-    } else {
         drop(tx); // rolled back: it changed nothing
-        Ok(None)
+        return Ok(None);
     }
+    // The caller commits or fails: either way it holds no older claim.
+    *claim = claim.renew(&mut tx, request).await?;
+    Ok(Some(tx))
 }
 
 /// SHA-256 of the receipt without `key_id` and `signature`, serialized
@@ -168,7 +218,7 @@ async fn erase_batches(
     carrier: &str,
     index: &[u8],
     progress: &mut Progress,
-    mut claim: Option<&mut i64>,
+    claim: &mut Claim,
 ) -> Result<()> {
     loop {
         // A batch lost in a crash (with its audit entry: they commit
@@ -177,9 +227,12 @@ async fn erase_batches(
         let mut tx = state.db.begin_relaxed().await?;
         // Holds stay as they are until this batch commits.
         TxLock::Holds.take(&mut tx, true).await?;
+        // The claim is renewed first: no takeover during the batch.
+        let renewed = claim.renew(&mut tx, request).await?;
         let records = erase::unheld_records(&mut tx, carrier, index, BATCH).await?;
         if records.is_empty() {
             tx.commit().await?;
+            *claim = renewed;
             return Ok(());
         }
         let ids: Vec<Uuid> = records.iter().map(|(id, _)| *id).collect();
@@ -195,13 +248,6 @@ async fn erase_batches(
             &serde_json::to_string(progress).expect("JSON"),
         )
         .await?;
-        if let Some(held) = claim.as_deref_mut() {
-            let now = micros(Utc::now());
-            if !store::renew_claim(&mut tx, request, *held, now).await? {
-                return Err(super::claim_lost(request));
-            }
-            *held = now;
-        }
         let target = json!({"request_id": request, "transfer_ids": ids, "records_deleted": removed, "by_category": batch});
         audit::append(
             &mut tx,
@@ -210,13 +256,23 @@ async fn erase_batches(
         )
         .await?;
         tx.commit().await?;
+        *claim = renewed;
     }
 }
 
 /// Erasures that holds kept from finishing: finish them for the records no
-/// longer held, and note them done when nothing is held any more.
+/// longer held, and note them done when nothing is held any more. Each is
+/// redone by one instance at a time, under a lease like a request's claim.
 pub async fn redo_pending(state: &AppState) -> Result<()> {
-    for (request, carrier, index) in store::pending_erasures(&state.db).await? {
+    let timeout = state.config.claim_timeout.as_micros() as i64;
+    for (request, carrier, index) in
+        store::pending_erasures(&state.db, micros(Utc::now()) - timeout).await?
+    {
+        let now = micros(Utc::now());
+        if !store::claim_pending_erasure(&state.db, request, now, now - timeout).await? {
+            continue; // another instance is on it
+        }
+        let mut claim = Claim::Pending(now);
         let Some(r) = store::get(&state.db, request, None).await? else {
             continue;
         };
@@ -227,9 +283,8 @@ pub async fn redo_pending(state: &AppState) -> Result<()> {
             .unwrap_or_default();
         let before = progress.deleted.values().sum::<i64>();
         let mut tx = loop {
-            // A completed request: no claim to renew.
-            erase_batches(state, request, &carrier, &index, &mut progress, None).await?;
-            if let Some(tx) = settled(state, &carrier, &index).await? {
+            erase_batches(state, request, &carrier, &index, &mut progress, &mut claim).await?;
+            if let Some(tx) = settled(state, request, &carrier, &index, &mut claim).await? {
                 break tx;
             }
         };
@@ -238,6 +293,9 @@ pub async fn redo_pending(state: &AppState) -> Result<()> {
         if still_held.is_empty() {
             destroyed = erase::forget_subject(&mut tx, &carrier, &index).await?;
             store::remove_pending_erasure(&mut tx, request).await?;
+        } else {
+            // Still held: free for whichever instance polls next.
+            store::renew_pending_erasure(&mut tx, request, claim.held(), None).await?;
         }
         let after = progress.deleted.values().sum::<i64>();
         if after > before || !destroyed.is_empty() {

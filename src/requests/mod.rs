@@ -27,9 +27,6 @@ use crate::error::{AppError, Result};
 use crate::storage::requests::{self as store, RequestRow};
 use crate::storage::{encode_cursor, from_micros, micros, next_page};
 
-/// A processor that has not renewed its claim for this long is presumed dead.
-const CLAIM_TIMEOUT: Duration = Duration::from_secs(120);
-
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RequestView {
     pub id: Uuid,
@@ -367,7 +364,14 @@ pub(crate) fn held_claim(r: &RequestRow) -> Result<i64> {
 /// Processes one request if it can be claimed.
 pub async fn process(state: &AppState, id: Uuid) -> Result<()> {
     let now = micros(Utc::now());
-    if !store::claim(&state.db, id, now, now - CLAIM_TIMEOUT.as_micros() as i64).await? {
+    if !store::claim(
+        &state.db,
+        id,
+        now,
+        now - state.config.claim_timeout.as_micros() as i64,
+    )
+    .await?
+    {
         return Ok(());
     }
     let row = store::get(&state.db, id, None)
@@ -398,7 +402,11 @@ pub async fn run_worker(state: AppState, stop: Arc<tokio::sync::Notify>) {
             tracing::error!(error = %e, "subject-request housekeeping failed");
         }
         let now = micros(Utc::now());
-        let pending = match store::pending(&state.db, now - CLAIM_TIMEOUT.as_micros() as i64).await
+        let pending = match store::pending(
+            &state.db,
+            now - state.config.claim_timeout.as_micros() as i64,
+        )
+        .await
         {
             Ok(p) => p,
             Err(e) => {

@@ -111,18 +111,35 @@ pub async fn list(db: &Db, f: &RequestFilter<'_>) -> sqlx::Result<Vec<RequestRow
 /// stopped (its claim is older than `stale_before`).
 pub async fn claim(db: &Db, id: Uuid, now: i64, stale_before: i64) -> sqlx::Result<bool> {
     // A claim lost in a crash leaves the request to be claimed again.
+    take_claim(
+        db,
+        "UPDATE subject_requests SET status = 'processing', claimed_at = $1
+         WHERE id = $2 AND (status = 'received' OR (status = 'processing' AND claimed_at < $3))",
+        id,
+        now,
+        stale_before,
+    )
+    .await
+}
+
+/// Runs a claiming `UPDATE` (binding `now`, `id`, `stale_before` as $1–$3)
+/// in a transaction of its own: `true` if it took the row.
+async fn take_claim(
+    db: &Db,
+    sql: &str,
+    id: Uuid,
+    now: i64,
+    stale_before: i64,
+) -> sqlx::Result<bool> {
     let mut tx = db.begin_relaxed().await?;
     let n = on_tx!(&mut tx, c => {
-        sqlx::query(
-            "UPDATE subject_requests SET status = 'processing', claimed_at = $1
-             WHERE id = $2 AND (status = 'received' OR (status = 'processing' AND claimed_at < $3))",
-        )
-        .bind(now)
-        .bind(id)
-        .bind(stale_before)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected())
+        sqlx::query(sql)
+            .bind(now)
+            .bind(id)
+            .bind(stale_before)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
     })?;
     tx.commit().await?;
     Ok(n == 1)
@@ -361,8 +378,59 @@ pub async fn remove_pending_erasure(tx: &mut Tx, id: Uuid) -> sqlx::Result<()> {
     Ok(())
 }
 
-pub async fn pending_erasures(db: &Db) -> sqlx::Result<Vec<(Uuid, String, Vec<u8>)>> {
+/// Pending erasures no processor holds (or whose processor has not renewed
+/// its lease since `stale_before`).
+pub async fn pending_erasures(
+    db: &Db,
+    stale_before: i64,
+) -> sqlx::Result<Vec<(Uuid, String, Vec<u8>)>> {
     on_db!(db, c => {
-        sqlx::query_as("SELECT request_id, carrier_id, subject_index FROM erasures_pending").fetch_all(c).await
+        sqlx::query_as(
+            "SELECT request_id, carrier_id, subject_index FROM erasures_pending
+             WHERE claimed_at IS NULL OR claimed_at < $1",
+        )
+        .bind(stale_before)
+        .fetch_all(c)
+        .await
     })
+}
+
+/// Takes the lease on a pending erasure, as [`claim`] does a request:
+/// `true` if this processor now holds it.
+pub async fn claim_pending_erasure(
+    db: &Db,
+    id: Uuid,
+    now: i64,
+    stale_before: i64,
+) -> sqlx::Result<bool> {
+    take_claim(
+        db,
+        "UPDATE erasures_pending SET claimed_at = $1
+         WHERE request_id = $2 AND (claimed_at IS NULL OR claimed_at < $3)",
+        id,
+        now,
+        stale_before,
+    )
+    .await
+}
+
+/// Renews (to `now`) or, with `None`, gives up the lease this processor
+/// holds on a pending erasure (`held`, the value it last wrote); `false`
+/// when the lease is no longer its own.
+pub async fn renew_pending_erasure(
+    tx: &mut Tx,
+    id: Uuid,
+    held: i64,
+    now: Option<i64>,
+) -> sqlx::Result<bool> {
+    let n = on_tx!(tx, c => {
+        sqlx::query("UPDATE erasures_pending SET claimed_at = $1 WHERE request_id = $2 AND claimed_at = $3")
+            .bind(now)
+            .bind(id)
+            .bind(held)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })?;
+    Ok(n == 1)
 }

@@ -1072,3 +1072,172 @@ async fn a_processor_that_lost_its_claim_changes_nothing(app: TestApp) {
     assert_eq!(now.body["receipt"], done["receipt"]);
 }
 both!(a_processor_that_lost_its_claim_changes_nothing);
+
+/// A completion that takes longer than the claim timeout is not taken over
+/// meanwhile: the processor renews its claim inside the completing
+/// transaction, so another processor's claim waits for it and then finds
+/// the request completed. Before, the other processor took the request
+/// over and the first one's completion was refused, round after round.
+async fn a_completion_longer_than_the_claim_timeout_is_not_taken_over(app: TestApp) {
+    use transfer_ledger::storage::{micros, requests as store};
+    if app.backend != Backend::Postgres {
+        return;
+    }
+    // The completion's first statement (on the subject's consents) sleeps.
+    app.exec(
+        "CREATE FUNCTION stall_completion() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(5); RETURN NULL; END; $$",
+        None,
+        None,
+    )
+    .await;
+    app.exec(
+        "CREATE TRIGGER stall_completion BEFORE UPDATE ON consents FOR EACH STATEMENT EXECUTE FUNCTION stall_completion()",
+        None,
+        None,
+    )
+    .await;
+    let officer = app.officer();
+    let req = app
+        .request(
+            &officer,
+            "erasure",
+            "carrier-a",
+            json!({"phone_number": X}),
+            None,
+        )
+        .await;
+    let id = req["id"].as_str().unwrap();
+    let uuid = uuid::Uuid::parse_str(id).unwrap();
+    // Into the stalled completion, and past the 1 s claim timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while app
+        .scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query LIKE 'UPDATE consents SET subject_index = NULL%'")
+        .await
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no completion began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Another processor that believes the request abandoned.
+    let now = micros(chrono::Utc::now());
+    let took_over = store::claim(app.db(), uuid, now, now - 1_000_000)
+        .await
+        .unwrap();
+    assert!(!took_over, "a processor mid-completion was taken over");
+    let done = app.completed(&officer, id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(done["receipt"]["signature"].is_string(), "{done}");
+    assert_eq!(
+        app.scalar(
+            "SELECT count(*) FROM audit_log WHERE action = 'subject_request.erasure_completed'"
+        )
+        .await,
+        1
+    );
+}
+both!(
+    a_completion_longer_than_the_claim_timeout_is_not_taken_over,
+    [("LEDGER_CLAIM_TIMEOUT", "1s")]
+);
+
+/// An erasure a hold kept from finishing is redone, once the hold is
+/// released, by one instance: each record is erased and listed once, and
+/// one entry tells that the request is finished. Before, every instance
+/// redid it at once, and the trail listed the records twice.
+async fn a_pending_erasure_is_redone_by_one_instance_at_a_time(app: TestApp) {
+    seed(&app).await;
+    let officer = app.officer();
+    let hold = app
+        .post(
+            "/v1/holds",
+            &officer,
+            &json!({"carrier_id": "carrier-a", "reason": "dispute"}),
+        )
+        .await
+        .expect(201);
+    let done = app.erase(X).await;
+    let request = done["id"].as_str().unwrap().to_string();
+    let held: i64 = done["receipt"]["held"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_i64().unwrap())
+        .sum();
+    assert!(held > 0, "{done}");
+    let _other = app.another_instance(&[]).await;
+    if app.backend == Backend::Postgres {
+        // A redo long enough for both instances' polls (every 5 s) to come
+        // while it runs.
+        app.exec(
+            "CREATE FUNCTION stall_redo() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(6); RETURN NULL; END; $$",
+            None,
+            None,
+        )
+        .await;
+        app.exec(
+            "CREATE TRIGGER stall_redo BEFORE DELETE ON subject_lookup FOR EACH STATEMENT EXECUTE FUNCTION stall_redo()",
+            None,
+            None,
+        )
+        .await;
+    }
+    let release = app
+        .client
+        .delete(format!(
+            "{}/v1/holds/{}",
+            app.addr,
+            hold.body["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&officer);
+    app.raw(release).await.expect(200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while app.count("erasures_pending").await > 0 {
+        assert!(std::time::Instant::now() < deadline, "never redone");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Long enough for a second instance that began redoing it meanwhile
+    // (within 5 s of the release) to finish its own batch, which waits for
+    // the first one's row locks and then stalls too (12 s, as measured
+    // with the lease disabled).
+    let settle = if app.backend == Backend::Postgres {
+        15
+    } else {
+        6
+    };
+    tokio::time::sleep(Duration::from_secs(settle)).await;
+
+    let auditor = app.token(Role::Auditor, None);
+    let mine = |action: &str| {
+        let (app, auditor, request) = (&app, &auditor, &request);
+        let path = format!("/v1/audit?action={action}&limit=1000");
+        async move {
+            app.all_pages(&path, auditor)
+                .await
+                .into_iter()
+                .filter(|e| e["entry"]["target"]["request_id"] == *request)
+                .collect::<Vec<_>>()
+        }
+    };
+    let mut erased: Vec<String> = mine("subject_request.erasure_batch")
+        .await
+        .iter()
+        .flat_map(|e| {
+            e["entry"]["target"]["transfer_ids"]
+                .as_array()
+                .unwrap()
+                .clone()
+        })
+        .map(|id| id.as_str().unwrap().to_string())
+        .collect();
+    let listed = erased.len();
+    erased.sort();
+    erased.dedup();
+    assert_eq!(listed, erased.len(), "records listed twice: {erased:?}");
+    assert_eq!(erased.len() as i64, held);
+    let released = mine("subject_request.erasure_released").await;
+    assert_eq!(released.len(), 1, "{released:?}");
+    assert_eq!(released[0]["entry"]["target"]["finished"], true);
+    assert_eq!(released[0]["entry"]["target"]["records"], held);
+}
+both!(a_pending_erasure_is_redone_by_one_instance_at_a_time);

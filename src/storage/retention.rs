@@ -380,11 +380,21 @@ pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Vec<U
         // One array parameter: planned as index probes, whatever the count.
         // A key a writer is sealing under right now (its slot insert holds
         // a key-share lock on it) is in use: skipped, not waited for.
-        return sqlx::query_scalar(&format!(
-            "DELETE FROM subject_keys WHERE id IN
-               (SELECT id FROM subject_keys WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) {UNUSED}"
-        ))
+        let locked: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM subject_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
+        )
         .bind(keys)
+        .fetch_all(&mut **t)
+        .await?;
+        // A second statement, so a second snapshot, taken with the locks
+        // held: no slot can be added under these keys any more, and a slot
+        // a writer committed just before the lock is seen. (Checked in the
+        // locking statement's own snapshot, such a slot was missed, and
+        // the delete failed on the foreign key.)
+        return sqlx::query_scalar(&format!(
+            "DELETE FROM subject_keys WHERE id = ANY($1) {UNUSED}"
+        ))
+        .bind(&locked)
         .fetch_all(&mut **t)
         .await;
     }

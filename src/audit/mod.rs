@@ -25,6 +25,8 @@ pub enum Outcome {
     Success,
     Denied,
     NotFound,
+    /// Work the service attempted and could not do (it is retried).
+    Failed,
 }
 
 impl Outcome {
@@ -33,6 +35,7 @@ impl Outcome {
             Self::Success => "success",
             Self::Denied => "denied",
             Self::NotFound => "not_found",
+            Self::Failed => "failed",
         }
     }
 }

@@ -47,11 +47,33 @@ pub struct RequestView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub receipt: Option<Value>,
+    /// While the request is not completed: its failed processing attempts
+    /// (each is retried after the claim timeout), the last one described.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processing_failures: Option<ProcessingFailures>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProcessingFailures {
+    pub count: i64,
+    pub last_at: DateTime<Utc>,
+    /// What went wrong, without personal data; the detail is in the
+    /// service's log.
+    pub last: String,
 }
 
 impl From<RequestRow> for RequestView {
     fn from(r: RequestRow) -> Self {
         let due = from_micros(r.due_at);
+        let processing_failures = match (r.status.as_str(), &r.last_failure, r.last_failure_at) {
+            ("completed", ..) => None,
+            (_, Some(last), Some(at)) => Some(ProcessingFailures {
+                count: r.failures,
+                last_at: from_micros(at),
+                last: last.clone(),
+            }),
+            _ => None,
+        };
         Self {
             overdue: r.status != "completed" && Utc::now() > due,
             id: r.id,
@@ -65,6 +87,7 @@ impl From<RequestRow> for RequestView {
             extension_reason: r.extension_reason,
             completed_at: r.completed_at.map(from_micros),
             receipt: r.receipt.and_then(|s| serde_json::from_str(&s).ok()),
+            processing_failures,
         }
     }
 }
@@ -150,6 +173,9 @@ pub async fn create(
         claimed_at: None,
         progress: None,
         receipt: None,
+        failures: 0,
+        last_failure: None,
+        last_failure_at: None,
     };
     store::insert(&mut tx, &row).await?;
     let target = json!({"request_id": id, "kind": row.kind, "carrier_id": row.carrier_id, "subject_index": hex::encode(&row.subject_index)});
@@ -381,10 +407,64 @@ pub async fn process(state: &AppState, id: Uuid) -> Result<()> {
         "access" => export::prepare(state, &row).await,
         _ => erasure::perform(state, &row).await,
     };
-    if done.is_ok() {
-        state.requests_done.notify_waiters();
+    match &done {
+        Ok(()) => state.requests_done.notify_waiters(),
+        Err(e) => {
+            if let Err(again) = record_failure(state, &row, e).await {
+                tracing::error!(request = %id, error = %again, "cannot record a processing failure");
+            }
+        }
     }
     done
+}
+
+/// Makes a failed attempt visible on the request and in the audit trail:
+/// a request that keeps failing (a record that fails its integrity check,
+/// a key that cannot be unwrapped) shows why, instead of only `processing`
+/// until it is overdue. Not for a processor that lost its claim (a
+/// conflict): the request is another processor's now.
+async fn record_failure(state: &AppState, row: &RequestRow, e: &AppError) -> Result<()> {
+    let description = match e {
+        AppError::Conflict(_) => return Ok(()),
+        AppError::Integrity(_) => "a stored record or key failed its integrity check (tampering or corruption); the service log names it".to_string(),
+        AppError::Database(_) | AppError::Internal(_) => {
+            "a database or internal error; the service log has the detail".to_string()
+        }
+        // Messages can name what they refused; the log has them.
+        other => format!(
+            "processing stopped with {} {}; the service log has the detail",
+            other.status().as_u16(),
+            other.status().canonical_reason().unwrap_or("error")
+        ),
+    };
+    // The claim as this processor last renewed it.
+    let Some(held) = store::get(&state.db, row.id, None)
+        .await?
+        .and_then(|r| r.claimed_at)
+    else {
+        return Ok(());
+    };
+    let mut tx = state.db.begin().await?;
+    if !store::record_failure(&mut tx, row.id, held, micros(Utc::now()), &description).await? {
+        return Ok(()); // completed or taken over meanwhile
+    }
+    let system = Principal {
+        sub: "system".into(),
+        role: crate::auth::Role::Admin,
+        carrier: None,
+    };
+    audit::append(
+        &mut tx,
+        Some(&system),
+        &Event::new(
+            "subject_request.processing_failed",
+            json!({"request_id": row.id, "kind": row.kind, "error": description}),
+        )
+        .outcome(Outcome::Failed),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The background processor: wakes on new requests, polls for abandoned

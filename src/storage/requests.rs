@@ -24,10 +24,19 @@ pub struct RequestRow {
     pub claimed_at: Option<i64>,
     pub progress: Option<String>,
     pub receipt: Option<String>,
+    /// Failed processing attempts, and the last one's public description
+    /// and time (not written by [`insert`]).
+    pub failures: i64,
+    pub last_failure: Option<String>,
+    pub last_failure_at: Option<i64>,
 }
 
 const COLUMNS: &str = "id, kind, carrier_id, subject_index, subject_sealed, subject_master, language, status, \
      received_at, due_at, extended_at, extension_reason, completed_at, requested_by, claimed_at, progress, receipt";
+/// What a read returns: [`COLUMNS`] and the processing failures.
+const READ_COLUMNS: &str = "id, kind, carrier_id, subject_index, subject_sealed, subject_master, language, status, \
+     received_at, due_at, extended_at, extension_reason, completed_at, requested_by, claimed_at, progress, receipt, \
+     failures, last_failure, last_failure_at";
 
 pub async fn insert(tx: &mut Tx, r: &RequestRow) -> sqlx::Result<()> {
     on_tx!(tx, c => {
@@ -61,7 +70,7 @@ pub async fn insert(tx: &mut Tx, r: &RequestRow) -> sqlx::Result<()> {
 pub async fn get(db: &Db, id: Uuid, scope: Option<&str>) -> sqlx::Result<Option<RequestRow>> {
     on_db!(db, c => {
         sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM subject_requests WHERE id = $1 AND ($2 IS NULL OR carrier_id = $2)"
+            "SELECT {READ_COLUMNS} FROM subject_requests WHERE id = $1 AND ($2 IS NULL OR carrier_id = $2)"
         ))
         .bind(id)
         .bind(scope)
@@ -88,7 +97,7 @@ pub async fn list(db: &Db, f: &RequestFilter<'_>) -> sqlx::Result<Vec<RequestRow
     let (at, id) = f.after.unzip();
     on_db!(db, c => {
         sqlx::query_as(&format!(
-            "SELECT {COLUMNS} FROM subject_requests
+            "SELECT {READ_COLUMNS} FROM subject_requests
              WHERE ($1 IS NULL OR carrier_id = $1)
                AND ($2 IS NULL OR status = $2)
                AND ($3 IS NULL OR (status <> 'completed' AND due_at < $4) = $3)
@@ -169,6 +178,31 @@ pub async fn renew_claim(tx: &mut Tx, id: Uuid, held: i64, now: i64) -> sqlx::Re
              WHERE id = $2 AND status = 'processing' AND claimed_at = $3",
         )
         .bind(now)
+        .bind(id)
+        .bind(held)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(n == 1)
+}
+
+/// Counts a failed processing attempt by the processor holding the claim
+/// (`held`); `false`, changing nothing, when it no longer does.
+pub async fn record_failure(
+    tx: &mut Tx,
+    id: Uuid,
+    held: i64,
+    at: i64,
+    description: &str,
+) -> sqlx::Result<bool> {
+    let n = on_tx!(tx, c => {
+        sqlx::query(
+            "UPDATE subject_requests SET failures = failures + 1, last_failure = $1, last_failure_at = $2
+             WHERE id = $3 AND status = 'processing' AND claimed_at = $4",
+        )
+        .bind(description)
+        .bind(at)
         .bind(id)
         .bind(held)
         .execute(c)

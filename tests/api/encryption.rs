@@ -70,7 +70,7 @@ async fn no_personal_data_is_stored_in_plaintext(app: TestApp) {
 }
 both!(no_personal_data_is_stored_in_plaintext);
 
-async fn stored_bytes(app: &TestApp, sql: &str, id: Uuid) -> Vec<u8> {
+pub(crate) async fn stored_bytes(app: &TestApp, sql: &str, id: Uuid) -> Vec<u8> {
     use transfer_ledger::storage::Db;
     match app.db() {
         Db::Sqlite { read, .. } => sqlx::query_scalar(sql)

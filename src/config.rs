@@ -229,11 +229,14 @@ impl Config {
                 "100ms",
                 Duration::from_millis(10),
             )?,
+            // At least several of the longest steps (an erasure batch takes
+            // about a second): a shorter timeout makes every step's end a
+            // takeover, and an export taken over starts again.
             claim_timeout: match duration(
                 "LEDGER_CLAIM_TIMEOUT",
                 file.claim_timeout,
                 "120s",
-                Duration::from_secs(1),
+                Duration::from_secs(10),
             )? {
                 d if d.is_zero() => bail!(
                     "{} cannot be 0: a request whose processor died would never be taken up again",
@@ -483,7 +486,7 @@ mod tests {
     }
 
     #[test]
-    fn claim_timeout_is_at_least_a_second_and_never_off() {
+    fn claim_timeout_is_at_least_ten_seconds_and_never_off() {
         let default = config(&[]).unwrap().claim_timeout;
         assert_eq!(default, Duration::from_secs(120));
         assert_eq!(
@@ -497,7 +500,8 @@ mod tests {
             format!("{e:#}").starts_with("LEDGER_CLAIM_TIMEOUT cannot be 0"),
             "{e:#}"
         );
-        assert!(config(&[("LEDGER_CLAIM_TIMEOUT", "500ms")]).is_err());
+        assert!(config(&[("LEDGER_CLAIM_TIMEOUT", "9s")]).is_err());
+        assert!(config(&[("LEDGER_CLAIM_TIMEOUT", "10s")]).is_ok());
     }
 
     #[test]

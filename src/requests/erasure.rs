@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::audit::{self, Event};
 use crate::auth::{Principal, Role};
-use crate::error::Result;
+use crate::error::{AppError, Result};
 use crate::storage::requests::{self as store, RequestRow};
 use crate::storage::{erasure as erase, from_micros, micros, Tx, TxLock};
 
@@ -185,6 +185,9 @@ async fn settled(
     claim: &mut Claim,
 ) -> Result<Option<Tx>> {
     let mut tx = state.db.begin_probes().await?;
+    erase::lock_subject(&mut tx, carrier, index).await?;
+    // Renewed before the waits for the locks below.
+    let renewed = claim.renew(&mut tx, request).await?;
     TxLock::Holds.take(&mut tx, true).await?;
     // After any export of the subject being completed: it is deleted here.
     TxLock::Exports.take(&mut tx, false).await?;
@@ -192,11 +195,11 @@ async fn settled(
         .await?
         .is_empty()
     {
-        drop(tx); // rolled back: it changed nothing
+        drop(tx); // rolled back: it changed nothing (the claim is as it was)
         return Ok(None);
     }
     // The caller commits or fails: either way it holds no older claim.
-    *claim = claim.renew(&mut tx, request).await?;
+    *claim = renewed;
     Ok(Some(tx))
 }
 
@@ -225,10 +228,12 @@ async fn erase_batches(
         // together) is redone; the synchronous completing transaction
         // flushes every batch before the receipt exists.
         let mut tx = state.db.begin_relaxed().await?;
-        // Holds stay as they are until this batch commits.
-        TxLock::Holds.take(&mut tx, true).await?;
+        // No other erasure of the subject picks these records meanwhile.
+        erase::lock_subject(&mut tx, carrier, index).await?;
         // The claim is renewed first: no takeover during the batch.
         let renewed = claim.renew(&mut tx, request).await?;
+        // Holds stay as they are until this batch commits.
+        TxLock::Holds.take(&mut tx, true).await?;
         let records = erase::unheld_records(&mut tx, carrier, index, BATCH).await?;
         if records.is_empty() {
             tx.commit().await?;
@@ -262,7 +267,8 @@ async fn erase_batches(
 
 /// Erasures that holds kept from finishing: finish them for the records no
 /// longer held, and note them done when nothing is held any more. Each is
-/// redone by one instance at a time, under a lease like a request's claim.
+/// redone by one instance at a time, under a lease like a request's claim;
+/// one that fails gives its lease up and is retried at the next poll.
 pub async fn redo_pending(state: &AppState) -> Result<()> {
     let timeout = state.config.claim_timeout.as_micros() as i64;
     for (request, carrier, index) in
@@ -273,44 +279,66 @@ pub async fn redo_pending(state: &AppState) -> Result<()> {
             continue; // another instance is on it
         }
         let mut claim = Claim::Pending(now);
-        let Some(r) = store::get(&state.db, request, None).await? else {
-            continue;
-        };
-        let mut progress: Progress = r
-            .progress
-            .as_deref()
-            .and_then(|p| serde_json::from_str(p).ok())
-            .unwrap_or_default();
-        let before = progress.deleted.values().sum::<i64>();
-        let mut tx = loop {
-            erase_batches(state, request, &carrier, &index, &mut progress, &mut claim).await?;
-            if let Some(tx) = settled(state, request, &carrier, &index, &mut claim).await? {
-                break tx;
+        if let Err(e) = redo_one(state, request, &carrier, &index, &mut claim).await {
+            tracing::error!(request = %request, error = %e, "redoing a pending erasure failed; it will be retried");
+            let given_up = async {
+                let mut tx = state.db.begin().await?;
+                store::renew_pending_erasure(&mut tx, request, claim.held(), None).await?;
+                tx.commit().await
+            };
+            if let Err(e) = given_up.await {
+                tracing::error!(request = %request, error = %e, "cannot give up the lease on a pending erasure; another instance takes it after the claim timeout");
             }
-        };
-        let still_held = erase::held_records(&mut tx, &carrier, &index).await?;
-        let mut destroyed = Vec::new();
-        if still_held.is_empty() {
-            destroyed = erase::forget_subject(&mut tx, &carrier, &index).await?;
-            store::remove_pending_erasure(&mut tx, request).await?;
-        } else {
-            // Still held: free for whichever instance polls next.
-            store::renew_pending_erasure(&mut tx, request, claim.held(), None).await?;
         }
-        let after = progress.deleted.values().sum::<i64>();
-        if after > before || !destroyed.is_empty() {
-            let target = json!({"request_id": request, "records": after - before, "keys_destroyed": destroyed.len(), "finished": still_held.is_empty()});
-            audit::append(
-                &mut tx,
-                Some(&system()),
-                &Event::new("subject_request.erasure_released", target),
-            )
-            .await?;
+    }
+    Ok(())
+}
+
+/// One pending erasure, under `claim` (a lease this processor holds).
+async fn redo_one(
+    state: &AppState,
+    request: Uuid,
+    carrier: &str,
+    index: &[u8],
+    claim: &mut Claim,
+) -> Result<()> {
+    let r = store::get(&state.db, request, None)
+        .await?
+        .ok_or_else(|| AppError::Integrity(format!("pending erasure {request} has no request")))?;
+    let mut progress: Progress = r
+        .progress
+        .as_deref()
+        .and_then(|p| serde_json::from_str(p).ok())
+        .unwrap_or_default();
+    let before = progress.deleted.values().sum::<i64>();
+    let mut tx = loop {
+        erase_batches(state, request, carrier, index, &mut progress, claim).await?;
+        if let Some(tx) = settled(state, request, carrier, index, claim).await? {
+            break tx;
         }
-        tx.commit().await?;
-        for k in destroyed {
-            state.keys.forget(k);
-        }
+    };
+    let still_held = erase::held_records(&mut tx, carrier, index).await?;
+    let mut destroyed = Vec::new();
+    if still_held.is_empty() {
+        destroyed = erase::forget_subject(&mut tx, carrier, index).await?;
+        store::remove_pending_erasure(&mut tx, request).await?;
+    } else {
+        // Still held: free for whichever instance polls next.
+        store::renew_pending_erasure(&mut tx, request, claim.held(), None).await?;
+    }
+    let after = progress.deleted.values().sum::<i64>();
+    if after > before || !destroyed.is_empty() {
+        let target = json!({"request_id": request, "records": after - before, "keys_destroyed": destroyed.len(), "finished": still_held.is_empty()});
+        audit::append(
+            &mut tx,
+            Some(&system()),
+            &Event::new("subject_request.erasure_released", target),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    for k in destroyed {
+        state.keys.forget(k);
     }
     Ok(())
 }

@@ -67,13 +67,14 @@ impl ChunkWriter<'_> {
         // A chunk lost in a crash is rebuilt with the whole export; the
         // completing transaction is synchronous and flushes it first.
         let mut tx = self.state.db.begin_relaxed().await?;
-        store::insert_chunk(&mut tx, self.id, self.seq, &sealed).await?;
+        // Renewed first: no takeover while the chunk is written.
         let now = micros(Utc::now());
         if !store::renew_claim(&mut tx, self.id, self.claim, now).await? {
             return Err(super::claim_lost(self.id));
         }
-        self.claim = now;
+        store::insert_chunk(&mut tx, self.id, self.seq, &sealed).await?;
         tx.commit().await?;
+        self.claim = now;
         self.seq += 1;
         self.buf.clear();
         Ok(())
@@ -199,6 +200,14 @@ pub async fn prepare(state: &AppState, r: &RequestRow) -> Result<()> {
     // The export key is wrapped under the master key current in the
     // transaction that stores it, which a rotation cannot retire under us.
     let mut tx = state.db.begin().await?;
+    // The claim is renewed first, so that however long this transaction
+    // waits for the lock (an erasure of the subject completing), no other
+    // processor takes the request over and starts the export again.
+    let renewed = micros(Utc::now());
+    if !store::renew_claim(&mut tx, r.id, w.claim, renewed).await? {
+        return Err(super::claim_lost(r.id));
+    }
+    w.claim = renewed;
     TxLock::Exports.take(&mut tx, false).await?;
     if store::completed_erasures(&mut tx, &r.carrier_id, &r.subject_index).await? > erasures_before
     {

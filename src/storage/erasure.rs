@@ -57,6 +57,26 @@ pub async fn held_records(
     })
 }
 
+/// Takes the subject's erasure lock for the rest of `tx` (PostgreSQL;
+/// SQLite's write transactions are one at a time already): two erasures of
+/// one subject in one carrier (a new request beside a pending one, or two
+/// requests) run their transactions one after the other, so no two pick
+/// the same records. A single 64-bit key, a key space of its own beside
+/// the two-part keys of [`super::TxLock`].
+pub async fn lock_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<()> {
+    if let Tx::Postgres(t) = tx {
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended(
+                 'tl-erasure/' || current_schema() || '/' || $1 || '/' || encode($2, 'hex'), 0))",
+        )
+        .bind(carrier)
+        .bind(index)
+        .execute(&mut **t)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Removes the subject's slots and lookup rows from these records (id and
 /// category, as [`unheld_records`] returns them), and the records left with
 /// no subject at all. Returns how many records went.

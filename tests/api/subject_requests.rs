@@ -1085,7 +1085,7 @@ async fn a_completion_longer_than_the_claim_timeout_is_not_taken_over(app: TestA
     }
     // The completion's first statement (on the subject's consents) sleeps.
     app.exec(
-        "CREATE FUNCTION stall_completion() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(5); RETURN NULL; END; $$",
+        "CREATE FUNCTION stall_completion() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(14); RETURN NULL; END; $$",
         None,
         None,
     )
@@ -1108,7 +1108,7 @@ async fn a_completion_longer_than_the_claim_timeout_is_not_taken_over(app: TestA
         .await;
     let id = req["id"].as_str().unwrap();
     let uuid = uuid::Uuid::parse_str(id).unwrap();
-    // Into the stalled completion, and past the 1 s claim timeout.
+    // Into the stalled completion, and past the 10 s claim timeout.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while app
         .scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query LIKE 'UPDATE consents SET subject_index = NULL%'")
@@ -1118,10 +1118,10 @@ async fn a_completion_longer_than_the_claim_timeout_is_not_taken_over(app: TestA
         assert!(std::time::Instant::now() < deadline, "no completion began");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
     // Another processor that believes the request abandoned.
     let now = micros(chrono::Utc::now());
-    let took_over = store::claim(app.db(), uuid, now, now - 1_000_000)
+    let took_over = store::claim(app.db(), uuid, now, now - 10_000_000)
         .await
         .unwrap();
     assert!(!took_over, "a processor mid-completion was taken over");
@@ -1138,7 +1138,7 @@ async fn a_completion_longer_than_the_claim_timeout_is_not_taken_over(app: TestA
 }
 both!(
     a_completion_longer_than_the_claim_timeout_is_not_taken_over,
-    [("LEDGER_CLAIM_TIMEOUT", "1s")]
+    [("LEDGER_CLAIM_TIMEOUT", "10s")]
 );
 
 /// An erasure a hold kept from finishing is redone, once the hold is
@@ -1241,3 +1241,155 @@ async fn a_pending_erasure_is_redone_by_one_instance_at_a_time(app: TestApp) {
     assert_eq!(released[0]["entry"]["target"]["records"], held);
 }
 both!(a_pending_erasure_is_redone_by_one_instance_at_a_time);
+
+/// A request whose processing fails (here, a record of the subject that
+/// fails its integrity check) says so on the request and in the audit
+/// trail, without the detail, instead of showing only `processing`.
+async fn a_failing_request_shows_why(app: TestApp) {
+    let r = app
+        .post(
+            "/v1/transfers",
+            &app.platform(),
+            &cdr("carrier-a", "c-broken", X, "+33123456780"),
+        )
+        .await
+        .expect(201);
+    let record = uuid::Uuid::parse_str(r.body["id"].as_str().unwrap()).unwrap();
+    let mut body =
+        crate::encryption::stored_bytes(&app, "SELECT body FROM transfers WHERE id = $1", record)
+            .await;
+    let mid = body.len() / 2;
+    body[mid] ^= 0x01;
+    app.exec(
+        "UPDATE transfers SET body = $1 WHERE id = $2",
+        Some(body),
+        Some(record),
+    )
+    .await;
+
+    let officer = app.officer();
+    let req = app
+        .request(
+            &officer,
+            "access",
+            "carrier-a",
+            json!({"phone_number": X}),
+            None,
+        )
+        .await;
+    let path = format!("/v1/subject-requests/{}", req["id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        let now = app.get(&path, &officer).await.expect(200).body;
+        if !now["processing_failures"].is_null() {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failure shown: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(seen["status"], "processing", "{seen}");
+    let failures = &seen["processing_failures"];
+    assert_eq!(failures["count"], 1, "{seen}");
+    assert!(
+        failures["last"]
+            .as_str()
+            .unwrap()
+            .contains("integrity check"),
+        "{seen}"
+    );
+    assert!(failures["last_at"].is_string(), "{seen}");
+    // Nothing of the record or the subject in what is shown.
+    assert!(!seen.to_string().contains("c-broken") && !seen.to_string().contains("4255550100"));
+
+    let auditor = app.token(Role::Auditor, None);
+    let entries = app
+        .all_pages(
+            "/v1/audit?action=subject_request.processing_failed&limit=100",
+            &auditor,
+        )
+        .await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["entry"]["outcome"], "failed");
+    assert_eq!(entries[0]["entry"]["target"]["request_id"], req["id"]);
+    assert_eq!(
+        app.get("/v1/audit/verify", &auditor).await.body["valid"],
+        true
+    );
+}
+both!(a_failing_request_shows_why);
+
+/// Two erasures of one subject processed at once by two instances do not
+/// pick the same records: each record is erased, counted and listed by one
+/// of them.
+async fn two_erasures_of_one_subject_share_nothing(app: TestApp) {
+    seed(&app).await;
+    let other = app.another_instance(&[]).await;
+    if app.backend == Backend::Postgres {
+        // Each batch long enough for the other instance's to start meanwhile.
+        app.exec(
+            "CREATE FUNCTION stall_erasure() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END; $$",
+            None,
+            None,
+        )
+        .await;
+        app.exec(
+            "CREATE TRIGGER stall_erasure BEFORE DELETE ON subject_lookup FOR EACH STATEMENT EXECUTE FUNCTION stall_erasure()",
+            None,
+            None,
+        )
+        .await;
+    }
+    let officer = app.officer();
+    let body =
+        json!({"kind": "erasure", "carrier_id": "carrier-a", "subject": {"phone_number": X}});
+    let (a, b) = tokio::join!(
+        app.post("/v1/subject-requests", &officer, &body),
+        app.raw(
+            app.client
+                .post(format!("{}/v1/subject-requests", other.url))
+                .bearer_auth(&officer)
+                .json(&body)
+        ),
+    );
+    let ids = [
+        a.expect(202).body["id"].clone(),
+        b.expect(202).body["id"].clone(),
+    ];
+    let mut deleted = 0;
+    for id in &ids {
+        let done = app.completed(&officer, id.as_str().unwrap()).await;
+        deleted += done["receipt"]["deleted"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_i64().unwrap())
+            .sum::<i64>();
+    }
+    let auditor = app.token(Role::Auditor, None);
+    let mut listed: Vec<String> = app
+        .all_pages(
+            "/v1/audit?action=subject_request.erasure_batch&limit=1000",
+            &auditor,
+        )
+        .await
+        .iter()
+        .filter(|e| ids.contains(&e["entry"]["target"]["request_id"]))
+        .flat_map(|e| {
+            e["entry"]["target"]["transfer_ids"]
+                .as_array()
+                .unwrap()
+                .clone()
+        })
+        .map(|id| id.as_str().unwrap().to_string())
+        .collect();
+    let n = listed.len();
+    listed.sort();
+    listed.dedup();
+    assert_eq!(n, listed.len(), "records erased by both: {listed:?}");
+    assert_eq!(deleted, n as i64, "receipts count each record once");
+    assert!(n > 0);
+}
+both!(two_erasures_of_one_subject_share_nothing);

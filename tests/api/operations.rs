@@ -1,5 +1,7 @@
 //! Health, OpenAPI, and the problem+json shape of every error.
 
+use serde_json::Value;
+
 use crate::both;
 use crate::helpers::*;
 
@@ -29,6 +31,34 @@ async fn health_readiness_and_openapi(app: TestApp) {
         assert!(r.body["paths"].get(path).is_some(), "{path} documented");
     }
     assert!(r.body["components"]["securitySchemes"]["bearer"].is_object());
+    // Every schema referenced is defined (nested ones too, such as a
+    // request view's processing failures).
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x.as_str()) {
+                        ("$ref", Some(r)) => out.push(r),
+                        _ => refs(x, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&r.body, &mut all);
+    assert!(all.iter().any(|r| r.ends_with("/RequestView")));
+    for reference in all {
+        let name = reference
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("unexpected $ref {reference}"));
+        assert!(
+            r.body["components"]["schemas"].get(name).is_some(),
+            "{reference} is not defined"
+        );
+    }
     // OpenAPI requires every operationId to be unique (client generators
     // name their methods after them).
     let mut ids: Vec<&str> = r.body["paths"]

@@ -13,8 +13,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::app::AppState;
-use crate::audit::{self, Event};
-use crate::auth::{Principal, Role};
+use crate::audit::Event;
 use crate::error::{AppError, Result};
 use crate::storage::requests::{self as store, RequestRow};
 use crate::storage::{erasure as erase, from_micros, micros, Tx, TxLock};
@@ -26,14 +25,6 @@ const BATCH: i64 = 1000;
 struct Progress {
     deleted: BTreeMap<String, i64>,
     keys_destroyed: i64,
-}
-
-fn system() -> Principal {
-    Principal {
-        sub: "system".into(),
-        role: Role::Admin,
-        carrier: None,
-    }
 }
 
 /// Erases what it can now, in batches; completes the request with a
@@ -90,9 +81,8 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
         "request_id": r.id, "carrier_id": r.carrier_id, "subject_index": hex::encode(&r.subject_index),
         "deleted": progress.deleted, "held": held_counts, "hold_ids": hold_ids, "keys_destroyed": progress.keys_destroyed,
     });
-    let appended = audit::append(
+    let appended = super::append_system(
         &mut tx,
-        Some(&system()),
         &Event::new("subject_request.erasure_completed", target),
     )
     .await?;
@@ -254,9 +244,8 @@ async fn erase_batches(
         )
         .await?;
         let target = json!({"request_id": request, "transfer_ids": ids, "records_deleted": removed, "by_category": batch});
-        audit::append(
+        super::append_system(
             &mut tx,
-            Some(&system()),
             &Event::new("subject_request.erasure_batch", target),
         )
         .await?;
@@ -329,9 +318,8 @@ async fn redo_one(
     let after = progress.deleted.values().sum::<i64>();
     if after > before || !destroyed.is_empty() {
         let target = json!({"request_id": request, "records": after - before, "keys_destroyed": destroyed.len(), "finished": still_held.is_empty()});
-        audit::append(
+        super::append_system(
             &mut tx,
-            Some(&system()),
             &Event::new("subject_request.erasure_released", target),
         )
         .await?;

@@ -262,12 +262,7 @@ pub async fn prepare(state: &AppState, r: &RequestRow) -> Result<()> {
 }
 
 async fn append_system(tx: &mut Tx, action: &'static str, target: Value) -> Result<()> {
-    let system = Principal {
-        sub: "system".into(),
-        role: Role::Admin,
-        carrier: None,
-    };
-    audit::append(tx, Some(&system), &Event::new(action, target)).await?;
+    super::append_system(tx, &Event::new(action, target)).await?;
     Ok(())
 }
 

@@ -25,7 +25,7 @@ use crate::domain::fields::{Errors, Obj};
 use crate::domain::{CarrierId, SubjectId};
 use crate::error::{AppError, Result};
 use crate::storage::requests::{self as store, RequestRow};
-use crate::storage::{encode_cursor, from_micros, micros, next_page};
+use crate::storage::{encode_cursor, from_micros, micros, next_page, Tx};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RequestView {
@@ -448,14 +448,8 @@ async fn record_failure(state: &AppState, row: &RequestRow, e: &AppError) -> Res
     if !store::record_failure(&mut tx, row.id, held, micros(Utc::now()), &description).await? {
         return Ok(()); // completed or taken over meanwhile
     }
-    let system = Principal {
-        sub: "system".into(),
-        role: crate::auth::Role::Admin,
-        carrier: None,
-    };
-    audit::append(
+    append_system(
         &mut tx,
-        Some(&system),
         &Event::new(
             "subject_request.processing_failed",
             json!({"request_id": row.id, "kind": row.kind, "error": description}),
@@ -465,6 +459,17 @@ async fn record_failure(state: &AppState, row: &RequestRow, e: &AppError) -> Res
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Appends an entry of the service's own background work (the processor),
+/// whose actor is `system`.
+pub(crate) async fn append_system(tx: &mut Tx, event: &Event) -> Result<audit::Appended> {
+    let system = Principal {
+        sub: "system".into(),
+        role: crate::auth::Role::Admin,
+        carrier: None,
+    };
+    audit::append(tx, Some(&system), event).await
 }
 
 /// The background processor: wakes on new requests, polls for abandoned
@@ -506,14 +511,8 @@ async fn housekeeping(state: &AppState) -> Result<()> {
     let mut tx = state.db.begin().await?;
     let expired = store::expire_exports(&mut tx, micros(Utc::now())).await?;
     if !expired.is_empty() {
-        let system = Principal {
-            sub: "system".into(),
-            role: crate::auth::Role::Admin,
-            carrier: None,
-        };
-        audit::append(
+        append_system(
             &mut tx,
-            Some(&system),
             &Event::new("subject_export.expire", json!({"request_ids": expired})),
         )
         .await?;

@@ -1141,6 +1141,16 @@ both!(
     [("LEDGER_CLAIM_TIMEOUT", "10s")]
 );
 
+/// The record ids that `subject_request.erasure_batch` entries list, in
+/// order, repeats included.
+fn batch_ids(entries: &[Value]) -> Vec<String> {
+    entries
+        .iter()
+        .flat_map(|e| e["entry"]["target"]["transfer_ids"].as_array().unwrap())
+        .map(|id| id.as_str().unwrap().to_string())
+        .collect()
+}
+
 /// An erasure a hold kept from finishing is redone, once the hold is
 /// released, by one instance: each record is erased and listed once, and
 /// one entry tells that the request is finished. Before, every instance
@@ -1219,17 +1229,7 @@ async fn a_pending_erasure_is_redone_by_one_instance_at_a_time(app: TestApp) {
                 .collect::<Vec<_>>()
         }
     };
-    let mut erased: Vec<String> = mine("subject_request.erasure_batch")
-        .await
-        .iter()
-        .flat_map(|e| {
-            e["entry"]["target"]["transfer_ids"]
-                .as_array()
-                .unwrap()
-                .clone()
-        })
-        .map(|id| id.as_str().unwrap().to_string())
-        .collect();
+    let mut erased = batch_ids(&mine("subject_request.erasure_batch").await);
     let listed = erased.len();
     erased.sort();
     erased.dedup();
@@ -1369,22 +1369,16 @@ async fn two_erasures_of_one_subject_share_nothing(app: TestApp) {
             .sum::<i64>();
     }
     let auditor = app.token(Role::Auditor, None);
-    let mut listed: Vec<String> = app
+    let entries: Vec<Value> = app
         .all_pages(
             "/v1/audit?action=subject_request.erasure_batch&limit=1000",
             &auditor,
         )
         .await
-        .iter()
+        .into_iter()
         .filter(|e| ids.contains(&e["entry"]["target"]["request_id"]))
-        .flat_map(|e| {
-            e["entry"]["target"]["transfer_ids"]
-                .as_array()
-                .unwrap()
-                .clone()
-        })
-        .map(|id| id.as_str().unwrap().to_string())
         .collect();
+    let mut listed = batch_ids(&entries);
     let n = listed.len();
     listed.sort();
     listed.dedup();

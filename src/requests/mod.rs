@@ -500,8 +500,16 @@ pub async fn run_worker(state: AppState, stop: Arc<tokio::sync::Notify>) {
             }
         };
         for id in pending {
-            if let Err(e) = process(&state, id).await {
-                tracing::error!(request = %id, error = %e, "subject request failed; it will be retried");
+            match process(&state, id).await {
+                Ok(()) => {}
+                // Its claim went to another processor: not a failure of
+                // the request, and not this processor's to retry.
+                Err(e @ AppError::Conflict(_)) => {
+                    tracing::warn!(request = %id, error = %e, "subject request taken over by another processor")
+                }
+                Err(e) => {
+                    tracing::error!(request = %id, error = %e, "subject request failed; it will be retried")
+                }
             }
         }
     }

@@ -92,6 +92,14 @@ pub async fn run(
     tx.commit().await?;
 
     let result = sweep_batches(state, who, &mut row, batch, progress).await;
+    if let Err(e) = &result {
+        // Said here, whoever started it: an HTTP caller may have gone (a
+        // request timeout) and the schedule has no caller at all.
+        tracing::error!(sweep = %id, dry_run, error = %e, "retention sweep failed; the next sweep finishes its job");
+        if let Err(e) = store::interrupt(db, id, micros(Utc::now())).await {
+            tracing::error!(sweep = %id, error = %e, "cannot mark the failed sweep interrupted; the next sweep will");
+        }
+    }
     lock.release().await;
     result?;
     Ok(row.into())

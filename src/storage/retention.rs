@@ -144,6 +144,20 @@ pub async fn insert_sweep(tx: &mut Tx, s: &SweepRow) -> sqlx::Result<()> {
     Ok(())
 }
 
+/// A sweep that stopped on an error is marked interrupted, now (the next
+/// sweep finishes its job).
+pub async fn interrupt(db: &Db, id: Uuid, at: i64) -> sqlx::Result<()> {
+    on_db!(db, c => {
+        sqlx::query("UPDATE sweeps SET status = 'interrupted', finished_at = $1 WHERE id = $2 AND status = 'running'")
+            .bind(at)
+            .bind(id)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
 /// Sweeps left `running` by a process that died are marked interrupted.
 pub async fn interrupt_stale(tx: &mut Tx, except: Uuid) -> sqlx::Result<u64> {
     on_tx!(tx, c => {

@@ -733,3 +733,64 @@ async fn a_hold_behind_a_stuck_batch_is_refused_and_leaves_nothing_waiting(app: 
     app.hold(body).await;
 }
 both!(a_hold_behind_a_stuck_batch_is_refused_and_leaves_nothing_waiting);
+
+/// A sweep that fails (here the database refuses its deletes) answers 500,
+/// is marked `interrupted` with the time it stopped instead of staying
+/// `running`, and the next sweep finishes its job.
+async fn a_failed_sweep_is_marked_interrupted_and_the_next_finishes(app: TestApp) {
+    app.batch(
+        (0..5)
+            .map(|i| {
+                expired(
+                    "carrier-a",
+                    &format!("f{i}"),
+                    &format!("+1425555{:04}", 4000 + i),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let (create, drop) = match app.backend {
+        Backend::Sqlite => (
+            vec!["CREATE TRIGGER refuse BEFORE DELETE ON transfers BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
+            "DROP TRIGGER refuse",
+        ),
+        Backend::Postgres => (
+            vec![
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END; $$",
+                "CREATE TRIGGER refuse BEFORE DELETE ON transfers FOR EACH STATEMENT EXECUTE FUNCTION refuse()",
+            ],
+            "DROP TRIGGER refuse ON transfers",
+        ),
+    };
+    for sql in create {
+        app.exec(sql, None, None).await;
+    }
+    let failed = app
+        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
+        .await
+        .expect(500);
+    assert!(
+        !failed.text.contains("refused by the test"),
+        "{}",
+        failed.text
+    );
+    let sweeps = app
+        .get("/v1/retention/sweeps", &app.officer())
+        .await
+        .expect(200)
+        .body;
+    assert_eq!(sweeps[0]["status"], "interrupted", "{sweeps}");
+    assert!(sweeps[0]["finished_at"].is_string(), "{sweeps}");
+    assert_eq!(app.ids_left().await.len(), 5);
+
+    app.exec(drop, None, None).await;
+    let done = app
+        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
+        .await
+        .expect(201)
+        .body;
+    assert_eq!(done["deleted"], 5, "{done}");
+    assert!(app.ids_left().await.is_empty());
+}
+both!(a_failed_sweep_is_marked_interrupted_and_the_next_finishes);

@@ -66,7 +66,8 @@ pub async fn run(
 ) -> Result<SweepReport> {
     let db = &state.db;
     let id = Uuid::now_v7();
-    let Some(lock) = store::try_lock(db).await? else {
+    let stale_before = micros(Utc::now()) - state.config.claim_timeout.as_micros() as i64;
+    let Some(mut lock) = store::try_lock(db, stale_before).await? else {
         return Err(AppError::Conflict(
             "a retention sweep is already running; try again when it has finished".into(),
         ));
@@ -89,6 +90,8 @@ pub async fn run(
         started_by: who.sub.clone(),
     };
     store::insert_sweep(&mut tx, &row).await?;
+    let pid = lock.pid().await?;
+    store::renew_sweep(&mut tx, id, row.started_at, pid).await?;
     tx.commit().await?;
 
     let result = sweep_batches(state, who, &mut row, batch, progress).await;
@@ -163,7 +166,9 @@ async fn sweep_batches(
     row.status = "completed".into();
     row.finished_at = Some(micros(Utc::now()));
     let mut tx = db.begin().await?;
-    store::finish_sweep(&mut tx, row).await?;
+    if !store::finish_sweep(&mut tx, row).await? {
+        return Err(taken_over(row.id));
+    }
     let target = json!({
         "sweep_id": row.id, "dry_run": row.dry_run, "examined": row.examined, "deleted": row.deleted,
         "held": row.held, "keys_shredded": row.keys_shredded,
@@ -208,15 +213,23 @@ async fn sweep_batch(
     batch: i64,
 ) -> Result<Option<(store::SweepCursor, i64, Vec<Uuid>)>> {
     let mut tx = state.db.begin_probes().await?;
+    // The lease first: a sweep that stalled past it and was taken over
+    // stops here, and while this batch runs its row lock keeps a takeover
+    // waiting.
+    if !store::renew_sweep(&mut tx, row.id, micros(Utc::now()), None).await? {
+        return Err(taken_over(row.id));
+    }
     // Holds stay as they are until this batch commits (a hold being placed
     // waits), so nothing held is deleted.
     TxLock::Holds.take(&mut tx, true).await?;
     let (ids, next) = store::expired_batch(&mut tx, row.cutoff, cursor, batch).await?;
     if next == cursor {
+        tx.commit().await?;
         return Ok(None);
     }
     if ids.is_empty() {
         // A batch of held records only: nothing to delete or audit.
+        tx.commit().await?;
         return Ok(Some((next, 0, Vec::new())));
     }
     let (deleted, keys) = store::delete_batch(&mut tx, &ids).await?;
@@ -231,6 +244,12 @@ async fn sweep_batch(
     .await?;
     tx.commit().await?;
     Ok(Some((next, deleted as i64, shredded)))
+}
+
+fn taken_over(id: Uuid) -> AppError {
+    AppError::Conflict(format!(
+        "sweep {id} stopped renewing its lease for longer than the claim timeout and was taken over by another sweep, which finishes the job"
+    ))
 }
 
 /// A deadlock, a serialization failure, or (PostgreSQL) a key's deletion

@@ -43,14 +43,51 @@ const SWEEP_LOCK_CLASS: i32 = 0x746c_7377;
 const SWEEP_LOCK: &str = "($1, hashtext(current_schema()))";
 
 /// Takes the sweep lock without waiting; `None` if another sweep holds it.
-pub async fn try_lock(db: &Db) -> anyhow::Result<Option<SweepLock>> {
+///
+/// On PostgreSQL, a holder whose running sweep has not renewed its lease
+/// since `stale_before` (its process frozen, not dead, so its connection
+/// and the lock outlive it) is ended first: its lock connection is
+/// terminated, which releases the lock. Only the backend recorded in that
+/// sweep's row, and only while it holds this ledger's sweep lock.
+pub async fn try_lock(db: &Db, stale_before: i64) -> anyhow::Result<Option<SweepLock>> {
     match db {
         Db::Postgres(pool) => {
             let mut conn = pool.acquire().await?;
-            let got: bool = sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock{SWEEP_LOCK}"))
+            let try_once = format!("SELECT pg_try_advisory_lock{SWEEP_LOCK}");
+            let mut got: bool = sqlx::query_scalar(&try_once)
                 .bind(SWEEP_LOCK_CLASS)
                 .fetch_one(&mut *conn)
                 .await?;
+            if !got {
+                let ended: Vec<bool> = sqlx::query_scalar(
+                    "SELECT pg_terminate_backend(s.lock_pid) FROM sweeps s
+                     WHERE s.status = 'running' AND s.lock_pid IS NOT NULL
+                       AND COALESCE(s.renewed_at, s.started_at) < $1
+                       AND EXISTS (SELECT 1 FROM pg_locks l
+                                   WHERE l.locktype = 'advisory' AND l.granted AND l.pid = s.lock_pid
+                                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                                     AND l.objsubid = 2 AND l.classid::bigint = $2
+                                     AND l.objid::bigint = (hashtext(current_schema())::bigint & 4294967295))",
+                )
+                .bind(stale_before)
+                .bind(i64::from(SWEEP_LOCK_CLASS))
+                .fetch_all(&mut *conn)
+                .await?;
+                if ended.contains(&true) {
+                    tracing::warn!("a sweep stopped renewing its lease while holding the sweep lock (a frozen process); its lock connection was ended");
+                    // The backend lets go of the lock as it exits.
+                    for _ in 0..50 {
+                        got = sqlx::query_scalar(&try_once)
+                            .bind(SWEEP_LOCK_CLASS)
+                            .fetch_one(&mut *conn)
+                            .await?;
+                        if got {
+                            break;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
             Ok(got.then_some(SweepLock::Postgres(Some(conn))))
         }
         Db::Sqlite {
@@ -75,6 +112,18 @@ pub async fn try_lock(db: &Db) -> anyhow::Result<Option<SweepLock>> {
 }
 
 impl SweepLock {
+    /// The PostgreSQL backend holding the lock, recorded with the sweep so
+    /// that a stale holder can be ended (see [`try_lock`]).
+    pub async fn pid(&mut self) -> sqlx::Result<Option<i32>> {
+        match self {
+            SweepLock::Postgres(Some(conn)) => sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut **conn)
+                .await
+                .map(Some),
+            _ => Ok(None),
+        }
+    }
+
     pub async fn release(mut self) {
         if let SweepLock::Postgres(slot) = &mut self {
             if let Some(mut conn) = slot.take() {
@@ -144,6 +193,29 @@ pub async fn insert_sweep(tx: &mut Tx, s: &SweepRow) -> sqlx::Result<()> {
     Ok(())
 }
 
+/// Records the lock's backend and renews the lease of a running sweep;
+/// `false` when it is no longer running (interrupted by a sweep that took
+/// over after its lease went stale): it must stop.
+pub async fn renew_sweep(
+    tx: &mut Tx,
+    id: Uuid,
+    now: i64,
+    lock_pid: Option<i32>,
+) -> sqlx::Result<bool> {
+    let n = on_tx!(tx, c => {
+        sqlx::query(
+            "UPDATE sweeps SET renewed_at = $1, lock_pid = COALESCE($2, lock_pid) WHERE id = $3 AND status = 'running'",
+        )
+        .bind(now)
+        .bind(lock_pid)
+        .bind(id)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(n == 1)
+}
+
 /// A sweep that stopped on an error is marked interrupted, now (the next
 /// sweep finishes its job).
 pub async fn interrupt(db: &Db, id: Uuid, at: i64) -> sqlx::Result<()> {
@@ -185,11 +257,13 @@ pub async fn add_progress(tx: &mut Tx, id: Uuid, deleted: i64, keys: i64) -> sql
     Ok(())
 }
 
-pub async fn finish_sweep(tx: &mut Tx, s: &SweepRow) -> sqlx::Result<()> {
-    on_tx!(tx, c => {
+/// Records a running sweep's outcome; `false` if it is no longer running
+/// (taken over, see [`renew_sweep`]).
+pub async fn finish_sweep(tx: &mut Tx, s: &SweepRow) -> sqlx::Result<bool> {
+    let n = on_tx!(tx, c => {
         sqlx::query(
             "UPDATE sweeps SET status = $1, examined = $2, deleted = $3, held = $4, keys_shredded = $5, finished_at = $6
-             WHERE id = $7",
+             WHERE id = $7 AND status = 'running'",
         )
         .bind(&s.status)
         .bind(s.examined)
@@ -202,7 +276,7 @@ pub async fn finish_sweep(tx: &mut Tx, s: &SweepRow) -> sqlx::Result<()> {
         .await
         .map(|r| r.rows_affected())
     })?;
-    Ok(())
+    Ok(n == 1)
 }
 
 pub async fn sweep(db: &Db, id: Uuid) -> sqlx::Result<Option<SweepRow>> {

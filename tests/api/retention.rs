@@ -322,7 +322,7 @@ async fn one_sweep_at_a_time(app: TestApp) {
     let other = Db::connect(&app.vars["LEDGER_DATABASE_URL"], 2)
         .await
         .unwrap();
-    let lock = retention::try_lock(&other)
+    let lock = retention::try_lock(&other, 0)
         .await
         .unwrap()
         .expect("free at first");
@@ -794,3 +794,101 @@ async fn a_failed_sweep_is_marked_interrupted_and_the_next_finishes(app: TestApp
     assert!(app.ids_left().await.is_empty());
 }
 both!(a_failed_sweep_is_marked_interrupted_and_the_next_finishes);
+
+/// A sweeper frozen while it holds the sweep lock (its process paused, not
+/// dead, so its connection and the lock outlive it) is taken over once its
+/// lease is stale: the next sweep ends its lock connection and finishes the
+/// job, and the frozen sweep, were it to resume, finds itself interrupted.
+/// While the lease is fresh, a second sweep is refused as before.
+async fn a_frozen_sweeper_is_taken_over_once_its_lease_is_stale(app: TestApp) {
+    use transfer_ledger::storage::{micros, retention as store};
+    if app.backend != Backend::Postgres {
+        return;
+    }
+    app.batch(
+        (0..5)
+            .map(|i| {
+                expired(
+                    "carrier-a",
+                    &format!("z{i}"),
+                    &format!("+1425555{:04}", 5000 + i),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let transfer_ledger::storage::Db::Postgres(pool) = app.db() else {
+        unreachable!()
+    };
+    // The frozen sweeper: the lock on a connection of its own, and its
+    // running sweep with its lease and that connection's backend.
+    let mut frozen = pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1, hashtext(current_schema()))")
+        .bind(0x746c_7377_i32)
+        .execute(&mut *frozen)
+        .await
+        .unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *frozen)
+        .await
+        .unwrap();
+    let stale = uuid::Uuid::now_v7();
+    let now = micros(chrono::Utc::now());
+    sqlx::query(
+        "INSERT INTO sweeps (id, dry_run, status, examined, deleted, held, keys_shredded, cutoff, started_at, started_by, renewed_at, lock_pid)
+         VALUES ($1, false, 'running', 0, 0, 0, 0, $2, $2, 'frozen', $2, $3)",
+    )
+    .bind(stale)
+    .bind(now)
+    .bind(pid)
+    .execute(pool)
+    .await
+    .unwrap();
+
+    // Fresh lease: refused, and the holder untouched.
+    app.post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
+        .await
+        .expect(409);
+    sqlx::query("SELECT 1").execute(&mut *frozen).await.unwrap();
+
+    // Stale lease (older than the 10 s claim timeout): taken over.
+    sqlx::query("UPDATE sweeps SET renewed_at = $1 WHERE id = $2")
+        .bind(now - 30_000_000)
+        .bind(stale)
+        .execute(pool)
+        .await
+        .unwrap();
+    let done = app
+        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
+        .await
+        .expect(201)
+        .body;
+    assert_eq!(done["deleted"], 5, "{done}");
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut *frozen).await.is_err(),
+        "the frozen holder's lock connection was ended"
+    );
+    let sweeps = app
+        .get("/v1/retention/sweeps", &app.officer())
+        .await
+        .expect(200)
+        .body;
+    let old = sweeps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == stale.to_string())
+        .unwrap();
+    assert_eq!(old["status"], "interrupted", "{sweeps}");
+    // Resumed, the frozen sweep's next batch finds its lease gone.
+    let mut tx = app.db().begin().await.unwrap();
+    assert!(
+        !store::renew_sweep(&mut tx, stale, micros(chrono::Utc::now()), None)
+            .await
+            .unwrap()
+    );
+}
+both!(
+    a_frozen_sweeper_is_taken_over_once_its_lease_is_stale,
+    [("LEDGER_CLAIM_TIMEOUT", "10s")]
+);

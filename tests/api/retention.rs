@@ -32,6 +32,29 @@ impl TestApp {
     }
 
     /// Places a legal hold as a privacy officer; the hold as answered.
+    /// Records `n` expired CDRs at `carrier`, calls `{prefix}{i}`, callers
+    /// +1425555 followed by `first + i` in four digits; their ids.
+    async fn expired_calls(
+        &self,
+        carrier: &str,
+        prefix: &str,
+        first: usize,
+        n: usize,
+    ) -> Vec<String> {
+        self.batch(
+            (0..n)
+                .map(|i| {
+                    expired(
+                        carrier,
+                        &format!("{prefix}{i}"),
+                        &format!("+1425555{:04}", first + i),
+                    )
+                })
+                .collect(),
+        )
+        .await
+    }
+
     async fn hold(&self, hold: Value) -> Value {
         self.post("/v1/holds", &self.officer(), &hold)
             .await
@@ -607,18 +630,7 @@ both!(sweeps_survive_being_killed_at_any_instant);
 /// PostgreSQL the batch is stalled before its delete, after choosing its
 /// records, to hold that window open: the hold waits for the batch.)
 async fn a_hold_placed_during_a_sweep_protects_what_is_left(app: TestApp) {
-    app.batch(
-        (0..200)
-            .map(|i| {
-                expired(
-                    "carrier-h",
-                    &format!("h{i}"),
-                    &format!("+1425555{:04}", 3000 + i),
-                )
-            })
-            .collect(),
-    )
-    .await;
+    app.expired_calls("carrier-h", "h", 3000, 200).await;
     if app.backend == Backend::Postgres {
         // Between the batch's choice of records and its audit entry (which
         // would serialize it with the hold's own entry anyway).
@@ -738,18 +750,7 @@ both!(a_hold_behind_a_stuck_batch_is_refused_and_leaves_nothing_waiting);
 /// is marked `interrupted` with the time it stopped instead of staying
 /// `running`, and the next sweep finishes its job.
 async fn a_failed_sweep_is_marked_interrupted_and_the_next_finishes(app: TestApp) {
-    app.batch(
-        (0..5)
-            .map(|i| {
-                expired(
-                    "carrier-a",
-                    &format!("f{i}"),
-                    &format!("+1425555{:04}", 4000 + i),
-                )
-            })
-            .collect(),
-    )
-    .await;
+    app.expired_calls("carrier-a", "f", 4000, 5).await;
     let (create, drop) = match app.backend {
         Backend::Sqlite => (
             vec!["CREATE TRIGGER refuse BEFORE DELETE ON transfers BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
@@ -805,18 +806,7 @@ async fn a_frozen_sweeper_is_taken_over_once_its_lease_is_stale(app: TestApp) {
     if app.backend != Backend::Postgres {
         return;
     }
-    app.batch(
-        (0..5)
-            .map(|i| {
-                expired(
-                    "carrier-a",
-                    &format!("z{i}"),
-                    &format!("+1425555{:04}", 5000 + i),
-                )
-            })
-            .collect(),
-    )
-    .await;
+    app.expired_calls("carrier-a", "z", 5000, 5).await;
     let transfer_ledger::storage::Db::Postgres(pool) = app.db() else {
         unreachable!()
     };

@@ -59,20 +59,32 @@ pub async fn try_lock(db: &Db, stale_before: i64) -> anyhow::Result<Option<Sweep
                 .fetch_one(&mut *conn)
                 .await?;
             if !got {
-                let ended: Vec<bool> = sqlx::query_scalar(
-                    "SELECT pg_terminate_backend(s.lock_pid) FROM sweeps s
-                     WHERE s.status = 'running' AND s.lock_pid IS NOT NULL
-                       AND COALESCE(s.renewed_at, s.started_at) < $1
-                       AND EXISTS (SELECT 1 FROM pg_locks l
-                                   WHERE l.locktype = 'advisory' AND l.granted AND l.pid = s.lock_pid
-                                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                                     AND l.objsubid = 2 AND l.classid::bigint = $2
-                                     AND l.objid::bigint = (hashtext(current_schema())::bigint & 4294967295))",
+                // Locked, so a batch in flight (its lease renewed but not
+                // yet committed) is waited for and then found fresh.
+                let stale: Vec<i32> = sqlx::query_scalar(
+                    "SELECT lock_pid FROM sweeps
+                     WHERE status = 'running' AND lock_pid IS NOT NULL
+                       AND COALESCE(renewed_at, started_at) < $1
+                     FOR UPDATE",
                 )
                 .bind(stale_before)
-                .bind(i64::from(SWEEP_LOCK_CLASS))
                 .fetch_all(&mut *conn)
                 .await?;
+                let ended: Vec<bool> = if stale.is_empty() {
+                    Vec::new()
+                } else {
+                    sqlx::query_scalar(
+                        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+                         WHERE l.pid = ANY($1) AND l.locktype = 'advisory' AND l.granted
+                           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                           AND l.objsubid = 2 AND l.classid::bigint = $2
+                           AND l.objid::bigint = (hashtext(current_schema())::bigint & 4294967295)",
+                    )
+                    .bind(&stale)
+                    .bind(i64::from(SWEEP_LOCK_CLASS))
+                    .fetch_all(&mut *conn)
+                    .await?
+                };
                 if ended.contains(&true) {
                     tracing::warn!("a sweep stopped renewing its lease while holding the sweep lock (a frozen process); its lock connection was ended");
                     // The backend lets go of the lock as it exits.

@@ -841,6 +841,41 @@ async fn a_frozen_sweeper_is_taken_over_once_its_lease_is_stale(app: TestApp) {
         .expect(409);
     sqlx::query("SELECT 1").execute(&mut *frozen).await.unwrap();
 
+    // A batch in flight: its lease renewed but not committed yet, the
+    // committed one stale. Not taken over: the takeover waits for the
+    // batch and then finds the lease fresh.
+    let stale_lease = "UPDATE sweeps SET renewed_at = $1 WHERE id = $2";
+    sqlx::query(stale_lease)
+        .bind(now - 30_000_000)
+        .bind(stale)
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut batch = pool.begin().await.unwrap();
+    sqlx::query(stale_lease)
+        .bind(micros(chrono::Utc::now()))
+        .bind(stale)
+        .execute(&mut *batch)
+        .await
+        .unwrap();
+    let second = {
+        let (client, url, token) = (app.client.clone(), app.addr.clone(), app.sweeper());
+        tokio::spawn(async move {
+            client
+                .post(format!("{url}/v1/retention/sweeps"))
+                .bearer_auth(token)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    batch.commit().await.unwrap();
+    assert_eq!(second.await.unwrap(), 409);
+    sqlx::query("SELECT 1").execute(&mut *frozen).await.unwrap();
+
     // Stale lease (older than the 10 s claim timeout): taken over.
     sqlx::query("UPDATE sweeps SET renewed_at = $1 WHERE id = $2")
         .bind(now - 30_000_000)

@@ -266,6 +266,12 @@ impl Config {
         })
     }
 
+    /// Claims, leases and sweep leases last renewed before this (at `now`,
+    /// in microseconds) are stale: their holder is presumed dead.
+    pub fn stale_before(&self, now: i64) -> i64 {
+        now - self.claim_timeout.as_micros() as i64
+    }
+
     /// `LEDGER_DATABASE_URL`, or the SQLite file in the data dir.
     pub fn database_url(&self) -> String {
         match &self.database_url {

@@ -259,12 +259,12 @@ async fn erase_batches(
 /// redone by one instance at a time, under a lease like a request's claim;
 /// one that fails gives its lease up and is retried at the next poll.
 pub async fn redo_pending(state: &AppState) -> Result<()> {
-    let timeout = state.config.claim_timeout.as_micros() as i64;
+    let config = &state.config;
     for (request, carrier, index) in
-        store::pending_erasures(&state.db, micros(Utc::now()) - timeout).await?
+        store::pending_erasures(&state.db, config.stale_before(micros(Utc::now()))).await?
     {
         let now = micros(Utc::now());
-        if !store::claim_pending_erasure(&state.db, request, now, now - timeout).await? {
+        if !store::claim_pending_erasure(&state.db, request, now, config.stale_before(now)).await? {
             continue; // another instance is on it
         }
         let mut claim = Claim::Pending(now);

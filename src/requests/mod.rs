@@ -390,14 +390,7 @@ pub(crate) fn held_claim(r: &RequestRow) -> Result<i64> {
 /// Processes one request if it can be claimed.
 pub async fn process(state: &AppState, id: Uuid) -> Result<()> {
     let now = micros(Utc::now());
-    if !store::claim(
-        &state.db,
-        id,
-        now,
-        now - state.config.claim_timeout.as_micros() as i64,
-    )
-    .await?
-    {
+    if !store::claim(&state.db, id, now, state.config.stale_before(now)).await? {
         return Ok(());
     }
     let row = store::get(&state.db, id, None)
@@ -487,12 +480,7 @@ pub async fn run_worker(state: AppState, stop: Arc<tokio::sync::Notify>) {
             tracing::error!(error = %e, "subject-request housekeeping failed");
         }
         let now = micros(Utc::now());
-        let pending = match store::pending(
-            &state.db,
-            now - state.config.claim_timeout.as_micros() as i64,
-        )
-        .await
-        {
+        let pending = match store::pending(&state.db, state.config.stale_before(now)).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list pending subject requests");

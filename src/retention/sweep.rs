@@ -66,7 +66,7 @@ pub async fn run(
 ) -> Result<SweepReport> {
     let db = &state.db;
     let id = Uuid::now_v7();
-    let stale_before = micros(Utc::now()) - state.config.claim_timeout.as_micros() as i64;
+    let stale_before = state.config.stale_before(micros(Utc::now()));
     let Some(mut lock) = store::try_lock(db, stale_before).await? else {
         return Err(AppError::Conflict(
             "a retention sweep is already running; try again when it has finished".into(),

@@ -172,17 +172,34 @@ pub async fn pending(db: &Db, stale_before: i64) -> sqlx::Result<Vec<Uuid>> {
 /// another processor took the request over after this one stalled past
 /// the claim timeout, and this one must stop.
 pub async fn renew_claim(tx: &mut Tx, id: Uuid, held: i64, now: i64) -> sqlx::Result<bool> {
+    set_claim(
+        tx,
+        "UPDATE subject_requests SET claimed_at = $1
+         WHERE id = $2 AND status = 'processing' AND claimed_at = $3",
+        Some(now),
+        id,
+        held,
+    )
+    .await
+}
+
+/// Runs a fenced claim `UPDATE` (binding `now`, `id`, `held` as $1–$3):
+/// `true` if the claim was still `held` and is now `now`.
+async fn set_claim(
+    tx: &mut Tx,
+    sql: &str,
+    now: Option<i64>,
+    id: Uuid,
+    held: i64,
+) -> sqlx::Result<bool> {
     let n = on_tx!(tx, c => {
-        sqlx::query(
-            "UPDATE subject_requests SET claimed_at = $1
-             WHERE id = $2 AND status = 'processing' AND claimed_at = $3",
-        )
-        .bind(now)
-        .bind(id)
-        .bind(held)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected())
+        sqlx::query(sql)
+            .bind(now)
+            .bind(id)
+            .bind(held)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
     })?;
     Ok(n == 1)
 }
@@ -457,14 +474,12 @@ pub async fn renew_pending_erasure(
     held: i64,
     now: Option<i64>,
 ) -> sqlx::Result<bool> {
-    let n = on_tx!(tx, c => {
-        sqlx::query("UPDATE erasures_pending SET claimed_at = $1 WHERE request_id = $2 AND claimed_at = $3")
-            .bind(now)
-            .bind(id)
-            .bind(held)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected())
-    })?;
-    Ok(n == 1)
+    set_claim(
+        tx,
+        "UPDATE erasures_pending SET claimed_at = $1 WHERE request_id = $2 AND claimed_at = $3",
+        now,
+        id,
+        held,
+    )
+    .await
 }

@@ -454,6 +454,31 @@ impl TestApp {
         Reply::from(r).await
     }
 
+    /// A POST left running while the test goes on; its reply from the
+    /// handle.
+    pub fn post_in_background(
+        &self,
+        path: &str,
+        token: &str,
+        body: &Value,
+    ) -> tokio::task::JoinHandle<Reply> {
+        let req = self
+            .client
+            .post(format!("{}{path}", self.addr))
+            .bearer_auth(token)
+            .json(body);
+        tokio::spawn(async move { Reply::from(req.send().await.unwrap()).await })
+    }
+
+    /// The audit chain verifies (as an auditor).
+    pub async fn assert_audit_valid(&self) {
+        let v = self
+            .get("/v1/audit/verify", &self.token(Role::Auditor, None))
+            .await
+            .expect(200);
+        assert_eq!(v.body["valid"], true, "{}", v.text);
+    }
+
     pub async fn raw(&self, req: reqwest::RequestBuilder) -> Reply {
         Reply::from(req.send().await.unwrap()).await
     }

@@ -258,10 +258,7 @@ async fn sweeps_delete_what_expired_and_keep_what_is_held(app: TestApp) {
         })
         .sum();
     assert_eq!(deleted, 40);
-    assert_eq!(
-        app.get("/v1/audit/verify", &auditor).await.body["valid"],
-        true
-    );
+    app.assert_audit_valid().await;
 }
 both!(sweeps_delete_what_expired_and_keep_what_is_held);
 
@@ -614,10 +611,7 @@ async fn sweeps_survive_being_killed_at_any_instant(app: TestApp) {
     let unique: HashSet<_> = audited.iter().cloned().collect();
     assert_eq!(unique.len(), audited.len(), "no record audited twice");
     assert_eq!(unique, expired_ids.iter().cloned().collect::<HashSet<_>>());
-    assert_eq!(
-        app.get("/v1/audit/verify", &auditor).await.body["valid"],
-        true
-    );
+    app.assert_audit_valid().await;
     // Keys of the deleted-only subjects are gone; every remaining slot still opens.
     app.read("/v1/transfers?include=payload&limit=1000", &app.officer())
         .await
@@ -647,27 +641,13 @@ async fn a_hold_placed_during_a_sweep_protects_what_is_left(app: TestApp) {
         )
         .await;
     }
-    let sweep = {
-        let (client, url, token) = (app.client.clone(), app.addr.clone(), app.sweeper());
-        tokio::spawn(async move {
-            client
-                .post(format!("{url}/v1/retention/sweeps"))
-                .bearer_auth(token)
-                .json(&json!({}))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        })
-    };
+    let sweep = app.post_in_background("/v1/retention/sweeps", &app.sweeper(), &json!({}));
     // Into the first batch (50 records), then the hold.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     app.hold(json!({"carrier_id": "carrier-h", "reason": "litigation L-9"}))
         .await;
     let there_at_201 = app.ids_left().await;
-    let report = sweep.await.unwrap();
+    let report = sweep.await.unwrap().body;
     // The report counts what the hold kept, though it came mid-sweep.
     assert_eq!(report["held"], there_at_201.len(), "{report}");
     assert_eq!(report["deleted"], 200 - there_at_201.len(), "{report}");
@@ -858,22 +838,10 @@ async fn a_frozen_sweeper_is_taken_over_once_its_lease_is_stale(app: TestApp) {
         .execute(&mut *batch)
         .await
         .unwrap();
-    let second = {
-        let (client, url, token) = (app.client.clone(), app.addr.clone(), app.sweeper());
-        tokio::spawn(async move {
-            client
-                .post(format!("{url}/v1/retention/sweeps"))
-                .bearer_auth(token)
-                .json(&json!({}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
+    let second = app.post_in_background("/v1/retention/sweeps", &app.sweeper(), &json!({}));
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     batch.commit().await.unwrap();
-    assert_eq!(second.await.unwrap(), 409);
+    second.await.unwrap().expect(409);
     sqlx::query("SELECT 1").execute(&mut *frozen).await.unwrap();
 
     // Stale lease (older than the 10 s claim timeout): taken over.

@@ -98,6 +98,13 @@ async fn build(model: &str, policy: &str) -> anyhow::Result<Enforcer> {
                     !obj.is_empty(),
                     "policy.csv line {at}: the object is empty"
                 );
+                // A rule of an older policy would now grant nothing, silently.
+                anyhow::ensure!(
+                    !(obj == "consents" && act == "write"),
+                    "policy.csv line {at}: consents are written per kind; write \
+                     `consents/customer_operator` and/or `consents/data_subject` \
+                     instead of `consents`"
+                );
                 anyhow::ensure!(
                     ["read", "write", "decrypt"].contains(&act.as_str()),
                     "policy.csv line {at}: action must be read, write or decrypt, not {act:?}"
@@ -148,5 +155,28 @@ mod tests {
         ));
         assert!(!p.allows(Role::Auditor, Reach::Any, "transfers", "decrypt"));
         assert!(!p.allows(Role::Admin, Reach::Any, "no-such-object", "read"));
+        assert!(p.allows(Role::Carrier, Reach::Own, "consents/data_subject", "write"));
+        assert!(!p.allows(
+            Role::Carrier,
+            Reach::Own,
+            "consents/customer_operator",
+            "write"
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_consents_write_rule_of_an_older_policy_is_refused_by_line() {
+        let err = build(
+            DEFAULT_MODEL,
+            "# old\np, carrier, own, consents, read\np, carrier, own, consents, write\n",
+        )
+        .await
+        .err()
+        .expect("an old consents rule is refused");
+        assert!(
+            err.to_string()
+                .starts_with("policy.csv line 3: consents are written per kind"),
+            "{err}"
+        );
     }
 }

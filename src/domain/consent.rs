@@ -21,6 +21,21 @@ string_enum!(ConsentStatus {
 });
 
 impl ConsentKind {
+    /// Every casbin object that writes a consent, one per kind.
+    pub const WRITE_OBJECTS: [&'static str; 2] =
+        ["consents/customer_operator", "consents/data_subject"];
+
+    /// The casbin object for writing a consent of this kind: who may
+    /// register or change a customer's authorization of a carrier is not who
+    /// may record a subscriber's own consent (the carrier it authorizes must
+    /// not grant or revive it for itself).
+    pub fn write_object(self) -> &'static str {
+        match self {
+            ConsentKind::CustomerOperator => Self::WRITE_OBJECTS[0],
+            ConsentKind::DataSubject => Self::WRITE_OBJECTS[1],
+        }
+    }
+
     /// The statuses a consent of this kind can be moved to from `from`.
     pub fn may_move(self, from: ConsentStatus, to: ConsentStatus) -> Result<(), String> {
         use ConsentStatus::*;

@@ -9,7 +9,7 @@ use chrono::Utc;
 use super::extract::{AccessReason, JsonBody, Params};
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::domain::consent::{ConsentStatus, NewConsent};
+use crate::domain::consent::{ConsentKind, ConsentStatus, NewConsent};
 use crate::domain::fields::{Errors, Obj};
 use crate::error::{AppError, Result};
 use crate::ledger::consents::{self as ledger, ConsentView};
@@ -32,7 +32,7 @@ pub async fn create(
     who: Principal,
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<ConsentView>)> {
-    state.authorize_any(&who, &["consents"], "write")?;
+    state.authorize_any(&who, &ConsentKind::WRITE_OBJECTS, "write")?;
     let c = NewConsent::parse(&body, Utc::now()).map_err(AppError::Validation)?;
     Ok((
         StatusCode::CREATED,

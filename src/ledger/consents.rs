@@ -38,7 +38,7 @@ fn subject_aad(reference: &str, key_id: Uuid) -> Vec<u8> {
 }
 
 pub async fn register(state: &AppState, who: &Principal, c: NewConsent) -> Result<ConsentView> {
-    state.authorize_for(who, &c.carrier_id, "consents", "write")?;
+    state.authorize_for(who, &c.carrier_id, c.kind.write_object(), "write")?;
     // A consent with a data subject seals under the subject's data key, as a
     // transfer does, and reruns as a transfer write does when a concurrent
     // write spent that key's nonce budget or a concurrent erasure or sweep
@@ -185,16 +185,16 @@ pub async fn set_status(
     to: ConsentStatus,
 ) -> Result<ConsentView> {
     // Callers with no write right at all learn nothing about references.
-    state.authorize(who, "consents", "write")?;
+    state.authorize_any(who, &ConsentKind::WRITE_OBJECTS, "write")?;
     let row = find_one(state, who, reference, carrier).await?;
     let carrier =
         CarrierId::parse(&row.carrier_id).map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
-    state.authorize_for(who, &carrier, "consents", "write")?;
-    require_reason(who, &row, reason)?;
     let kind: ConsentKind = row
         .kind
         .parse()
         .map_err(|_| AppError::Internal(anyhow::anyhow!("bad consent kind")))?;
+    state.authorize_for(who, &carrier, kind.write_object(), "write")?;
+    require_reason(who, &row, reason)?;
     let from: ConsentStatus = row
         .status
         .parse()

@@ -205,8 +205,9 @@ async fn consent_registration_is_validated_and_scoped(app: TestApp) {
     app.post(
         "/v1/consents",
         &carrier,
-        &json!({"reference": "y", "kind": "customer_operator", "carrier_id": "carrier-b",
-                "customer_tenant_id": "t", "countries": ["FR"], "granted_at": "2026-01-01T00:00:00Z"}),
+        &json!({"reference": "y", "kind": "data_subject", "carrier_id": "carrier-b",
+                "subject": {"phone_number": "+14255550100"}, "countries": ["FR"],
+                "granted_at": "2026-01-01T00:00:00Z"}),
     )
     .await
     .expect(403);
@@ -238,3 +239,63 @@ async fn consent_registration_is_validated_and_scoped(app: TestApp) {
     .expect(409);
 }
 both!(consent_registration_is_validated_and_scoped);
+
+/// A customer's authorization of a carrier gates the platform's number
+/// assignments to that carrier: the carrier must neither make one up nor
+/// undo the platform's suspension of one.
+async fn a_carrier_cannot_grant_or_revive_its_own_customer_authorization(app: TestApp) {
+    let carrier = app.carrier("carrier-a");
+    let r = app
+        .post(
+            "/v1/consents",
+            &carrier,
+            &json!({"reference": "oc-fake", "kind": "customer_operator", "carrier_id": "carrier-a",
+                    "customer_tenant_id": "tenant-evil", "countries": ["FR"],
+                    "granted_at": "2026-01-01T00:00:00Z"}),
+        )
+        .await
+        .expect(403);
+    assert!(r.text.contains("consents/customer_operator"), "{}", r.text);
+    app.get("/v1/consents/oc-fake", &app.platform())
+        .await
+        .expect(404);
+
+    app.consent("oc-1", "carrier-a", "tenant-1", &["FR"]).await;
+    app.post(
+        "/v1/consents/oc-1/status",
+        &app.platform(),
+        &json!({"status": "suspended"}),
+    )
+    .await
+    .expect(200);
+    for status in ["active", "removed"] {
+        app.post(
+            "/v1/consents/oc-1/status",
+            &carrier,
+            &json!({"status": status}),
+        )
+        .await
+        .expect(403);
+    }
+    let shown = app.get("/v1/consents/oc-1", &carrier).await.expect(200);
+    assert_eq!(shown.body["status"], "suspended");
+
+    // Its subscribers' own consents are the carrier's to record.
+    app.post(
+        "/v1/consents",
+        &carrier,
+        &json!({"reference": "ds-1", "kind": "data_subject", "carrier_id": "carrier-a",
+                "subject": {"phone_number": "+14255550100"}, "countries": ["FR"],
+                "granted_at": "2026-01-01T00:00:00Z"}),
+    )
+    .await
+    .expect(201);
+    app.post(
+        "/v1/consents/ds-1/status",
+        &carrier,
+        &json!({"status": "withdrawn"}),
+    )
+    .await
+    .expect(200);
+}
+both!(a_carrier_cannot_grant_or_revive_its_own_customer_authorization);

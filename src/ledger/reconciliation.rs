@@ -166,7 +166,7 @@ pub fn to_csv(r: &Reconciliation) -> Result<String> {
     let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
     for i in &r.items {
         w.write_record([
-            i.call_id.clone().unwrap_or_default(),
+            super::csv_text(i.call_id.as_deref().unwrap_or_default()).into_owned(),
             i.outcome.to_string(),
             opt(i.platform_seconds),
             opt(i.carrier_seconds),

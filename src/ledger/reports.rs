@@ -169,7 +169,7 @@ pub fn to_csv(report: &ProcessingReport) -> anyhow::Result<String> {
             .join(", ")
     };
     for a in &report.activities {
-        w.write_record([
+        let text = [
             a.carrier_id.as_str(),
             &a.category,
             &a.purpose,
@@ -187,7 +187,9 @@ pub fn to_csv(report: &ProcessingReport) -> anyhow::Result<String> {
             &a.security_measures.join("; "),
             &party(&report.controller),
             &party(&report.data_protection_officer),
-        ])?;
+        ]
+        .map(|cell| super::csv_text(cell).into_owned());
+        w.write_record(&text)?;
     }
     Ok(String::from_utf8(w.into_inner()?)?)
 }

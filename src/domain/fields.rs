@@ -32,6 +32,24 @@ pub fn join(path: &str, key: &str) -> String {
     }
 }
 
+/// How an error names a field or parameter the service does not know: by
+/// its name when that is shaped like one (`call_id`, `x-trace`), else as
+/// `?`. A client that keys a map by phone number would otherwise get the
+/// number back in the error, and errors never carry personal data.
+pub fn unknown_name(key: &str) -> &str {
+    let mut chars = key.chars();
+    let named = key.len() <= 64
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if named {
+        key
+    } else {
+        "?"
+    }
+}
+
 impl<'a> Obj<'a> {
     /// `None` (with an error recorded) when `value` is not an object.
     pub fn new(value: &'a Value, path: &str, errs: &mut Errors) -> Option<Self> {
@@ -58,7 +76,7 @@ impl<'a> Obj<'a> {
     pub fn deny_unknown(&self, allowed: &[&str], errs: &mut Errors) {
         for key in self.map.keys() {
             if !allowed.contains(&key.as_str()) {
-                errs.add(self.path(key), "unknown field");
+                errs.add(self.path(unknown_name(key)), "unknown field");
             }
         }
     }

@@ -245,7 +245,7 @@ impl Params {
         for (k, _) in &self.pairs {
             if !allowed.contains(&k.as_str()) {
                 self.errors.push(crate::error::FieldError::new(
-                    k.clone(),
+                    crate::domain::fields::unknown_name(k),
                     "unknown query parameter",
                 ));
             } else if !seen.insert(k.clone()) {

@@ -144,6 +144,30 @@ async fn bad_input_names_every_field_and_stores_nothing(app: TestApp) {
     assert_eq!(app.count("transfers").await, 0);
     assert_eq!(app.count("subject_keys").await, 0);
 
+    // Nor a field name that is not shaped like one (a client keying a map
+    // by phone number or SIP URI), in the body or in the query.
+    let mut t = cdr("carrier-a", "call-1", "+14255550100", "+14255550101");
+    t["payload"]["+14255550177"] = json!("x");
+    t["payload"]["alice@example.com"] = json!("x");
+    let r = app
+        .post("/v1/transfers", &app.platform(), &t)
+        .await
+        .expect(422);
+    assert_eq!(r.bad_fields(), ["payload.?", "payload.?"]);
+    assert!(
+        !r.text.contains("4255550177") && !r.text.contains("alice"),
+        "{}",
+        r.text
+    );
+    let r = app
+        .get("/v1/transfers?%2B14255550177=1&colour=red", &app.officer())
+        .await
+        .expect(422);
+    let mut fields = r.bad_fields();
+    fields.sort();
+    assert_eq!(fields, ["?", "colour"]);
+    assert!(!r.text.contains("4255550177"), "{}", r.text);
+
     // Direction against the flow table.
     let mut t = duration("carrier-a", "c", "+14255550100", "+14255550101");
     t["direction"] = json!("platform_to_carrier");

@@ -81,6 +81,7 @@ impl TokenVerifier {
                 .clone()
                 .with_context(|| format!("JWKS key {i} has no kid"))?;
             let alg = key_algorithm(jwk).with_context(|| format!("JWKS key {kid}"))?;
+            check_key_use(jwk).with_context(|| format!("JWKS key {kid}"))?;
             let key = DecodingKey::from_jwk(jwk)
                 .with_context(|| format!("JWKS key {kid} is not a usable public key"))?;
             anyhow::ensure!(
@@ -111,11 +112,18 @@ impl TokenVerifier {
     /// Verifies signature and claims. The error is safe to show the caller.
     pub fn verify(&self, token: &str) -> Result<Verified, String> {
         use jsonwebtoken::errors::ErrorKind;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| "token malformed".to_string())?;
+        // RFC 7515 §4.1.11: a critical extension this verifier does not
+        // implement (it implements none) makes the token invalid.
+        if header.crit.is_some() {
+            return Err(
+                "token header has critical extensions (crit), none of which are supported".into(),
+            );
+        }
         let (key, alg) = match &self.keys {
             Keys::Shared(key) => (key, Algorithm::HS256),
             Keys::ByKid(keys) => {
-                let header = jsonwebtoken::decode_header(token)
-                    .map_err(|_| "token malformed".to_string())?;
                 let kid = header.kid.ok_or("token has no kid")?;
                 let (key, alg) = keys
                     .get(&kid)
@@ -132,7 +140,16 @@ impl TokenVerifier {
                     ErrorKind::InvalidAudience => "token audience not accepted",
                     ErrorKind::InvalidSignature => "token signature invalid",
                     ErrorKind::InvalidAlgorithm => "token algorithm not accepted",
-                    ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
+                    ErrorKind::MissingRequiredClaim(c) => return format!("token lacks the {c} claim"),
+                    // serde names a missing field (`missing field `iat``);
+                    // other messages may quote the token's content.
+                    ErrorKind::Json(e) => match e.to_string().strip_prefix("missing field `") {
+                        Some(rest) => {
+                            let claim = rest.split('`').next().unwrap_or_default();
+                            return format!("token lacks the {claim} claim");
+                        }
+                        None => "token claims malformed: sub, role, iss, aud, exp, nbf and iat are required, carrier with the carrier role",
+                    },
                     _ => "token malformed",
                 }
                 .to_string()
@@ -153,7 +170,15 @@ impl TokenVerifier {
                 Some(CarrierId::parse(&id).map_err(|e| format!("carrier claim {e}"))?)
             }
             (Role::Carrier, None) => return Err("the carrier role requires a carrier claim".into()),
-            (_, _) => None,
+            // Other roles reach every carrier: a carrier claim on one most
+            // likely means an identity provider that meant to narrow it, and
+            // ignoring it would widen the caller's reach instead.
+            (_, Some(_)) => {
+                return Err(format!(
+                    "the carrier claim is only accepted with the carrier role, not with {role}"
+                ))
+            }
+            (_, None) => None,
         };
         check_sub(&c.sub).map_err(|e| format!("sub claim {e}"))?;
         Ok(Verified {
@@ -184,6 +209,42 @@ fn key_algorithm(jwk: &Jwk) -> anyhow::Result<Algorithm> {
             anyhow::bail!("alg {other:?} is not accepted for this key type (RS256, ES256 or EdDSA)")
         }
     }
+}
+
+/// Smallest RSA modulus accepted, in bits (NIST SP 800-131A).
+const MIN_RSA_BITS: usize = 2048;
+
+/// A JWKS key must be meant for verifying signatures (`use`, `key_ops`, if
+/// given, say so) and, if RSA, be at least [`MIN_RSA_BITS`] long.
+fn check_key_use(jwk: &Jwk) -> anyhow::Result<()> {
+    use base64::Engine;
+    use jsonwebtoken::jwk::{KeyOperations, PublicKeyUse};
+    if let Some(u) = &jwk.common.public_key_use {
+        anyhow::ensure!(
+            *u == PublicKeyUse::Signature,
+            "has \"use\" {u:?}; only signature keys (\"sig\") verify tokens"
+        );
+    }
+    if let Some(ops) = &jwk.common.key_operations {
+        anyhow::ensure!(
+            ops.contains(&KeyOperations::Verify),
+            "has \"key_ops\" without \"verify\""
+        );
+    }
+    if let AlgorithmParameters::RSA(p) = &jwk.algorithm {
+        let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(p.n.trim_end_matches('='))
+            .context("the RSA modulus (n) is not base64url")?;
+        let n = &n[n.iter().take_while(|b| **b == 0).count()..];
+        let bits = n
+            .first()
+            .map_or(0, |b| n.len() * 8 - b.leading_zeros() as usize);
+        anyhow::ensure!(
+            bits >= MIN_RSA_BITS,
+            "is a {bits}-bit RSA key; at least {MIN_RSA_BITS} bits are required"
+        );
+    }
+    Ok(())
 }
 
 /// Signs tokens with the configured HS256 secret (CLI and tests).
@@ -235,4 +296,58 @@ pub fn check_sub(sub: &str) -> Result<(), &'static str> {
         return Err("must be 1 to 256 characters");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = include_str!("../../tests/fixtures/jwt/jwks.json");
+
+    /// The fixture's RSA key with `edit` applied, alone in a JWKS document.
+    fn rsa_key_with(edit: impl Fn(&mut serde_json::Value)) -> String {
+        let doc: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
+        let mut key = doc["keys"][0].clone();
+        assert_eq!(key["kty"], "RSA");
+        edit(&mut key);
+        serde_json::json!({"keys": [key]}).to_string()
+    }
+
+    #[test]
+    fn jwks_keys_must_be_signature_keys_of_a_safe_size() {
+        let load = |doc: String| TokenVerifier::jwks(&doc, "i", "a").map(|_| ());
+        load(rsa_key_with(|_| {})).expect("the fixture key is accepted");
+        load(rsa_key_with(|k| {
+            k.as_object_mut().unwrap().remove("use");
+        }))
+        .expect("use is optional");
+        load(rsa_key_with(|k| {
+            k["key_ops"] = serde_json::json!(["verify"])
+        }))
+        .expect("key_ops naming verify");
+
+        let refused = |doc: String, why: &str| {
+            let err = load(doc).expect_err(why);
+            assert!(format!("{err:#}").contains(why), "{err:#}");
+        };
+        refused(
+            rsa_key_with(|k| k["use"] = "enc".into()),
+            "only signature keys",
+        );
+        refused(
+            rsa_key_with(|k| k["key_ops"] = serde_json::json!(["encrypt"])),
+            "without \"verify\"",
+        );
+        // A 1024-bit modulus (the top bit set, so exactly 1024 bits).
+        let mut n = vec![0xC5u8; 128];
+        n[127] |= 1;
+        let n = {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&n)
+        };
+        refused(
+            rsa_key_with(|k| k["n"] = n.clone().into()),
+            "is a 1024-bit RSA key",
+        );
+    }
 }

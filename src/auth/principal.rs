@@ -59,8 +59,9 @@ impl FromRequestParts<AppState> for Principal {
             .to_str()
             .ok()
             .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
+                // RFC 9110 §11.1: the scheme is case-insensitive.
+                let (scheme, token) = h.trim_start().split_once([' ', '\t'])?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(token)
             })
             .map(str::trim)
             .filter(|t| !t.is_empty())

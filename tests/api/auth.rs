@@ -81,6 +81,22 @@ async fn bad_tokens_are_rejected(app: TestApp) {
             with("role", json!("carrier")),
         ),
         ("garbage", "not.a.token".to_string()),
+        // A carrier claim would narrow another role; ignoring it would widen it.
+        (
+            "carrier claim on another role",
+            with("carrier", json!("carrier-a")),
+        ),
+        // RFC 7515 §4.1.11: critical extensions this verifier does not know.
+        ("critical extension", {
+            let mut h = Header::new(Algorithm::HS256);
+            h.crit = Some(vec!["exp".into()]);
+            jsonwebtoken::encode(
+                &h,
+                &claims(),
+                &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+            )
+            .unwrap()
+        }),
     ];
     assert_eq!(
         app.get("/v1/transfers", &sign(&claims(), JWT_SECRET))
@@ -96,6 +112,18 @@ async fn bad_tokens_are_rejected(app: TestApp) {
         200,
         "an audience list naming this service works"
     );
+    for (claim, token) in [("iat", without("iat")), ("exp", without("exp"))] {
+        let r = app.get("/v1/transfers", &token).await;
+        assert_eq!(r.status, 401);
+        assert!(
+            r.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("lacks the {claim} claim")),
+            "{}",
+            r.text
+        );
+    }
     for (what, token) in cases {
         let r = app.get("/v1/transfers", &token).await;
         assert_eq!(r.status, 401, "{what}: {}", r.text);
@@ -114,6 +142,16 @@ async fn bad_tokens_are_rejected(app: TestApp) {
         )
         .await;
     assert_eq!(r.status, 401, "not bearer");
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    for scheme in ["BEARER ", "bearer ", "Bearer\t"] {
+        let r = app
+            .raw(app.client.get(format!("{}/v1/transfers", app.addr)).header(
+                "Authorization",
+                format!("{scheme}{}", sign(&claims(), JWT_SECRET)),
+            ))
+            .await;
+        assert_eq!(r.status, 200, "{scheme:?}: {}", r.text);
+    }
 }
 both!(bad_tokens_are_rejected);
 

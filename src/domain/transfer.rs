@@ -7,6 +7,7 @@ use super::fields::{Errors, Obj};
 use super::payload::Payload;
 use super::{CarrierId, Category, Country, Direction, LegalBasis, Purpose};
 use crate::error::FieldError;
+use crate::retention::RetentionPolicy;
 
 const FIELDS: &[&str] = &[
     "carrier_id",
@@ -43,6 +44,8 @@ pub struct NewTransfer {
     pub occurred_at: DateTime<Utc>,
     pub payload: Payload,
     pub retention_days: Option<u32>,
+    /// `occurred_at` plus the retention in force when it was parsed.
+    pub retain_until: DateTime<Utc>,
     pub idempotency_key: Option<String>,
     /// The normalized request, canonically serialized. Its keyed hash
     /// tells a retry (same idempotency key, same transfer) from a reuse of
@@ -51,10 +54,16 @@ pub struct NewTransfer {
 }
 
 impl NewTransfer {
-    /// Parses one transfer, naming every bad field (prefixed by `path`).
-    pub fn parse(value: &Value, path: &str, now: DateTime<Utc>) -> Result<Self, Vec<FieldError>> {
+    /// Parses one transfer against the flow table and the retention policy
+    /// in force, naming every bad field (prefixed by `path`).
+    pub fn parse(
+        value: &Value,
+        path: &str,
+        now: DateTime<Utc>,
+        retention: &RetentionPolicy,
+    ) -> Result<Self, Vec<FieldError>> {
         let mut errs = Errors::default();
-        let parsed = Self::parse_into(value, path, now, &mut errs);
+        let parsed = Self::parse_into(value, path, now, retention, &mut errs);
         match parsed {
             Some(t) if errs.is_empty() => Ok(t),
             _ => Err(errs.0),
@@ -65,6 +74,7 @@ impl NewTransfer {
         value: &Value,
         path: &str,
         now: DateTime<Utc>,
+        retention: &RetentionPolicy,
         errs: &mut Errors,
     ) -> Option<Self> {
         let obj = Obj::new(value, path, errs)?;
@@ -94,8 +104,18 @@ impl NewTransfer {
             .uint("retention_days", 36_500, false, errs)
             .map(|d| d as u32);
         if retention_days == Some(0) {
-            errs.add(obj.path("retention_days"), "must be at least 1");
+            errs.add(
+                obj.path("retention_days"),
+                "must be a whole number from 1 to 36500",
+            );
         }
+        let retain_until = match (category, &jurisdiction, occurred_at) {
+            (Some(category), Some(jurisdiction), Some(occurred_at)) => retention
+                .retain_until(category, jurisdiction, occurred_at, retention_days)
+                .map_err(|m| errs.add(obj.path("retention_days"), m))
+                .ok(),
+            _ => None,
+        };
         let idempotency_key = obj.text("idempotency_key", 255, false, errs);
 
         let consent = obj.object("consent", false, errs).and_then(|c| {
@@ -110,7 +130,23 @@ impl NewTransfer {
                 granted_at,
             })
         });
-        if legal_basis == Some(LegalBasis::Consent) && obj.get("consent").is_none() {
+        if category == Some(Category::NumberAssignment) {
+            if legal_basis == Some(LegalBasis::Consent) {
+                errs.add(
+                    obj.path("legal_basis"),
+                    "number_assignment relies on the customer tenant's authorization of the \
+                     carrier (a customer_operator consent), not on a data subject's consent; \
+                     use contract",
+                );
+            }
+            if obj.get("consent").is_none() {
+                errs.add(
+                    obj.path("consent"),
+                    "is required for number_assignment: the reference of the customer tenant's \
+                     consent for this carrier",
+                );
+            }
+        } else if legal_basis == Some(LegalBasis::Consent) && obj.get("consent").is_none() {
             errs.add(
                 obj.path("consent"),
                 "is required when legal_basis is consent",
@@ -155,6 +191,7 @@ impl NewTransfer {
             occurred_at: occurred_at?,
             payload: payload?,
             retention_days,
+            retain_until: retain_until?,
             idempotency_key,
             canonical: String::new(),
         };
@@ -202,7 +239,7 @@ mod tests {
     }
 
     fn fields(v: &Value) -> Vec<String> {
-        NewTransfer::parse(v, "", Utc::now())
+        NewTransfer::parse(v, "", Utc::now(), &RetentionPolicy::default_policy())
             .unwrap_err()
             .into_iter()
             .map(|e| e.field)
@@ -211,7 +248,8 @@ mod tests {
 
     #[test]
     fn a_valid_cdr_parses() {
-        let t = NewTransfer::parse(&cdr(), "", Utc::now()).unwrap();
+        let t =
+            NewTransfer::parse(&cdr(), "", Utc::now(), &RetentionPolicy::default_policy()).unwrap();
         assert_eq!(t.category, Category::CallDetailRecord);
         assert_eq!(t.payload.slots.len(), 2);
     }
@@ -232,14 +270,58 @@ mod tests {
     }
 
     #[test]
+    fn policy_rules_are_named_with_every_other_bad_field() {
+        let mut v = cdr();
+        v["retention_days"] = 999.into();
+        v["payload"]["caller"] = "nope".into();
+        let mut f = fields(&v);
+        f.sort();
+        assert_eq!(f, ["payload.caller", "retention_days"]);
+
+        let v = json!({
+            "carrier_id": "carrier-a", "direction": "platform_to_carrier", "category": "number_assignment",
+            "purpose": "service_provisioning", "legal_basis": "consent", "jurisdiction": "FR",
+            "occurred_at": "2026-01-01T10:02:00Z", "retention_days": 5000,
+            "payload": {"phone_number": "bad", "sip_uri": "sip:+33123456789@sbc.example",
+                        "customer_tenant_id": "t-1", "action": "assigned",
+                        "effective_at": "2026-01-01T10:00:00Z"}
+        });
+        let mut f = fields(&v);
+        f.sort();
+        assert_eq!(
+            f,
+            [
+                "consent",
+                "legal_basis",
+                "payload.phone_number",
+                "retention_days"
+            ]
+        );
+    }
+
+    #[test]
+    fn retention_is_the_policy_maximum_unless_shortened() {
+        let policy = RetentionPolicy::default_policy();
+        let mut v = cdr();
+        let t = NewTransfer::parse(&v, "", Utc::now(), &policy).unwrap();
+        let fr = Country::parse("FR").unwrap();
+        let max = policy.max_days(Category::CallDetailRecord, &fr);
+        assert_eq!(t.retain_until, t.occurred_at + Duration::days(max.into()));
+        v["retention_days"] = 7.into();
+        let t = NewTransfer::parse(&v, "", Utc::now(), &policy).unwrap();
+        assert_eq!(t.retain_until, t.occurred_at + Duration::days(7));
+    }
+
+    #[test]
     fn the_same_transfer_spelled_differently_hashes_the_same() {
-        let a = NewTransfer::parse(&cdr(), "", Utc::now()).unwrap();
+        let a =
+            NewTransfer::parse(&cdr(), "", Utc::now(), &RetentionPolicy::default_policy()).unwrap();
         let mut v = cdr();
         v["payload"]["caller"] = "+33 1 23 45 67 89".into();
-        let b = NewTransfer::parse(&v, "", Utc::now()).unwrap();
+        let b = NewTransfer::parse(&v, "", Utc::now(), &RetentionPolicy::default_policy()).unwrap();
         assert_eq!(a.canonical, b.canonical);
         v["payload"]["duration_seconds"] = 61.into();
-        let c = NewTransfer::parse(&v, "", Utc::now()).unwrap();
+        let c = NewTransfer::parse(&v, "", Utc::now(), &RetentionPolicy::default_policy()).unwrap();
         assert_ne!(a.canonical, c.canonical);
     }
 

@@ -47,7 +47,8 @@ pub async fn create(
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<Recorded>)> {
     state.authorize_any(&who, WRITE_OBJECTS, "write")?;
-    let t = NewTransfer::parse(&body, "", Utc::now()).map_err(AppError::Validation)?;
+    let t = NewTransfer::parse(&body, "", Utc::now(), &state.retention())
+        .map_err(AppError::Validation)?;
     let mut out = ledger::record(&state, &who, vec![t], false).await?;
     Ok((StatusCode::CREATED, Json(out.remove(0))))
 }
@@ -95,11 +96,11 @@ pub async fn create_batch(
             ))
         }
     };
-    let now = Utc::now();
+    let (now, retention) = (Utc::now(), state.retention());
     let mut parsed = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        match NewTransfer::parse(item, "", now) {
+        match NewTransfer::parse(item, "", now, &retention) {
             Ok(t) => parsed.push(t),
             Err(errs) => errors.extend(errs.into_iter().map(|e| FieldError {
                 index: Some(i),

@@ -15,7 +15,7 @@ use crate::domain::consent::{ConsentKind, ConsentStatus};
 use crate::domain::payload::Payload;
 use crate::domain::transfer::NewTransfer;
 use crate::domain::{Category, LegalBasis};
-use crate::error::{AppError, FieldError, Result, ResultExt};
+use crate::error::{AppError, Result, ResultExt};
 use crate::storage::consents::ConsentRow;
 use crate::storage::keys::{self, SubjectKeyRow};
 use crate::storage::transfers::{self as store, NewLookup, NewRecord, NewSlot, TransferRow};
@@ -46,14 +46,6 @@ pub struct Recorded {
     pub retain_until: DateTime<Utc>,
 }
 
-fn at(index: Option<usize>, field: &str, message: impl Into<String>) -> FieldError {
-    FieldError {
-        index,
-        field: field.to_string(),
-        message: message.into(),
-    }
-}
-
 fn prefix(index: Option<usize>) -> String {
     index
         .map(|i| format!("transfers[{i}]: "))
@@ -81,33 +73,7 @@ pub async fn record(
             })?;
     }
 
-    let retention = state.retention();
-    let mut errors = Vec::new();
-    let mut retain = Vec::with_capacity(items.len());
-    for (i, t) in items.iter().enumerate() {
-        if t.category == Category::NumberAssignment && t.legal_basis == LegalBasis::Consent {
-            errors.push(at(
-                idx(i),
-                "legal_basis",
-                "number_assignment relies on the customer tenant's authorization of the carrier \
-                 (a customer_operator consent), not on a data subject's consent; use contract",
-            ));
-        }
-        if t.category == Category::NumberAssignment && t.consent.is_none() {
-            errors.push(at(
-                idx(i),
-                "consent",
-                "is required for number_assignment: the reference of the customer tenant's consent for this carrier",
-            ));
-        }
-        match retention.retain_until(t.category, &t.jurisdiction, t.occurred_at, t.retention_days) {
-            Ok(until) => retain.push(until),
-            Err(m) => errors.push(at(idx(i), "retention_days", m)),
-        }
-    }
-    if !errors.is_empty() {
-        return Err(AppError::Validation(errors));
-    }
+    let retain: Vec<DateTime<Utc>> = items.iter().map(|t| t.retain_until).collect();
 
     // A concurrent writer may take an idempotency key between our check and
     // our insert; the second attempt then finds and returns its record.

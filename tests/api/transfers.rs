@@ -242,6 +242,19 @@ async fn batches_are_all_or_nothing(app: TestApp) {
         .collect();
     items[1]["payload"]["caller"] = json!("not a number");
     items[3]["category"] = json!("voicemail");
+    // Rules of the retention policy and of number assignments are named in
+    // the same answer, with the other bad fields of the same item.
+    items[2]["retention_days"] = json!(500);
+    items[4]["retention_days"] = json!(500);
+    items[4]["payload"]["callee"] = json!("nope");
+    items.push(assignment(
+        "carrier-b",
+        "oc-1",
+        "tenant-1",
+        "+14255550100",
+        "sip:+14255550100@sbc.example",
+    ));
+    items[5].as_object_mut().unwrap().remove("consent");
     let r = app
         .post(
             "/v1/transfers/batch",
@@ -250,7 +263,19 @@ async fn batches_are_all_or_nothing(app: TestApp) {
         )
         .await
         .expect(422);
-    assert_eq!(r.bad_fields(), ["1:payload.caller", "3:category"]);
+    let mut bad = r.bad_fields();
+    bad.sort();
+    assert_eq!(
+        bad,
+        [
+            "1:payload.caller",
+            "2:retention_days",
+            "3:category",
+            "4:payload.callee",
+            "4:retention_days",
+            "5:consent"
+        ]
+    );
     assert_eq!(app.count("transfers").await, 50);
 
     // Limits.

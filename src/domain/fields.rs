@@ -172,22 +172,32 @@ impl<'a> Obj<'a> {
     }
 
     /// A non-negative integer no greater than `max`.
-    pub fn uint(&self, key: &str, max: u64, required: bool, errs: &mut Errors) -> Option<u64> {
+    /// A whole number within `min..=max`.
+    pub fn uint(
+        &self,
+        key: &str,
+        min: u64,
+        max: u64,
+        required: bool,
+        errs: &mut Errors,
+    ) -> Option<u64> {
         let v = if required {
             self.required(key, errs)?
         } else {
             self.get(key)?
         };
         match v.as_u64() {
-            Some(n) if n <= max => Some(n),
-            _ if v.as_i64().is_some_and(|n| n < 0) || v.as_f64().is_some_and(|n| n < 0.0) => {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            _ if min == 0
+                && (v.as_i64().is_some_and(|n| n < 0) || v.as_f64().is_some_and(|n| n < 0.0)) =>
+            {
                 errs.add(self.path(key), "must not be negative");
                 None
             }
             _ => {
                 errs.add(
                     self.path(key),
-                    format!("must be a whole number from 0 to {max}"),
+                    format!("must be a whole number from {min} to {max}"),
                 );
                 None
             }

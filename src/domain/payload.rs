@@ -160,7 +160,7 @@ impl Payload {
                         put(
                             &mut body,
                             "duration_seconds",
-                            obj.uint("duration_seconds", MAX_DURATION_SECONDS, true, errs),
+                            obj.uint("duration_seconds", 0, MAX_DURATION_SECONDS, true, errs),
                         );
                     }
                 }
@@ -216,7 +216,7 @@ fn parse_cdr(obj: &Obj<'_>, body: &mut Map<String, Value>, errs: &mut Errors) {
     put(
         body,
         "duration_seconds",
-        obj.uint("duration_seconds", MAX_DURATION_SECONDS, true, errs),
+        obj.uint("duration_seconds", 0, MAX_DURATION_SECONDS, true, errs),
     );
     match obj.str("call_direction", true, errs) {
         Some(d @ ("inbound" | "outbound")) => {

@@ -101,14 +101,8 @@ impl NewTransfer {
             errs.add(obj.path("occurred_at"), "must not be in the future");
         }
         let retention_days = obj
-            .uint("retention_days", 36_500, false, errs)
+            .uint("retention_days", 1, 36_500, false, errs)
             .map(|d| d as u32);
-        if retention_days == Some(0) {
-            errs.add(
-                obj.path("retention_days"),
-                "must be a whole number from 1 to 36500",
-            );
-        }
         let retain_until = match (category, &jurisdiction, occurred_at) {
             (Some(category), Some(jurisdiction), Some(occurred_at)) => retention
                 .retain_until(category, jurisdiction, occurred_at, retention_days)
@@ -297,6 +291,21 @@ mod tests {
                 "retention_days"
             ]
         );
+    }
+
+    #[test]
+    fn retention_days_out_of_range_get_one_message() {
+        for bad in [json!(0), json!(10.5), json!(-1), json!("10"), json!(36_501)] {
+            let mut v = cdr();
+            v["retention_days"] = bad.clone();
+            let errs = NewTransfer::parse(&v, "", Utc::now(), &RetentionPolicy::default_policy())
+                .unwrap_err();
+            assert_eq!(errs.len(), 1, "{bad}");
+            assert_eq!(
+                errs[0].message, "must be a whole number from 1 to 36500",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

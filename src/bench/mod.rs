@@ -659,7 +659,8 @@ async fn cursor_at(db: &Db, carrier: &str, depth: i64) -> anyhow::Result<Option<
         .fetch_optional(c)
         .await
     })?;
-    Ok(row.map(|(at, id)| crate::storage::encode_cursor(at, id)))
+    Ok(row
+        .map(|(at, id)| crate::storage::encode_cursor(crate::storage::Listing::Transfers, at, id)))
 }
 
 /// Inserts the rows into a plain table (primary key plus one index on

@@ -104,7 +104,7 @@ pub async fn change_status(
 
 fn carrier_param(mut p: Params) -> Result<Option<String>> {
     p.allow(&["carrier_id"]);
-    let carrier = p.get("carrier_id").map(str::to_string);
+    let carrier = p.carrier_id();
     p.finish()?;
     Ok(carrier)
 }

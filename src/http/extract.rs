@@ -295,8 +295,16 @@ impl Params {
     }
 
     /// `cursor`: where the previous page ended.
-    pub fn cursor(&mut self) -> Option<(i64, uuid::Uuid)> {
-        self.parse("cursor", crate::storage::decode_cursor)
+    /// `carrier_id`, a well-formed carrier id when given.
+    pub fn carrier_id(&mut self) -> Option<String> {
+        self.parse("carrier_id", |s| {
+            crate::domain::CarrierId::parse(s).map(|c| c.to_string())
+        })
+    }
+
+    /// `cursor`: where the previous page of `listing` ended.
+    pub fn cursor(&mut self, listing: crate::storage::Listing) -> Option<(i64, uuid::Uuid)> {
+        self.parse("cursor", |s| crate::storage::decode_cursor(listing, s))
     }
 
     /// `limit`: a page size from 1 to 1000, 100 when absent.

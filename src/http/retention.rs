@@ -15,7 +15,7 @@ use crate::domain::fields::{Errors, Obj};
 use crate::error::{AppError, Result};
 use crate::retention::sweep::{self, SweepReport};
 use crate::retention::RetentionPolicy;
-use crate::storage::{encode_cursor, next_page};
+use crate::storage::{encode_cursor, next_page, Listing};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -97,11 +97,13 @@ pub async fn list_sweeps(
     p.allow(&["dry_run", "limit", "cursor"]);
     let dry_run = p.flag("dry_run");
     let limit = p.limit();
-    let after = p.cursor();
+    let after = p.cursor(Listing::Sweeps);
     p.finish()?;
     let mut rows =
         crate::storage::retention::list_sweeps(&state.db, dry_run, after, limit + 1).await?;
-    let next = next_page(&mut rows, limit, |r| encode_cursor(r.started_at, r.id));
+    let next = next_page(&mut rows, limit, |r| {
+        encode_cursor(Listing::Sweeps, r.started_at, r.id)
+    });
     audit::record(
         &state,
         Some(&who),

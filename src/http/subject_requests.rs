@@ -65,7 +65,7 @@ pub async fn list(
     let filter = requests::ListFilter {
         overdue: p.flag("overdue"),
         limit: p.limit(),
-        after: p.cursor(),
+        after: p.cursor(crate::storage::Listing::SubjectRequests),
         status,
     };
     p.finish()?;

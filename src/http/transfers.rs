@@ -18,7 +18,7 @@ use crate::domain::{Category, Country, Direction, LegalBasis, Purpose, SubjectId
 use crate::error::{AppError, FieldError, Result};
 use crate::ledger::transfers::{self as ledger, Recorded, TransferView, MAX_BATCH};
 use crate::storage::transfers::LogFilter;
-use crate::storage::{decode_cursor, encode_cursor, next_page};
+use crate::storage::{encode_cursor, next_page, Listing};
 use crate::storage::{micros, transfers as store};
 
 pub fn router() -> Router<AppState> {
@@ -167,7 +167,7 @@ pub async fn list(
     let (from, to) = p.period();
     let mut f = LogFilter {
         scope: who.scope().map(str::to_string),
-        carrier_id: p.get("carrier_id").map(str::to_string),
+        carrier_id: p.carrier_id(),
         category: p.parse("category", |s| {
             s.parse::<Category>()
                 .map(Category::as_str)
@@ -194,7 +194,7 @@ pub async fn list(
         subject_index: p.parse("subject", |s| {
             SubjectId::parse(s).map(|id| state.keys.blind().of(&id))
         }),
-        after: p.parse("cursor", decode_cursor),
+        after: p.cursor(Listing::Transfers),
         limit: p.limit(),
     };
     let with_payload = match p.get("include") {
@@ -214,7 +214,9 @@ pub async fn list(
     f.limit += 1;
     let mut rows = store::list(&state.db, &f).await?;
     f.limit -= 1;
-    let next_cursor = next_page(&mut rows, f.limit, |r| encode_cursor(r.occurred_at, r.id));
+    let next_cursor = next_page(&mut rows, f.limit, |r| {
+        encode_cursor(Listing::Transfers, r.occurred_at, r.id)
+    });
     let mut items: Vec<TransferView> = rows.into_iter().map(TransferView::from).collect();
     if with_payload {
         ledger::decrypt(&state, &mut items).await?;

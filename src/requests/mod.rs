@@ -296,7 +296,13 @@ pub async fn list(
         },
     )
     .await?;
-    let next = next_page(&mut rows, f.limit, |r| encode_cursor(r.received_at, r.id));
+    let next = next_page(&mut rows, f.limit, |r| {
+        encode_cursor(
+            crate::storage::Listing::SubjectRequests,
+            r.received_at,
+            r.id,
+        )
+    });
     audit::record(
         state,
         Some(who),

@@ -403,21 +403,46 @@ pub fn next_page<T>(
     more.then(|| rows.last().map(cursor)).flatten()
 }
 
-/// A keyset cursor: the `(time, id)` of the last item of a page, opaque to
-/// clients (URL-safe base64, so it needs no escaping in a query string).
-pub fn encode_cursor(at: i64, id: Uuid) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{at}:{id}"))
+/// The lists whose pages a `(time, id)` cursor continues. A cursor names its
+/// list, so one taken from another list is refused rather than read as a
+/// position in this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    Transfers,
+    Sweeps,
+    SubjectRequests,
 }
 
-pub fn decode_cursor(s: &str) -> Result<(i64, Uuid), String> {
+impl Listing {
+    fn tag(self) -> &'static str {
+        match self {
+            Listing::Transfers => "t",
+            Listing::Sweeps => "s",
+            Listing::SubjectRequests => "r",
+        }
+    }
+}
+
+/// A keyset cursor: the `(time, id)` of the last item of a page of
+/// `listing`, opaque to clients (URL-safe base64, so it needs no escaping in
+/// a query string).
+pub fn encode_cursor(listing: Listing, at: i64, id: Uuid) -> String {
     use base64::Engine;
-    let bad = || "is not a cursor this service issued".to_string();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:{at}:{id}", listing.tag()))
+}
+
+pub fn decode_cursor(listing: Listing, s: &str) -> Result<(i64, Uuid), String> {
+    use base64::Engine;
+    let bad = || "is not a cursor this service issued for this list".to_string();
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(s)
         .map_err(|_| bad())?;
     let text = String::from_utf8(raw).map_err(|_| bad())?;
-    let (at, id) = text.split_once(':').ok_or_else(bad)?;
+    let rest = text
+        .strip_prefix(listing.tag())
+        .and_then(|r| r.strip_prefix(':'))
+        .ok_or_else(bad)?;
+    let (at, id) = rest.split_once(':').ok_or_else(bad)?;
     Ok((
         at.parse().map_err(|_| bad())?,
         Uuid::parse_str(id).map_err(|_| bad())?,

@@ -537,3 +537,47 @@ async fn pages_of_mixed_categories_come_newest_first(app: TestApp) {
     assert_eq!(none.body["next_cursor"], json!(null));
 }
 both!(pages_of_mixed_categories_come_newest_first);
+
+/// A cursor continues the list that issued it; one from another list is
+/// refused, not read as a position in this one.
+async fn a_foreign_cursor_or_a_malformed_carrier_is_refused(app: TestApp) {
+    let officer = app.officer();
+    let items: Vec<_> = (0..3)
+        .map(|i| {
+            cdr(
+                "carrier-a",
+                &format!("c-{i}"),
+                "+14255550100",
+                "+14255550101",
+            )
+        })
+        .collect();
+    app.post(
+        "/v1/transfers/batch",
+        &app.platform(),
+        &json!({"transfers": items}),
+    )
+    .await
+    .expect(201);
+    let page = app.get("/v1/transfers?limit=1", &officer).await.expect(200);
+    let cursor = page.body["next_cursor"].as_str().unwrap().to_string();
+    app.get(&format!("/v1/transfers?limit=1&cursor={cursor}"), &officer)
+        .await
+        .expect(200);
+    // An empty or malformed carrier is refused, not matched against nothing.
+    for bad in ["", "a%20b"] {
+        let r = app
+            .get(&format!("/v1/transfers?carrier_id={bad}"), &officer)
+            .await
+            .expect(422);
+        assert_eq!(r.bad_fields(), ["carrier_id"]);
+    }
+    for list in ["/v1/retention/sweeps", "/v1/subject-requests"] {
+        let r = app
+            .get(&format!("{list}?cursor={cursor}"), &officer)
+            .await
+            .expect(422);
+        assert_eq!(r.bad_fields(), ["cursor"], "{list}");
+    }
+}
+both!(a_foreign_cursor_or_a_malformed_carrier_is_refused);

@@ -342,7 +342,11 @@ pub async fn download(
             r.status
         )));
     }
-    let Some(e) = store::export(&state.db, uuid).await? else {
+    // Past its expiry an export is gone even before housekeeping deletes it.
+    let Some(e) = store::export(&state.db, uuid)
+        .await?
+        .filter(|e| e.expires_at > micros(Utc::now()))
+    else {
         return Err(AppError::Gone(format!(
             "the export of request {id} is no longer kept (exports are deleted after 7 days, and by an erasure of their subject); make a new request"
         )));

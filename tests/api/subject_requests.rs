@@ -331,6 +331,36 @@ async fn a_subject_with_no_records_gets_an_empty_valid_export(app: TestApp) {
 }
 both!(a_subject_with_no_records_gets_an_empty_valid_export);
 
+/// An export past its expiry is gone at once, not only once housekeeping
+/// (every few seconds) has deleted it.
+async fn an_expired_export_is_gone_before_it_is_deleted(app: TestApp) {
+    let carrier = app.carrier("carrier-a");
+    let req = app
+        .request(
+            &carrier,
+            "access",
+            "carrier-a",
+            json!({"phone_number": X}),
+            None,
+        )
+        .await;
+    let id = req["id"].as_str().unwrap();
+    app.completed(&carrier, id).await;
+    app.export(&carrier, id).await;
+    app.exec(
+        "UPDATE subject_exports SET expires_at = expires_at - 8 * 86400000000",
+        None,
+        None,
+    )
+    .await;
+    let r = app
+        .get(&format!("/v1/subject-requests/{id}/export"), &carrier)
+        .await
+        .expect(410);
+    assert!(r.text.contains("7 days"), "{}", r.text);
+}
+both!(an_expired_export_is_gone_before_it_is_deleted);
+
 async fn carriers_only_reach_their_own_requests(app: TestApp) {
     let a = app.carrier("carrier-a");
     let b = app.carrier("carrier-b");

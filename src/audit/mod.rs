@@ -210,7 +210,7 @@ const VERIFY_PAGE: i64 = 5_000;
 /// Recomputes the chain from the first entry, from the stored bytes.
 pub async fn verify(db: &Db) -> Result<Verification> {
     // Read the cursor first: entries appended while we verify lie beyond it.
-    let (cursor_seq, _) = store::cursor(db).await?;
+    let cursor_seq = store::cursor(db).await?.map(|(seq, _)| seq);
     let mut expected = 1;
     let mut prev = vec![0u8; 32];
     loop {
@@ -277,6 +277,13 @@ pub async fn verify(db: &Db) -> Result<Verification> {
         }
     }
     let entries = expected - 1;
+    let Some(cursor_seq) = cursor_seq else {
+        return Ok(Verification::bad(
+            entries,
+            entries + 1,
+            "the append cursor (the audit_head row) is missing: it was deleted, and appends fail until it is restored",
+        ));
+    };
     if cursor_seq > entries {
         return Ok(Verification::bad(
             entries,

@@ -76,7 +76,15 @@ pub async fn verify(State(state): State<AppState>, who: Principal) -> Result<Jso
     state.authorize(&who, "audit", "read")?;
     let v = audit::verify(&state.db).await?;
     let target = json!({"valid": v.valid, "entries": v.entries, "first_bad_seq": v.first_bad_seq});
-    audit::record(&state, Some(&who), Event::new("audit.verify", target)).await?;
+    if let Err(e) = audit::record(&state, Some(&who), Event::new("audit.verify", target)).await {
+        // A chain broken so that nothing can be appended to it (its cursor
+        // deleted) is exactly what the auditor must be told.
+        if v.valid {
+            return Err(e);
+        }
+        tracing::error!(error = %e, first_bad_seq = ?v.first_bad_seq,
+            "the audit chain is broken and this verification could not be appended to it");
+    }
     Ok(Json(v))
 }
 

@@ -84,10 +84,10 @@ pub async fn last(db: &Db) -> sqlx::Result<Option<AuditRow>> {
     })
 }
 
-/// Where the append cursor says the chain ends.
-pub async fn cursor(db: &Db) -> sqlx::Result<(i64, Vec<u8>)> {
+/// Where the append cursor says the chain ends; `None` if its row is gone.
+pub async fn cursor(db: &Db) -> sqlx::Result<Option<(i64, Vec<u8>)>> {
     on_db!(db, c => {
-        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one(c).await
+        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_optional(c).await
     })
 }
 

@@ -99,6 +99,18 @@ macro_rules! on_tx {
 }
 pub(crate) use {on_db, on_tx};
 
+/// Creates a new SQLite database file readable by its owner only (SQLite
+/// would create it with the umask's mode, usually 0644); its write-ahead
+/// log and shared-memory files take the same mode from it. An existing
+/// file is left as it is; any error is left for SQLite's open to report.
+fn create_private(path: &std::path::Path) {
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+    let _ = open.open(path);
+}
+
 /// Binds each value, separated by commas: the inside of an `IN (…)` list.
 pub(crate) fn push_list<'a, DB, T>(
     qb: &mut sqlx::QueryBuilder<'a, DB>,
@@ -160,6 +172,9 @@ impl Db {
                 // per connection costs more memory than re-preparing them.
                 .statement_cache_capacity(24);
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+            if !in_memory {
+                create_private(opts.get_filename());
+            }
             // The writer touches every index of every table it appends to:
             // a 16 MiB page cache keeps the hot ones in memory instead of
             // re-reading them (larger ones cost the server memory budget).

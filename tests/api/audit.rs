@@ -441,6 +441,17 @@ async fn truncating_the_tail_is_found_against_a_saved_head(app: TestApp) {
     app.superuser("UPDATE audit_head SET seq = 9").await;
     let v = app.verify().await;
     assert_eq!(v["valid"], false);
+
+    // Deleting the cursor itself is named as such, by the API and the CLI.
+    app.superuser("DELETE FROM audit_log WHERE seq > 3").await;
+    app.superuser("DELETE FROM audit_head").await;
+    let v = app.verify().await;
+    assert_eq!(v["valid"], false, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("audit_head"), "{v}");
+    let out = cli(&[]);
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["reason"].as_str().unwrap().contains("audit_head"), "{v}");
 }
 both!(truncating_the_tail_is_found_against_a_saved_head);
 

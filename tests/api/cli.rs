@@ -57,10 +57,11 @@ async fn first_start_with_no_configuration_then_sigterm() {
     let url = format!("http://127.0.0.1:{port}");
     wait_ready(&url).await;
 
-    // The embedded default: ./ledger-data with the database and 0600 secrets.
+    // The embedded default: ./ledger-data with the database, its log and
+    // the secrets readable by their owner only.
     let data = dir.path().join("ledger-data");
     assert!(data.join("ledger.db").is_file());
-    for secret in ["master.key", "jwt.secret"] {
+    for secret in ["master.key", "jwt.secret", "ledger.db", "ledger.db-wal"] {
         let mode = std::fs::metadata(data.join(secret))
             .unwrap()
             .permissions()

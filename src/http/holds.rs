@@ -36,7 +36,8 @@ pub async fn place(
 
 /// Release a hold: the records it kept go with the next sweep.
 #[utoipa::path(delete, path = "/v1/holds/{id}", tag = "retention", params(("id" = Uuid, Path)),
-    responses((status = 200, body = HoldView), (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = HoldView), (status = 404, body = crate::error::Problem),
+              (status = 409, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn release(
     State(state): State<AppState>,

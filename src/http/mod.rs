@@ -80,7 +80,11 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Prometheus text format.
-async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain")))]
+pub(crate) async fn metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -18,7 +18,7 @@ use crate::app::AppState;
         super::subject_requests::show, super::subject_requests::extend, super::subject_requests::download, super::holds::place, super::holds::release, super::holds::list,
         super::audit::list, super::audit::verify, super::audit::head, super::keys::export_signing,
         super::keys::rotate, super::keys::rotate_signing, super::keys::status, super::keys::reload_policies,
-        super::health::healthz, super::health::readyz,
+        super::health::healthz, super::health::readyz, super::metrics, openapi_json,
     ),
     components(schemas(crate::error::Problem, crate::error::FieldError)),
     modifiers(&BearerAuth, &ProblemResponses)
@@ -125,8 +125,15 @@ impl Modify for BearerAuth {
     }
 }
 
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "the OpenAPI 3.1 document of this service")))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
 pub fn router() -> Router<AppState> {
-    Router::new().route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+    Router::new().route("/openapi.json", get(openapi_json))
 }
 
 /// A transfer as submitted (documentation of the request body; the service

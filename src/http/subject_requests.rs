@@ -126,7 +126,8 @@ fn prefer_wait(headers: &HeaderMap) -> Option<std::time::Duration> {
 /// Extend the deadline once, by two further months.
 #[utoipa::path(post, path = "/v1/subject-requests/{id}/extend", tag = "subject requests", params(("id" = String, Path)),
     request_body(content = super::openapi::ReasonInput, content_type = "application/json"),
-    responses((status = 200, body = RequestView), (status = 409, body = crate::error::Problem)),
+    responses((status = 200, body = RequestView), (status = 404, body = crate::error::Problem),
+              (status = 409, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn extend(
     State(state): State<AppState>,
@@ -140,8 +141,8 @@ pub async fn extend(
 /// The signed access export (JSON), with `X-Export-SHA256` and `X-Export-Signature`.
 #[utoipa::path(get, path = "/v1/subject-requests/{id}/export", tag = "subject requests",
     params(("id" = String, Path), ("X-Access-Reason" = Option<String>, Header, description = "required of privacy officers")),
-    responses((status = 200, description = "the export document"), (status = 409, body = crate::error::Problem),
-              (status = 410, body = crate::error::Problem)),
+    responses((status = 200, description = "the export document"), (status = 404, body = crate::error::Problem),
+              (status = 409, body = crate::error::Problem), (status = 410, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn download(
     State(state): State<AppState>,

@@ -62,7 +62,8 @@ pub struct BatchRecorded {
 /// Record up to 10,000 transfers, all or nothing.
 #[utoipa::path(post, path = "/v1/transfers/batch", tag = "transfers",
     request_body(content = super::openapi::BatchInput, content_type = "application/json"),
-    responses((status = 201, body = BatchRecorded), (status = 422, body = crate::error::Problem)),
+    responses((status = 201, body = BatchRecorded), (status = 403, body = crate::error::Problem),
+              (status = 409, body = crate::error::Problem), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn create_batch(
     State(state): State<AppState>,

@@ -27,8 +27,24 @@ async fn health_readiness_and_openapi(app: TestApp) {
         "/v1/transfers/{id}",
         "/v1/consents",
         "/v1/reports/processing",
+        "/metrics",
+        "/openapi.json",
     ] {
         assert!(r.body["paths"].get(path).is_some(), "{path} documented");
+    }
+    // Statuses the service sends are declared.
+    for (path, method, status) in [
+        ("/v1/transfers/batch", "post", "409"),
+        ("/v1/subject-requests/{id}/export", "get", "404"),
+        ("/v1/subject-requests/{id}/extend", "post", "404"),
+        ("/v1/holds/{id}", "delete", "409"),
+    ] {
+        assert!(
+            r.body["paths"][path][method]["responses"]
+                .get(status)
+                .is_some(),
+            "{method} {path} declares {status}"
+        );
     }
     assert!(r.body["components"]["securitySchemes"]["bearer"].is_object());
     // Every schema referenced is defined (nested ones too, such as a

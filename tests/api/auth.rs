@@ -224,10 +224,22 @@ async fn every_endpoint_for_every_role(app: TestApp) {
             None,
             [200, 200, 403, 403, 403, 403],
         ),
+        // A customer's authorization of a carrier is not the carrier's to
+        // write; its subscribers' own consents are.
         (
             "POST",
             "/v1/consents".into(),
             Some(consent("__REF__")),
+            [201, 403, 201, 403, 403, 403],
+        ),
+        (
+            "POST",
+            "/v1/consents".into(),
+            Some(
+                json!({"reference": "__REF__", "kind": "data_subject", "carrier_id": "carrier-a",
+                "subject": {"phone_number": "+14255550100"}, "countries": ["FR"],
+                "granted_at": "2026-01-01T00:00:00Z"}),
+            ),
             [201, 201, 201, 403, 403, 403],
         ),
         (
@@ -240,7 +252,7 @@ async fn every_endpoint_for_every_role(app: TestApp) {
             "POST",
             "/v1/consents/oc-a/status".into(),
             Some(json!({"status": "active"})),
-            [200, 200, 200, 403, 403, 403],
+            [200, 403, 200, 403, 403, 403],
         ),
         (
             "GET",

@@ -185,6 +185,10 @@ pub struct Verification {
     pub first_bad_seq: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The append cursor's row is gone: nothing can be appended until it is
+    /// restored (so the verification itself cannot be audited).
+    #[serde(skip)]
+    pub cursor_missing: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -201,6 +205,7 @@ impl Verification {
             head: None,
             first_bad_seq: Some(seq),
             reason: Some(reason.into()),
+            cursor_missing: false,
         }
     }
 }
@@ -278,11 +283,14 @@ pub async fn verify(db: &Db) -> Result<Verification> {
     }
     let entries = expected - 1;
     let Some(cursor_seq) = cursor_seq else {
-        return Ok(Verification::bad(
-            entries,
-            entries + 1,
-            "the append cursor (the audit_head row) is missing: it was deleted, and appends fail until it is restored",
-        ));
+        return Ok(Verification {
+            cursor_missing: true,
+            ..Verification::bad(
+                entries,
+                entries + 1,
+                "the append cursor (the audit_head row) is missing: it was deleted, and appends fail until it is restored",
+            )
+        });
     };
     if cursor_seq > entries {
         return Ok(Verification::bad(
@@ -300,6 +308,7 @@ pub async fn verify(db: &Db) -> Result<Verification> {
         }),
         first_bad_seq: None,
         reason: None,
+        cursor_missing: false,
     })
 }
 

@@ -211,11 +211,13 @@ fn key_algorithm(jwk: &Jwk) -> anyhow::Result<Algorithm> {
     }
 }
 
-/// Smallest RSA modulus accepted, in bits (NIST SP 800-131A).
-const MIN_RSA_BITS: usize = 2048;
+/// RSA moduli accepted, in bits: at least NIST SP 800-131A's 2048, at most
+/// the 4096 the `rsa` crate verifies with (a larger key would load and then
+/// refuse every token).
+const RSA_BITS: std::ops::RangeInclusive<usize> = 2048..=4096;
 
 /// A JWKS key must be meant for verifying signatures (`use`, `key_ops`, if
-/// given, say so) and, if RSA, be at least [`MIN_RSA_BITS`] long.
+/// given, say so) and, if RSA, have a modulus of [`RSA_BITS`].
 fn check_key_use(jwk: &Jwk) -> anyhow::Result<()> {
     use base64::Engine;
     use jsonwebtoken::jwk::{KeyOperations, PublicKeyUse};
@@ -233,15 +235,17 @@ fn check_key_use(jwk: &Jwk) -> anyhow::Result<()> {
     }
     if let AlgorithmParameters::RSA(p) = &jwk.algorithm {
         let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(p.n.trim_end_matches('='))
-            .context("the RSA modulus (n) is not base64url")?;
+            .decode(&p.n)
+            .context("the RSA modulus (n) is not unpadded base64url")?;
         let n = &n[n.iter().take_while(|b| **b == 0).count()..];
         let bits = n
             .first()
             .map_or(0, |b| n.len() * 8 - b.leading_zeros() as usize);
         anyhow::ensure!(
-            bits >= MIN_RSA_BITS,
-            "is a {bits}-bit RSA key; at least {MIN_RSA_BITS} bits are required"
+            RSA_BITS.contains(&bits),
+            "is a {bits}-bit RSA key; {} to {} bits are accepted",
+            RSA_BITS.start(),
+            RSA_BITS.end()
         );
     }
     Ok(())
@@ -338,16 +342,25 @@ mod tests {
             rsa_key_with(|k| k["key_ops"] = serde_json::json!(["encrypt"])),
             "without \"verify\"",
         );
-        // A 1024-bit modulus (the top bit set, so exactly 1024 bits).
-        let mut n = vec![0xC5u8; 128];
-        n[127] |= 1;
-        let n = {
+        // Moduli of a given bit length (top byte 0x01 << k), with or
+        // without a leading zero byte, as some encoders write them.
+        let modulus = |bits: usize, leading_zero: bool| {
             use base64::Engine;
+            let mut n = vec![0xC5u8; bits.div_ceil(8)];
+            n[0] = 1 << ((bits - 1) % 8);
+            if leading_zero {
+                n.insert(0, 0);
+            }
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&n)
         };
-        refused(
-            rsa_key_with(|k| k["n"] = n.clone().into()),
-            "is a 1024-bit RSA key",
-        );
+        let with_n = |n: String| rsa_key_with(move |k| k["n"] = n.clone().into());
+        for bits in [2048, 3072, 4096] {
+            load(with_n(modulus(bits, false))).unwrap_or_else(|e| panic!("{bits}: {e:#}"));
+        }
+        load(with_n(modulus(2048, true))).expect("a leading zero byte does not count");
+        refused(with_n(modulus(1024, false)), "is a 1024-bit RSA key");
+        refused(with_n(modulus(2047, false)), "is a 2047-bit RSA key");
+        refused(with_n(modulus(4097, true)), "is a 4097-bit RSA key");
+        refused(with_n(format!("{}=", modulus(2048, false))), "base64url");
     }
 }

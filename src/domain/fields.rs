@@ -171,7 +171,6 @@ impl<'a> Obj<'a> {
         }
     }
 
-    /// A non-negative integer no greater than `max`.
     /// A whole number within `min..=max`.
     pub fn uint(
         &self,

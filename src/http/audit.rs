@@ -78,8 +78,9 @@ pub async fn verify(State(state): State<AppState>, who: Principal) -> Result<Jso
     let target = json!({"valid": v.valid, "entries": v.entries, "first_bad_seq": v.first_bad_seq});
     if let Err(e) = audit::record(&state, Some(&who), Event::new("audit.verify", target)).await {
         // A chain broken so that nothing can be appended to it (its cursor
-        // deleted) is exactly what the auditor must be told.
-        if v.valid {
+        // deleted) is exactly what the auditor must be told; any other
+        // failed append fails the read, as for every audited read.
+        if !v.cursor_missing {
             return Err(e);
         }
         tracing::error!(error = %e, first_bad_seq = ?v.first_bad_seq,

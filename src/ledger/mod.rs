@@ -11,8 +11,8 @@ pub mod transfers;
 /// A text cell of a CSV download, safe to open in a spreadsheet: a cell
 /// starting with `=`, `+`, `-`, `@`, a tab or a carriage return would run as
 /// a formula there (a carrier chooses its call ids), so it gets a leading
-/// `'`, as OWASP's CSV-injection guidance has it. Numbers the service
-/// writes itself do not go through here.
+/// `'`, as OWASP's CSV-injection guidance has it. Only a text that may
+/// start with one of those goes through here: a count never does.
 pub(crate) fn csv_text(cell: &str) -> std::borrow::Cow<'_, str> {
     match cell.chars().next() {
         Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}").into(),

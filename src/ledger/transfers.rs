@@ -73,14 +73,12 @@ pub async fn record(
             })?;
     }
 
-    let retain: Vec<DateTime<Utc>> = items.iter().map(|t| t.retain_until).collect();
-
     // A concurrent writer may take an idempotency key between our check and
     // our insert; the second attempt then finds and returns its record.
-    let (items, retain) = (&items, &retain);
+    let items = &items;
     let (tx, out) = with_retries(|| async move {
         let mut tx = state.db.begin().await?;
-        let out = write(state, who, items, retain, batch, &mut tx).await?;
+        let out = write(state, who, items, batch, &mut tx).await?;
         Ok((tx, out))
     })
     .await?;
@@ -181,7 +179,6 @@ async fn write(
     state: &AppState,
     who: &Principal,
     items: &[NewTransfer],
-    retain: &[DateTime<Utc>],
     batch: bool,
     tx: &mut Tx,
 ) -> Result<Vec<Recorded>> {
@@ -339,7 +336,7 @@ async fn write(
             category: t.category.as_str(),
             direction: t.direction.as_str(),
             occurred_at: micros(t.occurred_at),
-            retain_until: micros(retain[i]),
+            retain_until: micros(t.retain_until),
             purpose: t.purpose.as_str(),
             legal_basis: t.legal_basis.as_str(),
             jurisdiction: t.jurisdiction.as_str(),
@@ -367,7 +364,7 @@ async fn write(
             consent_reference,
             occurred_at: micros(t.occurred_at),
             recorded_at: micros(now),
-            retain_until: micros(retain[i]),
+            retain_until: micros(t.retain_until),
             recorded_by: who.sub.clone(),
             idempotency_key: t.idempotency_key.clone(),
             request_hash: hashes[i].clone(),
@@ -378,7 +375,7 @@ async fn write(
         results[i] = Some(Recorded {
             id,
             recorded_at: from_micros(micros(now)),
-            retain_until: from_micros(micros(retain[i])),
+            retain_until: from_micros(micros(t.retain_until)),
         });
     }
 

@@ -172,7 +172,7 @@ impl Db {
                 // per connection costs more memory than re-preparing them.
                 .statement_cache_capacity(24);
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-            if !in_memory {
+            if !in_memory && !url.contains("mode=ro") {
                 create_private(opts.get_filename());
             }
             // The writer touches every index of every table it appends to:

@@ -300,12 +300,35 @@ async fn tampering_is_found_at_the_right_entry(app: TestApp) {
 
     // Edit entry 3's bytes.
     app.superuser("UPDATE audit_log SET entry = REPLACE(entry, 'transfer.list', 'transfer.lisT') WHERE seq = 3").await;
+    let before = app.count("audit_log").await;
     let v = app.verify().await;
     assert_eq!(
         (v["valid"].clone(), v["first_bad_seq"].clone()),
         (json!(false), json!(3)),
         "{v}"
     );
+    // A broken chain that can still be appended to records its verification.
+    assert_eq!(app.count("audit_log").await, before + 1);
+    // And when that append fails for another reason, the read fails too: no
+    // unaudited answer (only a deleted cursor is answered regardless).
+    let refuse = match app.backend {
+        Backend::Sqlite => vec![
+            "CREATE TRIGGER refuse_appends BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'full'); END",
+        ],
+        Backend::Postgres => vec![
+            "CREATE FUNCTION refuse_appends() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'full'; END; $$",
+            "CREATE TRIGGER refuse_appends BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION refuse_appends()",
+        ],
+    };
+    for sql in refuse {
+        app.exec(sql, None, None).await;
+    }
+    app.get(
+        "/v1/audit/verify",
+        &app.token(transfer_ledger::auth::Role::Auditor, None),
+    )
+    .await
+    .expect(500);
 }
 both!(tampering_is_found_at_the_right_entry);
 

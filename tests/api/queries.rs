@@ -572,6 +572,18 @@ async fn a_foreign_cursor_or_a_malformed_carrier_is_refused(app: TestApp) {
             .expect(422);
         assert_eq!(r.bad_fields(), ["carrier_id"]);
     }
+    // A cursor of the earlier, untagged format (`time:id`) is refused too.
+    let untagged = {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let raw = String::from_utf8(engine.decode(&cursor).unwrap()).unwrap();
+        engine.encode(raw.strip_prefix("t:").unwrap())
+    };
+    let r = app
+        .get(&format!("/v1/transfers?cursor={untagged}"), &officer)
+        .await
+        .expect(422);
+    assert_eq!(r.bad_fields(), ["cursor"]);
     for list in ["/v1/retention/sweeps", "/v1/subject-requests"] {
         let r = app
             .get(&format!("{list}?cursor={cursor}"), &officer)

@@ -86,6 +86,12 @@ async fn policies_reload_or_stay(backend: Backend) {
             format!("{rules}p, superuser, *, transfers, read\n"),
             "unknown role",
         ),
+        // A rule of an older policy, which would now grant nothing.
+        (
+            "policy.csv",
+            format!("{rules}p, carrier, own, consents, write\n"),
+            "consents are written per kind",
+        ),
         (
             "retention.toml",
             good_retention.replace(
@@ -129,7 +135,7 @@ async fn policies_reload_or_stay(backend: Backend) {
         .get("/v1/audit?action=policies.reload_refused", &auditor)
         .await
         .expect(200);
-    assert_eq!(refused.body["items"].as_array().unwrap().len(), 4);
+    assert_eq!(refused.body["items"].as_array().unwrap().len(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

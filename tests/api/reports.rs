@@ -97,3 +97,27 @@ async fn the_record_of_processing_is_filled_in_from_the_ledger(app: TestApp) {
         .expect(422);
 }
 both!(the_record_of_processing_is_filled_in_from_the_ledger);
+
+/// A carrier id may start with `-` or `@`; in the CSV it must not run as a
+/// formula when a privacy officer opens the file.
+async fn the_csv_report_never_runs_a_cell_as_a_formula(app: TestApp) {
+    app.post(
+        "/v1/transfers",
+        &app.platform(),
+        &cdr("@cmd", "c-1", "+14255550100", "+14255550101"),
+    )
+    .await
+    .expect(201);
+    let r = app
+        .get("/v1/reports/processing?format=csv", &app.officer())
+        .await
+        .expect(200);
+    let row = r.text.lines().nth(1).unwrap();
+    assert!(row.starts_with("'@cmd,call_detail_record,"), "{row}");
+    let json = app
+        .get("/v1/reports/processing", &app.officer())
+        .await
+        .expect(200);
+    assert_eq!(json.body["activities"][0]["carrier_id"], "@cmd");
+}
+both!(the_csv_report_never_runs_a_cell_as_a_formula);

@@ -4,6 +4,7 @@ use serde_json::Value;
 
 use crate::both;
 use crate::helpers::*;
+use transfer_ledger::storage::Db;
 
 async fn health_readiness_and_openapi(app: TestApp) {
     let r = app.get("/healthz", "").await.expect(200);
@@ -377,3 +378,53 @@ async fn sqlite_log_is_copied_into_the_database_in_the_background() {
     // Even the schema is still only in the log: the file has no table yet.
     assert_eq!(tables_in_the_file(&app).await, 0);
 }
+
+/// The service's PostgreSQL connections honour the URL's `sslmode`: with
+/// `require` they are encrypted, with `verify-full` a server certificate
+/// the machine does not trust is refused, naming the cause. (PostgreSQL
+/// only; a server without TLS must then refuse `require`.)
+async fn postgres_connections_use_tls_when_the_url_asks(app: TestApp) {
+    if app.backend != Backend::Postgres {
+        return;
+    }
+    let base = postgres_url();
+    let with = |mode: &str| {
+        let sep = if base.contains('?') { '&' } else { '?' };
+        format!("{base}{sep}sslmode={mode}")
+    };
+    let server_tls: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(match app.db() {
+            Db::Postgres(p) => p,
+            Db::Sqlite { .. } => unreachable!(),
+        })
+        .await
+        .unwrap();
+    let required = Db::connect(&with("require"), 1).await;
+    if server_tls != "on" {
+        assert!(required.is_err(), "require must fail without TLS");
+        return;
+    }
+    let Db::Postgres(pool) = required.unwrap() else {
+        unreachable!()
+    };
+    let (ssl, version): (bool, String) =
+        sqlx::query_as("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(ssl && version.starts_with("TLS"), "{ssl} {version}");
+    pool.close().await;
+
+    // A self-signed or private-CA certificate is not in the system's roots:
+    // verify-full refuses it (pass `sslrootcert=` to trust a private CA).
+    match Db::connect(&with("verify-full"), 1).await {
+        Err(e) => assert!(
+            format!("{e:#}").to_lowercase().contains("certificate"),
+            "{e:#}"
+        ),
+        // A machine whose roots do trust the server's certificate.
+        Ok(Db::Postgres(pool)) => pool.close().await,
+        Ok(_) => unreachable!(),
+    }
+}
+both!(postgres_connections_use_tls_when_the_url_asks);

@@ -99,6 +99,34 @@ macro_rules! on_tx {
 }
 pub(crate) use {on_db, on_tx};
 
+/// A host whose connection never leaves the machine: loopback or a Unix
+/// socket directory.
+fn is_local_host(host: &str) -> bool {
+    host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `sslmode=prefer` (the default) falls back to plain text without a word
+/// when the server offers no TLS: across a network, say so.
+async fn warn_if_unencrypted(pool: &PgPool, host: &str) {
+    let ssl: Result<Option<bool>, _> =
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_optional(pool)
+            .await;
+    if let Ok(Some(false)) = ssl {
+        tracing::warn!(
+            host,
+            "the connection to PostgreSQL is not encrypted (the server offers no TLS, or \
+             sslmode=disable); across a network use sslmode=verify-full"
+        );
+    }
+}
+
 /// Creates a new SQLite database file readable by its owner only (SQLite
 /// would create it with the umask's mode, usually 0644); its write-ahead
 /// log and shared-memory files take the same mode from it. An existing
@@ -152,12 +180,16 @@ impl Db {
                 // Batch statements vary in size; caching a hundred of them
                 // per connection costs more memory than re-preparing them.
                 .statement_cache_capacity(24);
+            let host = opts.get_host().to_string();
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await
                 .context("cannot connect to PostgreSQL")?;
+            if !is_local_host(&host) {
+                warn_if_unencrypted(&pool, &host).await;
+            }
             Ok(Self::Postgres(pool))
         } else if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)
@@ -547,5 +579,33 @@ impl TxLock {
                 .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local_host;
+
+    #[test]
+    fn only_loopback_and_sockets_count_as_local() {
+        for host in [
+            "localhost",
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "/var/run/postgresql",
+        ] {
+            assert!(is_local_host(host), "{host}");
+        }
+        for host in [
+            "db.internal",
+            "10.0.0.5",
+            "192.168.1.1",
+            "::ffff:10.0.0.1",
+            "localhost.example",
+        ] {
+            assert!(!is_local_host(host), "{host}");
+        }
     }
 }

@@ -393,15 +393,27 @@ async fn keys(config: Config, command: KeysCommand) -> anyhow::Result<()> {
                         f.write_all(text.trim().as_bytes())?;
                         f.sync_all()?;
                     }
+                    // Backups taken before now open only with the old key:
+                    // keep it beside the new one rather than destroy it.
+                    let kept = path.with_extension(format!(
+                        "key.old-{}",
+                        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+                    ));
+                    std::fs::copy(&path, &kept)
+                        .map_err(|e| anyhow::anyhow!("cannot keep the old root key as {}: {e}", kept.display()))?;
                     std::fs::rename(&tmp, &path)?;
                     println!(
-                        "rewrapped {moved} keyring entries under the new root key and replaced {}; restart the service",
-                        path.display()
+                        "rewrapped {moved} keyring entries under the new root key and replaced {}; \
+                         the old key is kept as {}: move it to your secret store and keep it as long as \
+                         any backup taken before now; restart the service",
+                        path.display(),
+                        kept.display()
                     );
                 }
                 None => println!(
                     "rewrapped {moved} keyring entries under the new root key; now set LEDGER_MASTER_KEY_FILE \
-                     (or LEDGER_MASTER_KEY) to the new key on every instance and restart them, then destroy the old key"
+                     (or LEDGER_MASTER_KEY) to the new key on every instance and restart them; keep the old key \
+                     as long as any backup taken before now (only it opens them)"
                 ),
             }
         }

@@ -28,6 +28,9 @@ pub struct Keyring {
     signers: RwLock<BTreeMap<i64, ed25519_dalek::SigningKey>>,
     blind: BlindIndex,
     cache: quick_cache::sync::Cache<Uuid, Key>,
+    /// Why the last re-read of the keyring could not be taken in (a key
+    /// version this instance's root key does not open); `None` once one is.
+    unreadable: RwLock<Option<String>>,
 }
 
 /// The additional data binding a root-wrapped key to its purpose and version.
@@ -120,6 +123,7 @@ impl Keyring {
             signers: RwLock::new(BTreeMap::new()),
             blind,
             cache: quick_cache::sync::Cache::new(SUBJECT_KEY_CACHE),
+            unreadable: RwLock::new(None),
         };
         ring.load(&rows)?;
         anyhow::ensure!(
@@ -166,7 +170,16 @@ impl Keyring {
     /// or retired take effect here.
     pub async fn refresh(&self, db: &Db) -> anyhow::Result<()> {
         let rows = storage::keys::keyring(db).await?;
-        self.load(&rows)
+        let loaded = self.load(&rows);
+        *self.unreadable.write().expect("lock") = loaded.as_ref().err().map(|e| format!("{e:#}"));
+        loaded
+    }
+
+    /// Why this instance cannot take in the keyring as it now is (a version
+    /// added under a root key it does not hold), if it cannot: it can then
+    /// neither write nor decrypt what uses that version.
+    pub fn unreadable(&self) -> Option<String> {
+        self.unreadable.read().expect("lock").clone()
     }
 
     /// Makes sure every master-key version in `versions` is known, reading

@@ -331,3 +331,48 @@ async fn migrate_on_postgres_and_serve_there() {
         .await
         .unwrap();
 }
+
+/// On the embedded default, `keys rotate-root` replaces `master.key`; the
+/// old key still opens every backup taken before, so it is kept beside it
+/// (owner-only) and the output says where, rather than being overwritten.
+#[tokio::test]
+async fn root_rotation_on_the_embedded_default_keeps_the_old_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(dir.path(), &["migrate"]);
+    let data = dir.path().join("ledger-data");
+    let old = std::fs::read_to_string(data.join("master.key")).unwrap();
+    let new_key = dir.path().join("new.key");
+    std::fs::write(&new_key, "MTIzNDU2Nzg5MGFiY2RlZjEyMzQ1Njc4OTBhYmNkZWY=\n").unwrap();
+    let out = run_ok(
+        dir.path(),
+        &[
+            "keys",
+            "rotate-root",
+            "--new-key-file",
+            new_key.to_str().unwrap(),
+        ],
+    );
+    let out = String::from_utf8_lossy(&out);
+    let kept: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("master.key.old-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{out}");
+    assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), old);
+    assert_eq!(
+        std::fs::metadata(&kept[0]).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(
+        out.contains(&*kept[0].file_name().unwrap().to_string_lossy()),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("master.key")).unwrap(),
+        "MTIzNDU2Nzg5MGFiY2RlZjEyMzQ1Njc4OTBhYmNkZWY="
+    );
+    // The ledger opens with the new key.
+    run_ok(dir.path(), &["keys", "status"]);
+}

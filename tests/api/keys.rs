@@ -685,11 +685,42 @@ async fn root_key_rotation(app: TestApp) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    server.kill().unwrap();
-    let _ = server.wait();
     let items = page["items"].as_array().unwrap();
     assert_eq!(items.len(), 20);
     assert!(items.iter().all(|t| t["payload"]["caller"].is_string()));
+
+    // A master version added under the new root key cannot be read by the
+    // instance still on the old one: it says it is not ready (a load
+    // balancer stops sending it requests) until restarted with the new key.
+    assert_eq!(app.get("/readyz", "").await.status, 200);
+    let r = app
+        .client
+        .post(format!("{url}/v1/keys/rotate"))
+        .bearer_auth(app.admin())
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = app.get("/readyz", "").await;
+        if r.status == 503 {
+            assert!(
+                r.text.contains("restart it with the new root key"),
+                "{}",
+                r.text
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old-key instance stayed ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.kill().unwrap();
+    let _ = server.wait();
 }
 both!(root_key_rotation);
 

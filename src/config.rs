@@ -152,6 +152,17 @@ impl Config {
             );
             Ok(d)
         };
+        // The root key comes from the environment or from the file, never
+        // a mix: an environment that names one overrides both file settings.
+        let (master_key, master_key_file) =
+            match (env("LEDGER_MASTER_KEY"), env("LEDGER_MASTER_KEY_FILE")) {
+                (None, None) => (file.master_key, file.master_key_file),
+                (key, path) => (key, path.map(PathBuf::from)),
+            };
+        anyhow::ensure!(
+            master_key.is_none() || master_key_file.is_none(),
+            "both LEDGER_MASTER_KEY (master_key) and LEDGER_MASTER_KEY_FILE (master_key_file) are set: set one"
+        );
         let policy_dir = env("LEDGER_POLICY_DIR")
             .map(PathBuf::from)
             .or(file.policy_dir);
@@ -164,12 +175,8 @@ impl Config {
             listen: env("LEDGER_LISTEN")
                 .or(file.listen)
                 .unwrap_or_else(|| "127.0.0.1:8080".into()),
-            master_key: env("LEDGER_MASTER_KEY")
-                .or(file.master_key)
-                .map(SecretString::from),
-            master_key_file: env("LEDGER_MASTER_KEY_FILE")
-                .map(PathBuf::from)
-                .or(file.master_key_file),
+            master_key: master_key.map(SecretString::from),
+            master_key_file,
             jwt_secret: env("LEDGER_JWT_SECRET")
                 .or(file.jwt_secret)
                 .map(SecretString::from),
@@ -197,14 +204,13 @@ impl Config {
                     .context("LEDGER_SWEEP_BATCH must be a whole number from 1 to 100000")?,
                 None => 20_000,
             },
+            // A sweep holds one connection for its lock on PostgreSQL.
             db_max_connections: match env("LEDGER_DB_MAX_CONNECTIONS") {
-                Some(v) => v
-                    .parse()
-                    .ok()
-                    .filter(|n: &u32| *n >= 1)
-                    .context("LEDGER_DB_MAX_CONNECTIONS must be a positive integer")?,
-                None => file.db_max_connections.unwrap_or(16),
-            },
+                Some(v) => v.parse().ok(),
+                None => Some(file.db_max_connections.unwrap_or(16)),
+            }
+            .filter(|n: &u32| *n >= 2)
+            .context("LEDGER_DB_MAX_CONNECTIONS (db_max_connections) must be a whole number of at least 2")?,
             request_timeout: duration(
                 "LEDGER_REQUEST_TIMEOUT",
                 file.request_timeout,
@@ -508,6 +514,52 @@ mod tests {
         );
         assert!(config(&[("LEDGER_CLAIM_TIMEOUT", "9s")]).is_err());
         assert!(config(&[("LEDGER_CLAIM_TIMEOUT", "10s")]).is_ok());
+    }
+
+    #[test]
+    fn connections_are_at_least_two_from_either_source() {
+        assert_eq!(config(&[]).unwrap().db_max_connections, 16);
+        for bad in ["0", "1", "many"] {
+            let e = config(&[("LEDGER_DB_MAX_CONNECTIONS", bad)]).unwrap_err();
+            assert!(format!("{e:#}").contains("at least 2"), "{bad}: {e:#}");
+        }
+        assert_eq!(
+            config(&[("LEDGER_DB_MAX_CONNECTIONS", "2")])
+                .unwrap()
+                .db_max_connections,
+            2
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ledger.toml");
+        std::fs::write(&file, "db_max_connections = 0\n").unwrap();
+        let path = file.display().to_string();
+        assert!(config(&[("LEDGER_CONFIG", &path)]).is_err());
+    }
+
+    #[test]
+    fn the_environments_root_key_overrides_the_files_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ledger.toml");
+        let key = "MTIzNDU2Nzg5MGFiY2RlZjEyMzQ1Njc4OTBhYmNkZWY=";
+        std::fs::write(&file, format!("master_key = \"{key}\"\n")).unwrap();
+        let path = file.display().to_string();
+        let c = config(&[
+            ("LEDGER_CONFIG", &path),
+            ("LEDGER_MASTER_KEY_FILE", "/keys/root.key"),
+        ])
+        .unwrap();
+        assert!(c.master_key.is_none());
+        assert_eq!(
+            c.master_key_file.as_deref(),
+            Some(std::path::Path::new("/keys/root.key"))
+        );
+        assert!(config(&[("LEDGER_CONFIG", &path)])
+            .unwrap()
+            .master_key
+            .is_some());
+        let e =
+            config(&[("LEDGER_MASTER_KEY", key), ("LEDGER_MASTER_KEY_FILE", "/k")]).unwrap_err();
+        assert!(format!("{e:#}").contains("set one"), "{e:#}");
     }
 
     #[test]

@@ -138,6 +138,12 @@ pub struct IssueArgs {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::from_env()?;
+    if matches!(
+        cli.command,
+        Command::Audit(_) | Command::Sweep { .. } | Command::Reconcile { .. } | Command::Keys(_)
+    ) {
+        config.require_existing_ledger()?;
+    }
     match cli.command {
         Command::Serve => {
             let app = Application::build(config).await?;

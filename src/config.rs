@@ -279,6 +279,21 @@ impl Config {
     }
 
     /// `LEDGER_DATABASE_URL`, or the SQLite file in the data dir.
+    /// Refuses to go on when the embedded default's database does not exist
+    /// yet: commands that work on an existing ledger (verify, sweep, keys,
+    /// reconcile) would otherwise create an empty one, keys and all, in the
+    /// wrong directory and report on it ("valid, 0 entries").
+    pub fn require_existing_ledger(&self) -> anyhow::Result<()> {
+        let path = self.data_dir.join("ledger.db");
+        anyhow::ensure!(
+            self.database_url.is_some() || path.exists(),
+            "no ledger at {}: run this command from the directory `serve` runs in, or set \
+             LEDGER_DATA_DIR or LEDGER_DATABASE_URL",
+            path.display()
+        );
+        Ok(())
+    }
+
     pub fn database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),

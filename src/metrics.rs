@@ -67,6 +67,8 @@ impl Metrics {
         registry
             .register(Box::new(audit_append.clone()))
             .expect("register");
+        // Shown at 0 from the start, so an alert on it has a series to watch.
+        integrity_failures.with_label_values(&["transfer"]);
         for c in [&requests, &transfers_recorded, &integrity_failures] {
             registry.register(Box::new(c.clone())).expect("register");
         }

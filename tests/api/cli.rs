@@ -376,3 +376,25 @@ async fn root_rotation_on_the_embedded_default_keeps_the_old_key() {
     // The ledger opens with the new key.
     run_ok(dir.path(), &["keys", "status"]);
 }
+
+/// Run from the wrong directory, commands that work on an existing ledger
+/// refuse instead of creating an empty one and reporting on it.
+#[tokio::test]
+async fn commands_on_a_ledger_refuse_a_directory_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["audit", "verify"][..],
+        &["keys", "status"],
+        &["sweep", "--dry-run"],
+        &["reconcile", "--carrier", "carrier-a"],
+    ] {
+        let out = ledger(dir.path()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("no ledger at"), "{args:?}: {err}");
+    }
+    assert!(!dir.path().join("ledger-data").exists());
+    // Once `serve` or `migrate` has created it, they work.
+    run_ok(dir.path(), &["migrate"]);
+    run_ok(dir.path(), &["audit", "verify"]);
+}

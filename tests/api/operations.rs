@@ -287,6 +287,10 @@ async fn metrics_use_route_templates_and_no_personal_data(app: TestApp) {
     assert!(r
         .text
         .contains(r#"ledger_transfers_recorded_total{category="call_detail_record"} 1"#));
+    // The integrity alert's series exists before the first failure.
+    assert!(r
+        .text
+        .contains(r#"ledger_integrity_failures_total{what="transfer"} 0"#));
     assert!(!r.text.contains(id));
     assert!(!r.text.contains("4255550100"));
 }

@@ -517,8 +517,9 @@ async fn audit_verify(
         Ok(())
     } else {
         anyhow::bail!(
-            "the audit chain is broken at entry {}",
-            v.first_bad_seq.unwrap_or_default()
+            "the audit chain does not verify at entry {}: {}",
+            v.first_bad_seq.unwrap_or_default(),
+            v.reason.as_deref().unwrap_or("broken")
         )
     }
 }

@@ -218,11 +218,11 @@ impl Config {
                 Duration::ZERO,
             )?,
             body_limit_bytes: match env("LEDGER_BODY_LIMIT_BYTES") {
-                Some(v) => v
-                    .parse()
-                    .context("LEDGER_BODY_LIMIT_BYTES must be a byte count")?,
-                None => file.body_limit_bytes.unwrap_or(32 * 1024 * 1024),
-            },
+                Some(v) => v.parse().ok(),
+                None => Some(file.body_limit_bytes.unwrap_or(32 * 1024 * 1024)),
+            }
+            .filter(|n: &usize| *n >= 1024)
+            .context("LEDGER_BODY_LIMIT_BYTES (body_limit_bytes) must be a byte count of at least 1024")?,
             reload_interval: duration(
                 "LEDGER_RELOAD_INTERVAL",
                 file.reload_interval,

@@ -1055,9 +1055,14 @@ async fn a_processor_that_lost_its_claim_changes_nothing(app: TestApp) {
     let carrier = app.carrier("carrier-a");
     let done = app.erase(X).await;
     let id = uuid::Uuid::parse_str(done["id"].as_str().unwrap()).unwrap();
-    // As if still processing, under the claim another processor took (111).
+    // As if still processing, under the claim another processor took
+    // (`t`): a fresh claim, so that this instance's own processor, polling
+    // meanwhile, does not take the request over as stale.
+    let t = chrono::Utc::now().timestamp_micros();
     app.exec(
-        "UPDATE subject_requests SET status = 'processing', claimed_at = 111 WHERE id = $1",
+        &format!(
+            "UPDATE subject_requests SET status = 'processing', claimed_at = {t} WHERE id = $1"
+        ),
         None,
         Some(id),
     )
@@ -1065,24 +1070,28 @@ async fn a_processor_that_lost_its_claim_changes_nothing(app: TestApp) {
     let db = app.db();
     let mut tx = db.begin().await.unwrap();
     assert!(
-        !store::renew_claim(&mut tx, id, 222, 333).await.unwrap(),
+        !store::renew_claim(&mut tx, id, t + 1, t + 2).await.unwrap(),
         "not its claim"
     );
-    assert!(!store::complete(&mut tx, id, 222, 444, Some("{}"), false)
-        .await
-        .unwrap());
-    assert!(store::renew_claim(&mut tx, id, 111, 333).await.unwrap());
     assert!(
-        !store::complete(&mut tx, id, 111, 444, Some("{}"), false)
+        !store::complete(&mut tx, id, t + 1, t + 3, Some("{}"), false)
+            .await
+            .unwrap()
+    );
+    assert!(store::renew_claim(&mut tx, id, t, t + 2).await.unwrap());
+    assert!(
+        !store::complete(&mut tx, id, t, t + 3, Some("{}"), false)
             .await
             .unwrap(),
         "renewed since"
     );
-    assert!(store::complete(&mut tx, id, 333, 444, Some("{}"), false)
-        .await
-        .unwrap());
     assert!(
-        !store::complete(&mut tx, id, 333, 555, Some("{}"), false)
+        store::complete(&mut tx, id, t + 2, t + 3, Some("{}"), false)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store::complete(&mut tx, id, t + 2, t + 4, Some("{}"), false)
             .await
             .unwrap(),
         "already completed"

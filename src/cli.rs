@@ -369,45 +369,56 @@ async fn keys(config: Config, command: KeysCommand) -> anyhow::Result<()> {
             let state = AppState::init(config.clone()).await?;
             let old = config.secrets()?.root_key;
             anyhow::ensure!(*old != *new, "the new root key is the one in use");
-            let moved = crate::crypto::Keyring::rotate_root(&state.db, &old, &new).await?;
-            let mut tx = state.db.begin().await?;
-            crate::audit::append(
-                &mut tx,
-                Some(&cli_principal(Role::Admin)),
-                &crate::audit::Event::new(
-                    "keys.rotate_root",
-                    serde_json::json!({"keyring_entries": moved}),
-                ),
-            )
-            .await
-            .map_err(err)?;
-            tx.commit().await?;
-            match generated {
-                Some(path) => {
-                    // The embedded default reads its root key from the data
-                    // dir: replace that file (atomically) with the new key.
-                    let tmp = path.with_extension("key.new");
-                    {
-                        use std::io::Write;
-                        use std::os::unix::fs::OpenOptionsExt;
-                        let mut f = std::fs::OpenOptions::new()
-                            .write(true)
-                            .create(true)
-                            .truncate(true)
-                            .mode(0o600)
-                            .open(&tmp)?;
-                        f.write_all(text.trim().as_bytes())?;
-                        f.sync_all()?;
+            // The embedded default reads its root key from the data dir.
+            // Everything that can fail there happens before the keyring
+            // moves: the old key is kept under a new name (a hard link,
+            // refused if that name exists, so nothing is overwritten) and
+            // the new key is written and synced beside it. After the commit
+            // only a rename is left.
+            let staged = match &generated {
+                Some(path) => Some(stage_root_key_files(path, text.trim())?),
+                None => None,
+            };
+            let moved = match crate::crypto::Keyring::rotate_root(&state.db, &old, &new).await {
+                Ok(moved) => moved,
+                Err(e) => {
+                    // Nothing moved: the staged files would only mislead.
+                    if let Some((tmp, kept)) = &staged {
+                        let _ = std::fs::remove_file(tmp);
+                        let _ = std::fs::remove_file(kept);
                     }
-                    // Backups taken before now open only with the old key:
-                    // keep it beside the new one rather than destroy it.
-                    let kept = path.with_extension(format!(
-                        "key.old-{}",
-                        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
-                    ));
-                    std::fs::copy(&path, &kept)
-                        .map_err(|e| anyhow::anyhow!("cannot keep the old root key as {}: {e}", kept.display()))?;
-                    std::fs::rename(&tmp, &path)?;
+                    return Err(e);
+                }
+            };
+            // From here on the keyring is under the new key: the key file
+            // is replaced even if the audit entry fails.
+            let audited: anyhow::Result<()> = async {
+                let mut tx = state.db.begin().await?;
+                crate::audit::append(
+                    &mut tx,
+                    Some(&cli_principal(Role::Admin)),
+                    &crate::audit::Event::new(
+                        "keys.rotate_root",
+                        serde_json::json!({"keyring_entries": moved}),
+                    ),
+                )
+                .await
+                .map_err(err)?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .await;
+            match (generated, staged) {
+                (Some(path), Some((tmp, kept))) => {
+                    if let Err(e) = std::fs::rename(&tmp, &path).and_then(|()| sync_dir(&path)) {
+                        anyhow::bail!(
+                            "the keyring is now under the new root key, but {} could not replace {}: {e}; \
+                             move it there by hand before starting the service (the old key is kept as {})",
+                            tmp.display(),
+                            path.display(),
+                            kept.display()
+                        );
+                    }
                     println!(
                         "rewrapped {moved} keyring entries under the new root key and replaced {}; \
                          the old key is kept as {}: move it to your secret store and keep it as long as \
@@ -416,15 +427,52 @@ async fn keys(config: Config, command: KeysCommand) -> anyhow::Result<()> {
                         kept.display()
                     );
                 }
-                None => println!(
+                _ => println!(
                     "rewrapped {moved} keyring entries under the new root key; now set LEDGER_MASTER_KEY_FILE \
                      (or LEDGER_MASTER_KEY) to the new key on every instance and restart them; keep the old key \
                      as long as any backup taken before now (only it opens them)"
                 ),
             }
+            audited.map_err(|e| {
+                e.context("the root key was rotated, but its audit entry could not be written")
+            })?;
         }
     }
     Ok(())
+}
+
+/// Keeps the current root key file as `<file>.old-<UTC time>` (a hard link:
+/// refused if that name exists) and writes the new key, synced, to
+/// `<file>.new`. Returns (the new key's file, the old key's).
+fn stage_root_key_files(
+    path: &std::path::Path,
+    new_key: &str,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let kept = path.with_extension(format!(
+        "key.old-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ")
+    ));
+    std::fs::hard_link(path, &kept)
+        .map_err(|e| anyhow::anyhow!("cannot keep the old root key as {}: {e}", kept.display()))?;
+    let tmp = path.with_extension("key.new");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    f.write_all(new_key.as_bytes())?;
+    f.sync_all()?;
+    sync_dir(path)?;
+    Ok((tmp, kept))
+}
+
+/// Makes a rename or a new name in `path`'s directory durable.
+fn sync_dir(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(path.parent().unwrap_or(std::path::Path::new(".")))?.sync_all()
 }
 
 fn progress_bar(what: &str) -> Option<indicatif::ProgressBar> {

@@ -210,7 +210,12 @@ impl Config {
                 None => Some(file.db_max_connections.unwrap_or(16)),
             }
             .filter(|n: &u32| *n >= 2)
-            .context("LEDGER_DB_MAX_CONNECTIONS (db_max_connections) must be a whole number of at least 2")?,
+            .with_context(|| {
+                format!(
+                    "{} must be a whole number of at least 2",
+                    source("LEDGER_DB_MAX_CONNECTIONS")
+                )
+            })?,
             request_timeout: duration(
                 "LEDGER_REQUEST_TIMEOUT",
                 file.request_timeout,
@@ -222,7 +227,12 @@ impl Config {
                 None => Some(file.body_limit_bytes.unwrap_or(32 * 1024 * 1024)),
             }
             .filter(|n: &usize| *n >= 1024)
-            .context("LEDGER_BODY_LIMIT_BYTES (body_limit_bytes) must be a byte count of at least 1024")?,
+            .with_context(|| {
+                format!(
+                    "{} must be a byte count of at least 1024",
+                    source("LEDGER_BODY_LIMIT_BYTES")
+                )
+            })?,
             reload_interval: duration(
                 "LEDGER_RELOAD_INTERVAL",
                 file.reload_interval,
@@ -278,15 +288,20 @@ impl Config {
         now - self.claim_timeout.as_micros() as i64
     }
 
-    /// `LEDGER_DATABASE_URL`, or the SQLite file in the data dir.
-    /// Refuses to go on when the embedded default's database does not exist
-    /// yet: commands that work on an existing ledger (verify, sweep, keys,
+    /// Refuses to go on when the SQLite database file does not exist yet:
+    /// commands that work on an existing ledger (verify, sweep, keys,
     /// reconcile) would otherwise create an empty one, keys and all, in the
     /// wrong directory and report on it ("valid, 0 entries").
     pub fn require_existing_ledger(&self) -> anyhow::Result<()> {
-        let path = self.data_dir.join("ledger.db");
+        let url = self.database_url();
+        if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+            return Ok(());
+        }
+        let path = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)
+            .map(|o| o.get_filename().to_path_buf())
+            .unwrap_or_else(|_| self.data_dir.join("ledger.db"));
         anyhow::ensure!(
-            self.database_url.is_some() || path.exists(),
+            path.exists(),
             "no ledger at {}: run this command from the directory `serve` runs in, or set \
              LEDGER_DATA_DIR or LEDGER_DATABASE_URL",
             path.display()
@@ -294,6 +309,7 @@ impl Config {
         Ok(())
     }
 
+    /// `LEDGER_DATABASE_URL`, or the SQLite file in the data dir.
     pub fn database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),
@@ -548,7 +564,13 @@ mod tests {
         let file = dir.path().join("ledger.toml");
         std::fs::write(&file, "db_max_connections = 0\n").unwrap();
         let path = file.display().to_string();
-        assert!(config(&[("LEDGER_CONFIG", &path)]).is_err());
+        let e = config(&[("LEDGER_CONFIG", &path)]).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with(&format!(
+                "`db_max_connections` in {path} must be a whole number of at least 2"
+            )),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -28,9 +28,12 @@ pub struct Keyring {
     signers: RwLock<BTreeMap<i64, ed25519_dalek::SigningKey>>,
     blind: BlindIndex,
     cache: quick_cache::sync::Cache<Uuid, Key>,
-    /// Why the last re-read of the keyring could not be taken in (a key
-    /// version this instance's root key does not open); `None` once one is.
-    unreadable: RwLock<Option<String>>,
+    /// Why a re-read of the keyring could not be taken in (a key version
+    /// this instance's root key does not open), with the newest
+    /// `created_at` of the rows it read; cleared only by a re-read that
+    /// took in rows at least as new, so that a slower re-read of older rows
+    /// cannot clear it.
+    unreadable: RwLock<Option<(i64, String)>>,
 }
 
 /// The additional data binding a root-wrapped key to its purpose and version.
@@ -170,8 +173,16 @@ impl Keyring {
     /// or retired take effect here.
     pub async fn refresh(&self, db: &Db) -> anyhow::Result<()> {
         let rows = storage::keys::keyring(db).await?;
+        let newest = rows.iter().map(|r| r.created_at).max().unwrap_or_default();
         let loaded = self.load(&rows);
-        *self.unreadable.write().expect("lock") = loaded.as_ref().err().map(|e| format!("{e:#}"));
+        let mut unreadable = self.unreadable.write().expect("lock");
+        match &loaded {
+            Err(e) => *unreadable = Some((newest, format!("{e:#}"))),
+            Ok(()) if unreadable.as_ref().is_some_and(|(at, _)| newest >= *at) => {
+                *unreadable = None
+            }
+            Ok(()) => {}
+        }
         loaded
     }
 
@@ -179,7 +190,11 @@ impl Keyring {
     /// added under a root key it does not hold), if it cannot: it can then
     /// neither write nor decrypt what uses that version.
     pub fn unreadable(&self) -> Option<String> {
-        self.unreadable.read().expect("lock").clone()
+        self.unreadable
+            .read()
+            .expect("lock")
+            .as_ref()
+            .map(|(_, why)| why.clone())
     }
 
     /// Makes sure every master-key version in `versions` is known, reading

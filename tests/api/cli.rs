@@ -394,6 +394,14 @@ async fn commands_on_a_ledger_refuse_a_directory_without_one() {
         assert!(err.contains("no ledger at"), "{args:?}: {err}");
     }
     assert!(!dir.path().join("ledger-data").exists());
+    // So does a SQLite URL naming a file that does not exist.
+    let out = ledger(dir.path())
+        .env("LEDGER_DATABASE_URL", "sqlite://elsewhere/ledger.db")
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no ledger at elsewhere/ledger.db"));
     // Once `serve` or `migrate` has created it, they work.
     run_ok(dir.path(), &["migrate"]);
     run_ok(dir.path(), &["audit", "verify"]);

@@ -288,6 +288,29 @@ both!(
     [("LEDGER_DB_MAX_CONNECTIONS", "2")]
 );
 
+/// A pool of one connection (a PostgreSQL pool the bench opens with one;
+/// SQLite's in-memory database) cannot take a pair: the merge reads the two
+/// sides in turn and must reach the same totals as with two. (A SQLite
+/// file's read pool has at least two connections, so there the two paths
+/// are the same one.)
+async fn a_pool_of_one_reads_the_sides_in_turn(app: TestApp) {
+    use transfer_ledger::storage::{reconciliation::reconcile, Db};
+    seed_calls(&app, 30).await;
+    let url = app.vars["LEDGER_DATABASE_URL"].clone();
+    let one = Db::connect(&url, 1).await.unwrap();
+    let pair = reconcile(app.db(), "carrier-a", i64::MIN, i64::MAX, 1, None)
+        .await
+        .unwrap()
+        .0;
+    let single = reconcile(&one, "carrier-a", i64::MIN, i64::MAX, 1, None)
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(format!("{single:?}"), format!("{pair:?}"));
+    assert_eq!((single.matched, single.mismatched), (20, 10));
+}
+both!(a_pool_of_one_reads_the_sides_in_turn);
+
 /// A carrier chooses its call ids; the CSV a privacy officer opens in a
 /// spreadsheet must not run one as a formula.
 async fn a_call_id_never_runs_as_a_formula_in_the_csv(app: TestApp) {

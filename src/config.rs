@@ -252,10 +252,14 @@ impl Config {
                 "LEDGER_CLAIM_TIMEOUT",
                 file.claim_timeout,
                 "120s",
-                Duration::from_secs(10),
+                Duration::ZERO,
             )? {
                 d if d.is_zero() => bail!(
                     "{} cannot be 0: a request whose processor died would never be taken up again",
+                    source("LEDGER_CLAIM_TIMEOUT")
+                ),
+                d if d < Duration::from_secs(10) => bail!(
+                    "{} must be at least 10s (a shorter one turns every slow step into a takeover)",
                     source("LEDGER_CLAIM_TIMEOUT")
                 ),
                 d => d,
@@ -543,7 +547,11 @@ mod tests {
             format!("{e:#}").starts_with("LEDGER_CLAIM_TIMEOUT cannot be 0"),
             "{e:#}"
         );
-        assert!(config(&[("LEDGER_CLAIM_TIMEOUT", "9s")]).is_err());
+        let e = config(&[("LEDGER_CLAIM_TIMEOUT", "9s")]).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "LEDGER_CLAIM_TIMEOUT must be at least 10s (a shorter one turns every slow step into a takeover)"
+        );
         assert!(config(&[("LEDGER_CLAIM_TIMEOUT", "10s")]).is_ok());
     }
 

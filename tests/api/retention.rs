@@ -21,6 +21,13 @@ impl TestApp {
         self.token(Role::RetentionSweeper, None)
     }
 
+    /// `POST /v1/retention/sweeps` as the sweeper, answered with `status`.
+    async fn sweep_now(&self, status: u16) -> Reply {
+        self.post("/v1/retention/sweeps", &self.sweeper(), &json!({}))
+            .await
+            .expect(status)
+    }
+
     async fn ids_left(&self) -> HashSet<String> {
         let items = self
             .all_pages("/v1/transfers?limit=1000", &self.officer())
@@ -31,7 +38,6 @@ impl TestApp {
             .collect()
     }
 
-    /// Places a legal hold as a privacy officer; the hold as answered.
     /// Records `n` expired CDRs at `carrier`, calls `{prefix}{i}`, callers
     /// +1425555 followed by `first + i` in four digits; their ids.
     async fn expired_calls(
@@ -55,6 +61,7 @@ impl TestApp {
         .await
     }
 
+    /// Places a legal hold as a privacy officer; the hold as answered.
     async fn hold(&self, hold: Value) -> Value {
         self.post("/v1/holds", &self.officer(), &hold)
             .await
@@ -284,10 +291,7 @@ async fn holds_match_by_subject_and_category_and_are_validated(app: TestApp) {
         .await;
     assert_eq!(h["category"], "call_quality");
     assert!(h["subject_index"].is_null());
-    let r = app
-        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
-        .await
-        .expect(201);
+    let r = app.sweep_now(201).await;
     assert_eq!(
         (r.body["deleted"].clone(), r.body["held"].clone()),
         (json!(1), json!(2))
@@ -346,10 +350,7 @@ async fn one_sweep_at_a_time(app: TestApp) {
         .await
         .unwrap()
         .expect("free at first");
-    let r = app
-        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
-        .await
-        .expect(409);
+    let r = app.sweep_now(409).await;
     assert!(r.body["detail"]
         .as_str()
         .unwrap()
@@ -359,9 +360,7 @@ async fn one_sweep_at_a_time(app: TestApp) {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
     lock.release().await;
-    app.post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
-        .await
-        .expect(201);
+    app.sweep_now(201).await;
 }
 both!(one_sweep_at_a_time);
 
@@ -747,10 +746,7 @@ async fn a_failed_sweep_is_marked_interrupted_and_the_next_finishes(app: TestApp
     for sql in create {
         app.exec(sql, None, None).await;
     }
-    let failed = app
-        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
-        .await
-        .expect(500);
+    let failed = app.sweep_now(500).await;
     assert!(
         !failed.text.contains("refused by the test"),
         "{}",
@@ -766,11 +762,7 @@ async fn a_failed_sweep_is_marked_interrupted_and_the_next_finishes(app: TestApp
     assert_eq!(app.ids_left().await.len(), 5);
 
     app.exec(drop, None, None).await;
-    let done = app
-        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
-        .await
-        .expect(201)
-        .body;
+    let done = app.sweep_now(201).await.body;
     assert_eq!(done["deleted"], 5, "{done}");
     assert!(app.ids_left().await.is_empty());
 }
@@ -816,9 +808,7 @@ async fn a_frozen_sweeper_is_taken_over_once_its_lease_is_stale(app: TestApp) {
     .unwrap();
 
     // Fresh lease: refused, and the holder untouched.
-    app.post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
-        .await
-        .expect(409);
+    app.sweep_now(409).await;
     sqlx::query("SELECT 1").execute(&mut *frozen).await.unwrap();
 
     // A batch in flight: its lease renewed but not committed yet, the
@@ -851,11 +841,7 @@ async fn a_frozen_sweeper_is_taken_over_once_its_lease_is_stale(app: TestApp) {
         .execute(pool)
         .await
         .unwrap();
-    let done = app
-        .post("/v1/retention/sweeps", &app.sweeper(), &json!({}))
-        .await
-        .expect(201)
-        .body;
+    let done = app.sweep_now(201).await.body;
     assert_eq!(done["deleted"], 5, "{done}");
     assert!(
         sqlx::query("SELECT 1").execute(&mut *frozen).await.is_err(),

@@ -298,7 +298,7 @@ impl Config {
     /// wrong directory and report on it ("valid, 0 entries").
     pub fn require_existing_ledger(&self) -> anyhow::Result<()> {
         let url = self.database_url();
-        if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+        if !url.starts_with("sqlite:") || crate::storage::sqlite_in_memory(&url) {
             return Ok(());
         }
         let path = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)

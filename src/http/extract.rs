@@ -294,7 +294,6 @@ impl Params {
         })
     }
 
-    /// `cursor`: where the previous page ended.
     /// `carrier_id`, a well-formed carrier id when given.
     pub fn carrier_id(&mut self) -> Option<String> {
         self.parse("carrier_id", |s| {

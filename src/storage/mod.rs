@@ -127,6 +127,11 @@ async fn warn_if_unencrypted(pool: &PgPool, host: &str) {
     }
 }
 
+/// Whether a `sqlite:` URL names an in-memory database (no file).
+pub fn sqlite_in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
 /// Creates a new SQLite database file readable by its owner only (SQLite
 /// would create it with the umask's mode, usually 0644); its write-ahead
 /// log and shared-memory files take the same mode from it. An existing
@@ -203,7 +208,7 @@ impl Db {
                 // Batch statements vary in size; caching a hundred of them
                 // per connection costs more memory than re-preparing them.
                 .statement_cache_capacity(24);
-            let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+            let in_memory = sqlite_in_memory(url);
             if !in_memory && !url.contains("mode=ro") {
                 create_private(opts.get_filename());
             }

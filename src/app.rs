@@ -20,6 +20,8 @@ pub struct AppState {
     pub keys: Arc<Keyring>,
     pub config: Arc<Config>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// How many anonymous refusals this instance audits one by one.
+    pub denials: Arc<crate::audit::denials::DenialBudget>,
     pub catalogs: Arc<crate::i18n::Catalogs>,
     /// Wakes the subject-request processor.
     pub requests_ready: Arc<tokio::sync::Notify>,
@@ -181,11 +183,13 @@ impl AppState {
                 None,
             ),
         };
+        let denials = crate::audit::denials::DenialBudget::new(config.anonymous_denials_per_second);
         Ok(Self {
             db,
             keys: Arc::new(keys),
             config: Arc::new(config),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            denials: Arc::new(denials),
             catalogs: Arc::new(crate::i18n::Catalogs::load()?),
             requests_ready: Arc::new(tokio::sync::Notify::new()),
             requests_done: Arc::new(tokio::sync::Notify::new()),
@@ -317,7 +321,21 @@ impl Application {
                 }
             }
         });
+        let stop_denials = Arc::new(tokio::sync::Notify::new());
+        let denials = tokio::spawn(crate::audit::run_denial_flusher(
+            self.state.clone(),
+            stop_denials.clone(),
+        ));
         crate::http::server::serve(self.listener, router, shutdown).await;
+        // The count of refusals held back since the last flush goes into
+        // the chain before the database closes.
+        stop_denials.notify_one();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), denials)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the count of refused requests was not audited within 5 s");
+        }
         // A request cut short here is picked up again by the next processor;
         // a rewrap batch cut short rolls back and is redone by the next pass.
         for (stop, task) in [

@@ -57,6 +57,9 @@ pub struct Config {
     pub claim_timeout: Duration,
     /// Encryptions a data key may make before it is replaced.
     pub data_key_max_seals: i64,
+    /// Refused requests without a valid token audited one by one per
+    /// second (beyond it, counted: `audit::denials`); 0 = all of them.
+    pub anonymous_denials_per_second: u32,
     pub controller: Contact,
     pub dpo: Contact,
 }
@@ -84,6 +87,7 @@ struct FileConfig {
     checkpoint_interval: Option<String>,
     claim_timeout: Option<String>,
     data_key_max_seals: Option<i64>,
+    anonymous_denials_per_second: Option<u32>,
     #[serde(default)]
     controller: Contact,
     #[serde(default)]
@@ -273,6 +277,17 @@ impl Config {
                 format!(
                     "{} must be a whole number from {DATA_KEY_MIN_SEALS} to {DATA_KEY_MAX_SEALS}",
                     source("LEDGER_DATA_KEY_MAX_SEALS")
+                )
+            })?,
+            anonymous_denials_per_second: match env("LEDGER_ANONYMOUS_DENIALS_PER_SECOND") {
+                Some(v) => v.parse().ok(),
+                None => Some(file.anonymous_denials_per_second.unwrap_or(10)),
+            }
+            .filter(|n: &u32| *n <= 100_000)
+            .with_context(|| {
+                format!(
+                    "{} must be a whole number from 0 (audit every one) to 100000",
+                    source("LEDGER_ANONYMOUS_DENIALS_PER_SECOND")
                 )
             })?,
             controller: Contact {
@@ -530,6 +545,25 @@ mod tests {
         );
         assert!(config(&[("LEDGER_SWEEP_INTERVAL", "1s")]).is_ok());
         assert!(config(&[("LEDGER_SWEEP_INTERVAL", "999ms")]).is_err());
+    }
+
+    #[test]
+    fn anonymous_denials_per_second() {
+        let rate = |v: &str| {
+            config(&[("LEDGER_ANONYMOUS_DENIALS_PER_SECOND", v)])
+                .map(|c| c.anonymous_denials_per_second)
+                .map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(config(&[]).unwrap().anonymous_denials_per_second, 10);
+        assert_eq!(rate("0"), Ok(0));
+        assert_eq!(rate("100000"), Ok(100_000));
+        for bad in ["-1", "100001", "ten"] {
+            let e = rate(bad).unwrap_err();
+            assert!(
+                e.starts_with("LEDGER_ANONYMOUS_DENIALS_PER_SECOND must be"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -34,7 +34,10 @@ async fn run() -> std::process::ExitCode {
         }
     });
     let cli = Cli::parse();
-    transfer_ledger::telemetry::init();
+    if let Err(e) = transfer_ledger::telemetry::init() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     match cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

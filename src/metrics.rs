@@ -14,6 +14,8 @@ pub struct Metrics {
     pub integrity_failures: IntCounterVec,
     /// Time spent appending audit entries inside write transactions.
     pub audit_append: prometheus::Histogram,
+    /// Anonymous refusals counted rather than audited one by one.
+    pub denials_coalesced: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -67,6 +69,15 @@ impl Metrics {
         registry
             .register(Box::new(audit_append.clone()))
             .expect("register");
+        let denials_coalesced = prometheus::IntCounter::new(
+            "denials_coalesced_total",
+            "Refused requests without a valid token beyond the audit budget, \
+             audited as counts (request.denied entries with `coalesced`)",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(denials_coalesced.clone()))
+            .expect("register");
         // Shown at 0 from the start, so an alert on it has a series to watch.
         integrity_failures.with_label_values(&["transfer"]);
         for c in [&requests, &transfers_recorded, &integrity_failures] {
@@ -82,6 +93,7 @@ impl Metrics {
             transfers_recorded,
             integrity_failures,
             audit_append,
+            denials_coalesced,
         }
     }
 

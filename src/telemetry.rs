@@ -40,12 +40,23 @@ pub async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response 
     next.run(req).await
 }
 
-/// JSON logs when `LEDGER_LOG_FORMAT=json`, human-readable otherwise;
-/// level from `RUST_LOG` (default `info`).
-pub fn init() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
-    let json = std::env::var("LEDGER_LOG_FORMAT").is_ok_and(|v| v == "json");
+/// JSON logs when `LEDGER_LOG_FORMAT=json`, human-readable for `text` or
+/// when unset; level from `RUST_LOG` (default `info`). A value it cannot
+/// use is an error naming the variable: an operator who asked for JSON logs
+/// and misspelt it would otherwise ship text to a collector that drops it.
+pub fn init() -> Result<(), String> {
+    let json = match std::env::var("LEDGER_LOG_FORMAT") {
+        Err(std::env::VarError::NotPresent) => false,
+        Ok(v) => log_format_is_json(&v)?,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err("LEDGER_LOG_FORMAT: expected `json` or `text`".into())
+        }
+    };
+    let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Err(std::env::VarError::NotPresent) => EnvFilter::new("info,sqlx=warn,tower_http=info"),
+        Ok(v) => EnvFilter::try_new(&v).map_err(|e| format!("RUST_LOG: {e}"))?,
+        Err(std::env::VarError::NotUnicode(_)) => return Err("RUST_LOG: not valid UTF-8".into()),
+    };
     // Colours only on a terminal: escape codes in a log file or a log
     // collector are noise.
     let builder = fmt()
@@ -57,4 +68,30 @@ pub fn init() {
     } else {
         builder.try_init()
     };
+    Ok(())
+}
+
+fn log_format_is_json(v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "json" => Ok(true),
+        "text" | "" => Ok(false),
+        _ => Err(format!(
+            "LEDGER_LOG_FORMAT: expected `json` or `text`, got {v:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_formats() {
+        assert_eq!(log_format_is_json("json"), Ok(true));
+        assert_eq!(log_format_is_json(" JSON "), Ok(true));
+        assert_eq!(log_format_is_json("text"), Ok(false));
+        assert_eq!(log_format_is_json(""), Ok(false));
+        let e = log_format_is_json("jsno").unwrap_err();
+        assert!(e.contains("LEDGER_LOG_FORMAT") && e.contains("jsno"), "{e}");
+    }
 }

@@ -7,6 +7,8 @@
 //! entry exists if and only if its change committed. Entries hold actors,
 //! actions, record ids and blind-index values, never plaintext personal data.
 
+pub mod denials;
+
 use base64::Engine;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -172,6 +174,67 @@ pub async fn record(state: &AppState, who: Option<&Principal>, event: Event) -> 
     let appended = append(&mut tx, who, &event).await?;
     tx.commit().await?;
     Ok(appended)
+}
+
+/// Audits a refusal of a request that carried no valid token, within the
+/// instance's budget (`denials`): one by one, after the count of those held
+/// back before it, or only counted.
+pub async fn record_anonymous_denial(state: &AppState, status: u16, route: &str, target: Value) {
+    if !state.denials.admit(status, route, Utc::now()) {
+        state.metrics.denials_coalesced.inc();
+        return;
+    }
+    let held = state.denials.take_held();
+    let appended = async {
+        let mut tx = state.db.begin().await?;
+        if let Some(held) = &held {
+            let summary = Event::new("request.denied", held.target()).outcome(Outcome::Denied);
+            append(&mut tx, None, &summary).await?;
+        }
+        let event = Event::new("request.denied", target).outcome(Outcome::Denied);
+        append(&mut tx, None, &event).await?;
+        tx.commit().await?;
+        Result::<()>::Ok(())
+    }
+    .await;
+    if let Err(e) = appended {
+        tracing::error!(error = %e, "could not audit a denied request");
+        if let Some(held) = held {
+            state.denials.hold_back(held);
+        }
+    }
+}
+
+/// Appends the count of anonymous refusals held back since the last one.
+pub async fn flush_denials(state: &AppState) -> Result<()> {
+    let Some(held) = state.denials.take_held() else {
+        return Ok(());
+    };
+    let summary = Event::new("request.denied", held.target()).outcome(Outcome::Denied);
+    if let Err(e) = record(state, None, summary).await {
+        state.denials.hold_back(held);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Flushes the held-back count every [`denials::FLUSH_EVERY`] until
+/// `stop`, and once more then.
+pub async fn run_denial_flusher(state: AppState, stop: std::sync::Arc<tokio::sync::Notify>) {
+    let mut tick = tokio::time::interval(denials::FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.notified() => true,
+        };
+        if let Err(e) = flush_denials(&state).await {
+            tracing::error!(error = %e, "could not audit the count of refused requests");
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 /// What verifying the chain found.

@@ -159,9 +159,17 @@ async fn audit_denials(
             .get::<ProblemDetail>()
             .map(|d| d.0.clone());
         let target = serde_json::json!({"method": method, "route": route, "status": status.as_u16(), "detail": detail});
-        let event = Event::new("request.denied", target).outcome(Outcome::Denied);
-        if let Err(e) = trail::record(&state, slot.get().as_ref(), event).await {
-            tracing::error!(error = %e, "could not audit a denied request");
+        match slot.get() {
+            Some(who) => {
+                let event = Event::new("request.denied", target).outcome(Outcome::Denied);
+                if let Err(e) = trail::record(&state, Some(&who), event).await {
+                    tracing::error!(error = %e, "could not audit a denied request");
+                }
+            }
+            None => {
+                let route = format!("{method} {}", route.as_deref().unwrap_or("unmatched"));
+                trail::record_anonymous_denial(&state, status.as_u16(), &route, target).await;
+            }
         }
     }
     resp

@@ -574,3 +574,102 @@ async fn the_filter_columns_must_match_the_hashed_bytes(app: TestApp) {
     assert_eq!(v["first_bad_seq"], 2, "{v}");
 }
 both!(the_filter_columns_must_match_the_hashed_bytes);
+
+/// Anonymous refusals in `entries`: (audited one by one, counted in
+/// `coalesced` entries, how many such entries).
+fn anonymous_refusals(entries: &[Value]) -> (u64, u64, usize) {
+    let anonymous = entries
+        .iter()
+        .filter(|e| e["action"] == "request.denied" && e["actor"]["sub"] == "anonymous");
+    let (counted, single): (Vec<&Value>, Vec<&Value>) =
+        anonymous.partition(|e| e["target"]["coalesced"].is_u64());
+    let held = counted
+        .iter()
+        .map(|e| e["target"]["coalesced"].as_u64().unwrap())
+        .sum();
+    (single.len() as u64, held, counted.len())
+}
+
+/// Refusals without a valid token beyond the instance's budget are counted
+/// into one entry, not one each, and none goes unrecorded: at the next
+/// refusal audited one by one, and at shutdown. Refusals of a known caller
+/// are always audited one by one.
+async fn anonymous_refusals_beyond_the_budget_are_counted(app: TestApp) {
+    let hammer = |url: String, n: usize| {
+        let client = app.client.clone();
+        async move {
+            for i in 0..n {
+                let req = if i % 2 == 0 {
+                    client
+                        .get(format!("{url}/v1/transfers"))
+                        .bearer_auth("garbage")
+                } else {
+                    client.get(format!("{url}/v1/holds"))
+                };
+                assert_eq!(req.send().await.unwrap().status(), 401);
+            }
+        }
+    };
+    // A budget of 1 a second holds 10: 40 at once overflow it.
+    hammer(app.addr.clone(), 40).await;
+    app.get("/v1/audit", &app.platform()).await.expect(403);
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let coalesced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ledger_denials_coalesced_total "))
+        .expect("the metric is exported")
+        .parse()
+        .unwrap();
+    assert!(coalesced >= 20, "{coalesced}");
+    // The next refusal within the budget brings the count with it.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    hammer(app.addr.clone(), 1).await;
+    let entries = app.audit_entries().await;
+    let (single, held, summaries) = anonymous_refusals(&entries);
+    assert_eq!(single + held, 41, "{single} + {held}");
+    assert_eq!(held, coalesced);
+    assert_eq!(summaries, 1);
+    let summary = entries
+        .iter()
+        .find(|e| e["target"]["coalesced"].is_u64())
+        .unwrap();
+    assert_eq!(summary["outcome"], "denied");
+    assert_eq!(summary["target"]["statuses"]["401"], held);
+    let routes = &summary["target"]["routes"];
+    assert_eq!(
+        routes["GET /v1/transfers"].as_u64().unwrap() + routes["GET /v1/holds"].as_u64().unwrap(),
+        held,
+        "{routes}"
+    );
+    assert!(summary["target"]["first_at"].is_string());
+    let named = entries
+        .iter()
+        .filter(|e| e["action"] == "request.denied" && e["actor"]["role"] == "platform")
+        .count();
+    assert_eq!(named, 1);
+
+    // What another instance counted is appended when it stops.
+    let other = app
+        .another_instance(&[("LEDGER_ANONYMOUS_DENIALS_PER_SECOND", "1")])
+        .await;
+    hammer(other.url.clone(), 30).await;
+    assert!(other.terminate().success());
+    let (single_after, held_after, summaries_after) =
+        anonymous_refusals(&app.audit_entries().await);
+    assert_eq!(single_after + held_after, 41 + 30);
+    assert!(held_after > held, "{held_after}");
+    assert_eq!(summaries_after, 2);
+    app.assert_audit_valid().await;
+}
+both!(
+    anonymous_refusals_beyond_the_budget_are_counted,
+    [("LEDGER_ANONYMOUS_DENIALS_PER_SECOND", "1")]
+);

@@ -207,6 +207,11 @@ async fn refused_starts_leave_nothing_behind() {
             ("LEDGER_SWEEP_INTERVAL", "500ms"),
             "LEDGER_SWEEP_INTERVAL must be 0 (off) or at least 1s",
         ),
+        (
+            ("LEDGER_LOG_FORMAT", "jsno"),
+            "LEDGER_LOG_FORMAT: expected `json` or `text`, got \"jsno\"",
+        ),
+        (("RUST_LOG", "info,sqlx=loud"), "RUST_LOG"),
     ] {
         let out = ledger(dir.path())
             .env(env.0, env.1)

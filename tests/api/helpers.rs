@@ -37,6 +37,13 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// SIGTERM, and waits for the process to finish and exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: signals our own child, which has not been waited for.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+
     /// SIGKILL: the process gets no chance to finish anything.
     pub fn kill(mut self) {
         self.child.kill().unwrap();

@@ -42,15 +42,27 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
             r.id,
             &r.carrier_id,
             &r.subject_index,
+            i64::MAX,
             &mut progress,
             &mut claim,
         )
         .await?;
-        if let Some(tx) = settled(state, r.id, &r.carrier_id, &r.subject_index, &mut claim).await? {
+        let settled = settled(
+            state,
+            r.id,
+            &r.carrier_id,
+            &r.subject_index,
+            i64::MAX,
+            &mut claim,
+        );
+        if let Some(tx) = settled.await? {
             break tx;
         }
     };
-    let held = erase::held_records(&mut tx, &r.carrier_id, &r.subject_index).await?;
+    // One instant for the receipt, the request and the records the erasure
+    // covers, to the microsecond the database keeps.
+    let completed_at = from_micros(micros(Utc::now()));
+    let held = erase::held_records(&mut tx, &r.carrier_id, &r.subject_index, i64::MAX).await?;
     let keys_destroyed = erase::forget_subject(&mut tx, &r.carrier_id, &r.subject_index).await?;
     for k in &keys_destroyed {
         state.keys.forget(*k);
@@ -74,7 +86,18 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
         .collect::<std::collections::BTreeSet<_>>()
         .len();
     if held_records > 0 {
-        store::add_pending_erasure(&mut tx, r.id, &r.carrier_id, &r.subject_index).await?;
+        // The held records are erased when their holds are released, and
+        // only they: what is recorded about the subject from now on is
+        // sealed under a new key and is not this erasure's.
+        store::add_pending_erasure(
+            &mut tx,
+            r.id,
+            &r.carrier_id,
+            &r.subject_index,
+            micros(completed_at),
+        )
+        .await?;
+        erase::set_current_key_aside(&mut tx, &r.carrier_id, &r.subject_index).await?;
     }
 
     let target = json!({
@@ -86,9 +109,6 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
         &Event::new("subject_request.erasure_completed", target),
     )
     .await?;
-    // One instant for the receipt and the request, to the microsecond the
-    // database keeps.
-    let completed_at = from_micros(micros(Utc::now()));
     let mut receipt = json!({
         "request_id": r.id,
         "carrier_id": r.carrier_id,
@@ -163,7 +183,8 @@ impl Claim {
 }
 
 /// A transaction in which the holds cannot change and nothing of the
-/// subject is left unheld, to complete an erasure in, with the claim
+/// subject recorded up to `recorded_by` is left unheld, to complete an
+/// erasure in, with the claim
 /// renewed in it (so that however long the completion takes, no other
 /// processor takes it over); `None` if a hold was released since the last
 /// batch (its records are erased first).
@@ -172,6 +193,7 @@ async fn settled(
     request: Uuid,
     carrier: &str,
     index: &[u8],
+    recorded_by: i64,
     claim: &mut Claim,
 ) -> Result<Option<Tx>> {
     let mut tx = state.db.begin_probes().await?;
@@ -181,7 +203,7 @@ async fn settled(
     TxLock::Holds.take(&mut tx, true).await?;
     // After any export of the subject being completed: it is deleted here.
     TxLock::Exports.take(&mut tx, false).await?;
-    if !erase::unheld_records(&mut tx, carrier, index, 1)
+    if !erase::unheld_records(&mut tx, carrier, index, recorded_by, 1)
         .await?
         .is_empty()
     {
@@ -205,11 +227,14 @@ pub fn receipt_digest(receipt: &Value) -> [u8; 32] {
     Sha256::digest(serde_json::to_vec(&unsigned).expect("JSON")).into()
 }
 
+/// Erases the subject from its unheld records recorded up to
+/// `recorded_by`, a batch per transaction.
 async fn erase_batches(
     state: &AppState,
     request: Uuid,
     carrier: &str,
     index: &[u8],
+    recorded_by: i64,
     progress: &mut Progress,
     claim: &mut Claim,
 ) -> Result<()> {
@@ -224,7 +249,7 @@ async fn erase_batches(
         let renewed = claim.renew(&mut tx, request).await?;
         // Holds stay as they are until this batch commits.
         TxLock::Holds.take(&mut tx, true).await?;
-        let records = erase::unheld_records(&mut tx, carrier, index, BATCH).await?;
+        let records = erase::unheld_records(&mut tx, carrier, index, recorded_by, BATCH).await?;
         if records.is_empty() {
             tx.commit().await?;
             *claim = renewed;
@@ -260,15 +285,16 @@ async fn erase_batches(
 /// one that fails gives its lease up and is retried at the next poll.
 pub async fn redo_pending(state: &AppState) -> Result<()> {
     let config = &state.config;
-    for (request, carrier, index) in
+    for pending in
         store::pending_erasures(&state.db, config.stale_before(micros(Utc::now()))).await?
     {
+        let request = pending.request_id;
         let now = micros(Utc::now());
         if !store::claim_pending_erasure(&state.db, request, now, config.stale_before(now)).await? {
             continue; // another instance is on it
         }
         let mut claim = Claim::Pending(now);
-        if let Err(e) = redo_one(state, request, &carrier, &index, &mut claim).await {
+        if let Err(e) = redo_one(state, &pending, &mut claim).await {
             tracing::error!(request = %request, error = %e, "redoing a pending erasure failed; it will be retried");
             let given_up = async {
                 let mut tx = state.db.begin().await?;
@@ -283,14 +309,20 @@ pub async fn redo_pending(state: &AppState) -> Result<()> {
     Ok(())
 }
 
-/// One pending erasure, under `claim` (a lease this processor holds).
+/// One pending erasure, under `claim` (a lease this processor holds): the
+/// records it kept for holds, recorded up to its completion, and none
+/// recorded since.
 async fn redo_one(
     state: &AppState,
-    request: Uuid,
-    carrier: &str,
-    index: &[u8],
+    pending: &store::PendingErasure,
     claim: &mut Claim,
 ) -> Result<()> {
+    let (request, carrier, index) = (
+        pending.request_id,
+        pending.carrier_id.as_str(),
+        pending.subject_index.as_slice(),
+    );
+    let recorded_by = pending.cutoff.unwrap_or(i64::MAX);
     let r = store::get(&state.db, request, None)
         .await?
         .ok_or_else(|| AppError::Integrity(format!("pending erasure {request} has no request")))?;
@@ -301,15 +333,27 @@ async fn redo_one(
         .unwrap_or_default();
     let before = progress.deleted.values().sum::<i64>();
     let mut tx = loop {
-        erase_batches(state, request, carrier, index, &mut progress, claim).await?;
-        if let Some(tx) = settled(state, request, carrier, index, claim).await? {
+        erase_batches(
+            state,
+            request,
+            carrier,
+            index,
+            recorded_by,
+            &mut progress,
+            claim,
+        )
+        .await?;
+        if let Some(tx) = settled(state, request, carrier, index, recorded_by, claim).await? {
             break tx;
         }
     };
-    let still_held = erase::held_records(&mut tx, carrier, index).await?;
+    let still_held = erase::held_records(&mut tx, carrier, index, recorded_by).await?;
     let mut destroyed = Vec::new();
     if still_held.is_empty() {
-        destroyed = erase::forget_subject(&mut tx, carrier, index).await?;
+        // The keys its records were sealed under (set aside at completion);
+        // the consents and exports were cleared then, and those made since
+        // are not this erasure's.
+        destroyed = erase::shred_subject_keys(&mut tx, carrier, index).await?;
         store::remove_pending_erasure(&mut tx, request).await?;
     } else {
         // Still held: free for whichever instance polls next.

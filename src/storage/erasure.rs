@@ -7,7 +7,8 @@ use super::retention::{shred_unused_keys, HELD};
 use super::{on_tx, push_list, Tx, MAX_BINDS};
 use crate::domain::Category;
 
-/// Records of the subject in the carrier's scope that no active hold
+/// Records of the subject in the carrier's scope recorded up to
+/// `recorded_by` (microseconds; `i64::MAX` for all) that no active hold
 /// protects, with their category.
 ///
 /// The queries of one subject's records walk from the subject's lookup rows
@@ -19,26 +20,31 @@ pub async fn unheld_records(
     tx: &mut Tx,
     carrier: &str,
     index: &[u8],
+    recorded_by: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<(Uuid, String)>> {
     on_tx!(tx, c => {
         sqlx::query_as(&format!(
             "SELECT t.id, t.category FROM subject_lookup l CROSS JOIN transfers t
-             WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2 AND NOT {HELD} LIMIT $3"
+             WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2
+               AND t.recorded_at <= $4 AND NOT {HELD} LIMIT $3"
         ))
         .bind(index)
         .bind(carrier)
         .bind(limit)
+        .bind(recorded_by)
         .fetch_all(c)
         .await
     })
 }
 
-/// Held records of the subject: (record, category, hold).
+/// Held records of the subject recorded up to `recorded_by`: (record,
+/// category, hold).
 pub async fn held_records(
     tx: &mut Tx,
     carrier: &str,
     index: &[u8],
+    recorded_by: i64,
 ) -> sqlx::Result<Vec<(Uuid, String, Uuid)>> {
     on_tx!(tx, c => {
         sqlx::query_as(
@@ -48,10 +54,11 @@ pub async fn held_records(
                AND (h.category IS NULL OR h.category = t.category)
                AND (h.subject_index IS NULL OR EXISTS (
                     SELECT 1 FROM subject_lookup hl WHERE hl.blind_index = h.subject_index AND hl.occurred_at = t.occurred_at AND hl.transfer_id = t.id))
-             WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2",
+             WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2 AND t.recorded_at <= $3",
         )
         .bind(index)
         .bind(carrier)
+        .bind(recorded_by)
         .fetch_all(c)
         .await
     })
@@ -141,10 +148,10 @@ pub async fn remove_subject(
 }
 
 /// Clears the subject from the carrier's consents and destroys the
-/// subject's key there unless a held record still needs it. Returns the
+/// subject's keys there unless a record still needs them. Returns the
 /// keys destroyed.
 pub async fn forget_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<Vec<Uuid>> {
-    let keys: Vec<Uuid> = on_tx!(tx, c => {
+    on_tx!(tx, c => {
         sqlx::query(
             "UPDATE consents SET subject_index = NULL, subject_sealed = NULL, subject_key_id = NULL
              WHERE carrier_id = $1 AND subject_index = $2",
@@ -164,6 +171,19 @@ pub async fn forget_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::R
         ] {
             sqlx::query(sql).bind(carrier).bind(index).execute(&mut *c).await?;
         }
+        sqlx::Result::<()>::Ok(())
+    })?;
+    shred_subject_keys(tx, carrier, index).await
+}
+
+/// Destroys the subject's keys in the carrier that no record or consent
+/// uses any more. Returns the keys destroyed.
+pub async fn shred_subject_keys(
+    tx: &mut Tx,
+    carrier: &str,
+    index: &[u8],
+) -> sqlx::Result<Vec<Uuid>> {
+    let keys: Vec<Uuid> = on_tx!(tx, c => {
         let (lo, hi) = super::keys::generations(index);
         sqlx::query_scalar(
             "SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index >= $2 AND blind_index <= $3",
@@ -175,4 +195,17 @@ pub async fn forget_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::R
         .await
     })?;
     shred_unused_keys(tx, &keys).await
+}
+
+/// Moves the subject's current key in the carrier aside (as a spent one is,
+/// [`super::keys::replace_subject_key`]), when held records keep it from
+/// being destroyed: what is recorded about the subject from now on is
+/// sealed under a new key, which the erasure's remainder, once the holds
+/// are released, neither needs nor destroys.
+pub async fn set_current_key_aside(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<()> {
+    let rows = super::keys::subject_keys_by_index(tx, carrier, &[index.to_vec()]).await?;
+    for row in rows {
+        super::keys::replace_subject_key(tx, &row).await?;
+    }
+    Ok(())
 }

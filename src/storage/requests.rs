@@ -401,20 +401,24 @@ pub async fn expire_exports(tx: &mut Tx, now: i64) -> sqlx::Result<Vec<Uuid>> {
     Ok(ids)
 }
 
+/// Notes an erasure that holds kept from finishing: the subject's records
+/// in the carrier recorded up to `cutoff` (its completion) that are held.
 pub async fn add_pending_erasure(
     tx: &mut Tx,
     id: Uuid,
     carrier: &str,
     subject_index: &[u8],
+    cutoff: i64,
 ) -> sqlx::Result<()> {
     on_tx!(tx, c => {
         sqlx::query(
-            "INSERT INTO erasures_pending (request_id, carrier_id, subject_index) VALUES ($1, $2, $3)
+            "INSERT INTO erasures_pending (request_id, carrier_id, subject_index, cutoff) VALUES ($1, $2, $3, $4)
              ON CONFLICT (request_id) DO NOTHING",
         )
         .bind(id)
         .bind(carrier)
         .bind(subject_index)
+        .bind(cutoff)
         .execute(c)
         .await
         .map(|r| r.rows_affected())
@@ -429,15 +433,24 @@ pub async fn remove_pending_erasure(tx: &mut Tx, id: Uuid) -> sqlx::Result<()> {
     Ok(())
 }
 
+/// A pending erasure: its request, and whose records up to when.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PendingErasure {
+    pub request_id: Uuid,
+    pub carrier_id: String,
+    pub subject_index: Vec<u8>,
+    /// The request's completion: records recorded after it are not its to
+    /// erase. `None` only for a request with no completion time, which
+    /// does not occur.
+    pub cutoff: Option<i64>,
+}
+
 /// Pending erasures no processor holds (or whose processor has not renewed
 /// its lease since `stale_before`).
-pub async fn pending_erasures(
-    db: &Db,
-    stale_before: i64,
-) -> sqlx::Result<Vec<(Uuid, String, Vec<u8>)>> {
+pub async fn pending_erasures(db: &Db, stale_before: i64) -> sqlx::Result<Vec<PendingErasure>> {
     on_db!(db, c => {
         sqlx::query_as(
-            "SELECT request_id, carrier_id, subject_index FROM erasures_pending
+            "SELECT request_id, carrier_id, subject_index, cutoff FROM erasures_pending
              WHERE claimed_at IS NULL OR claimed_at < $1",
         )
         .bind(stale_before)

@@ -482,19 +482,19 @@ async fn deadlines_extend_once_to_three_months_from_receipt(app: TestApp) {
 }
 both!(deadlines_extend_once_to_three_months_from_receipt);
 
-async fn erasure_removes_the_subject_in_scope_and_keeps_what_is_held(app: TestApp) {
-    seed(&app).await;
-    let officer = app.officer();
+/// The seed, a hold on carrier-a's call quality records, and an erasure of
+/// X in carrier-a, completed: (the hold's id, the completed request).
+async fn erase_x_with_quality_held(app: &TestApp) -> (String, Value) {
+    seed(app).await;
     let hold = app
         .post(
             "/v1/holds",
-            &officer,
+            &app.officer(),
             &json!({"carrier_id": "carrier-a", "category": "call_quality", "reason": "dispute"}),
         )
         .await
         .expect(201);
     let hold_id = hold.body["id"].as_str().unwrap().to_string();
-
     let carrier = app.carrier("carrier-a");
     let req = app
         .request(
@@ -505,8 +505,14 @@ async fn erasure_removes_the_subject_in_scope_and_keeps_what_is_held(app: TestAp
             None,
         )
         .await;
-    let id = req["id"].as_str().unwrap();
-    let done = app.completed(&carrier, id).await;
+    let done = app.completed(&carrier, req["id"].as_str().unwrap()).await;
+    (hold_id, done)
+}
+
+async fn erasure_removes_the_subject_in_scope_and_keeps_what_is_held(app: TestApp) {
+    let (hold_id, done) = erase_x_with_quality_held(&app).await;
+    let officer = app.officer();
+    let carrier = app.carrier("carrier-a");
     let receipt = &done["receipt"];
     assert_eq!(
         receipt["deleted"],
@@ -660,6 +666,100 @@ async fn erasure_removes_the_subject_in_scope_and_keeps_what_is_held(app: TestAp
     app.assert_audit_valid().await;
 }
 both!(erasure_removes_the_subject_in_scope_and_keeps_what_is_held);
+
+/// An erasure that a hold kept from finishing erases, once the hold is
+/// released, the held records it found, and nothing recorded about the
+/// subject after it completed: those are sealed under a new key, which
+/// stays.
+async fn records_made_after_an_erasure_are_not_its_to_erase(app: TestApp) {
+    let (hold_id, done) = erase_x_with_quality_held(&app).await;
+    let officer = app.officer();
+    assert_eq!(done["receipt"]["held"], json!({"call_quality": 1}));
+
+    // Recorded after the erasure: a call, and a quality record the hold
+    // covers as well.
+    let ids = app
+        .batch(vec![
+            cdr("carrier-a", "after-1", X, "+14255550101"),
+            quality("carrier-a", "after-1", X, "+14255550101"),
+        ])
+        .await;
+    let (after, after_q) = (ids[0].clone(), ids[1].clone());
+    let caller = |id: String| {
+        let app = &app;
+        let officer = officer.clone();
+        async move {
+            app.read(&format!("/v1/transfers/{id}"), &officer)
+                .await
+                .expect(200)
+                .body["payload"]["caller"]
+                .clone()
+        }
+    };
+    // The held remainder, redone while the hold stands, leaves them alone.
+    transfer_ledger::requests::erasure::redo_pending(&app.state)
+        .await
+        .unwrap();
+    assert_eq!(caller(after.clone()).await, X);
+    assert_eq!(caller(after_q.clone()).await, X);
+
+    // Released, the hold lets the erasure finish with the record it held.
+    app.raw(
+        app.client
+            .delete(format!("{}/v1/holds/{hold_id}", app.addr))
+            .bearer_auth(&officer),
+    )
+    .await;
+    for _ in 0..200 {
+        transfer_ledger::requests::erasure::redo_pending(&app.state)
+            .await
+            .unwrap();
+        if app.scalar("SELECT COUNT(*) FROM erasures_pending").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let found = app
+        .get(
+            "/v1/transfers?subject=%2B14255550100&carrier_id=carrier-a&limit=1000",
+            &officer,
+        )
+        .await
+        .expect(200);
+    let mut ids: Vec<&str> = found.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut want = vec![after.as_str(), after_q.as_str()];
+    want.sort();
+    assert_eq!(
+        ids, want,
+        "only the records made after the erasure are left"
+    );
+    assert_eq!(caller(after.clone()).await, X);
+    assert_eq!(caller(after_q.clone()).await, X);
+    let auditor = app.token(Role::Auditor, None);
+    let released = app
+        .get(
+            "/v1/audit?action=subject_request.erasure_released",
+            &auditor,
+        )
+        .await
+        .expect(200);
+    let last = &released.body["items"][0]["entry"]["target"];
+    assert_eq!(last["finished"], true, "{last}");
+    assert_eq!(last["records"], 1, "{last}");
+    assert_eq!(
+        last["keys_destroyed"], 1,
+        "the key the held record was sealed under"
+    );
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM erasures_pending").await, 0);
+    app.assert_audit_valid().await;
+}
+both!(records_made_after_an_erasure_are_not_its_to_erase);
 
 async fn a_request_abandoned_mid_way_is_finished_and_never_served_half_done(app: TestApp) {
     seed(&app).await;

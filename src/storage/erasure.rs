@@ -147,17 +147,21 @@ pub async fn remove_subject(
     Ok(deleted)
 }
 
-/// Clears the subject from the carrier's consents and destroys the
-/// subject's keys there unless a record still needs them. Returns the
-/// keys destroyed.
+/// Clears the subject from the carrier's consents, which end as withdrawn
+/// (a consent nobody holds any more), and destroys the subject's keys
+/// there unless a record still needs them. Returns the keys destroyed.
 pub async fn forget_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<Vec<Uuid>> {
+    let now = super::micros(chrono::Utc::now());
     on_tx!(tx, c => {
         sqlx::query(
-            "UPDATE consents SET subject_index = NULL, subject_sealed = NULL, subject_key_id = NULL
+            "UPDATE consents SET subject_index = NULL, subject_sealed = NULL, subject_key_id = NULL,
+                 status = 'withdrawn',
+                 status_changed_at = CASE WHEN status = 'withdrawn' THEN status_changed_at ELSE $3 END
              WHERE carrier_id = $1 AND subject_index = $2",
         )
         .bind(carrier)
         .bind(index)
+        .bind(now)
         .execute(&mut *c)
         .await?;
         // Exports prepared earlier for this subject in this scope go too.

@@ -495,6 +495,11 @@ async fn erase_x_with_quality_held(app: &TestApp) -> (String, Value) {
         .await
         .expect(201);
     let hold_id = hold.body["id"].as_str().unwrap().to_string();
+    (hold_id, erase_x(app).await)
+}
+
+/// Erases X in carrier-a, as carrier-a; the completed request.
+async fn erase_x(app: &TestApp) -> Value {
     let carrier = app.carrier("carrier-a");
     let req = app
         .request(
@@ -505,8 +510,7 @@ async fn erase_x_with_quality_held(app: &TestApp) -> (String, Value) {
             None,
         )
         .await;
-    let done = app.completed(&carrier, req["id"].as_str().unwrap()).await;
-    (hold_id, done)
+    app.completed(&carrier, req["id"].as_str().unwrap()).await
 }
 
 async fn erasure_removes_the_subject_in_scope_and_keeps_what_is_held(app: TestApp) {
@@ -1517,3 +1521,27 @@ async fn two_erasures_of_one_subject_share_nothing(app: TestApp) {
     assert!(n > 0);
 }
 both!(two_erasures_of_one_subject_share_nothing);
+
+/// The consent of an erased subject loses its subject and ends withdrawn:
+/// nobody holds it any more, and no transfer can rely on it.
+async fn an_erased_subjects_consent_ends_withdrawn(app: TestApp) {
+    let carrier = app.carrier("carrier-a");
+    app.post(
+        "/v1/consents",
+        &carrier,
+        &json!({"reference": "ds-x", "kind": "data_subject", "carrier_id": "carrier-a",
+            "subject": {"phone_number": X}, "countries": ["FR"], "granted_at": "2026-10-01T00:00:00Z"}),
+    )
+    .await
+    .expect(201);
+    erase_x(&app).await;
+    let c = app.get("/v1/consents/ds-x", &carrier).await.expect(200);
+    assert_eq!(c.body["status"], "withdrawn", "{}", c.body);
+    assert!(c.body["subject"].is_null(), "{}", c.body);
+    let mut t = duration("carrier-a", "k1", X, "+14255550101");
+    t["legal_basis"] = json!("consent");
+    t["consent"] = json!({"reference": "ds-x"});
+    let r = app.post("/v1/transfers", &carrier, &t).await.expect(409);
+    assert!(r.text.contains("ds-x"), "{}", r.text);
+}
+both!(an_erased_subjects_consent_ends_withdrawn);

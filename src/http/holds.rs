@@ -45,11 +45,13 @@ pub async fn release(
     Path(id): Path<String>,
 ) -> Result<Json<HoldView>> {
     state.authorize(&who, "holds", "write")?;
-    let id = Uuid::parse_str(&id).map_err(|_| AppError::NotFound(format!("no hold {id:?}")))?;
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| AppError::NotFound("no hold with that id (ids are UUIDs)".into()))?;
     Ok(Json(holds::release(&state, &who, id).await?))
 }
 
-/// Holds, newest first; `?active=true` for those in force.
+/// Holds, newest first; `?active=true` for those in force, `false` for
+/// those released.
 #[utoipa::path(get, operation_id = "list_holds", path = "/v1/holds", tag = "retention", params(("active" = Option<bool>, Query)),
     responses((status = 200, body = Vec<HoldView>)), security(("bearer" = [])))]
 pub async fn list(
@@ -58,12 +60,10 @@ pub async fn list(
     mut p: Params,
 ) -> Result<Json<Vec<HoldView>>> {
     p.allow(&["active"]);
-    let active = p
-        .parse("active", |s| {
-            s.parse::<bool>()
-                .map_err(|_| "must be true or false".to_string())
-        })
-        .unwrap_or(false);
+    let active = p.parse("active", |s| {
+        s.parse::<bool>()
+            .map_err(|_| "must be true or false".to_string())
+    });
     p.finish()?;
     Ok(Json(holds::list(&state, &who, active).await?))
 }

@@ -56,8 +56,10 @@ pub async fn run_sweep(
     let mut errs = Errors::default();
     let dry_run = Obj::new(&body, "", &mut errs).map(|o| {
         o.deny_unknown(&["dry_run"], &mut errs);
-        match o.get("dry_run") {
+        // Not `o.get`, which reads null as absent.
+        match body.get("dry_run") {
             None => false,
+            // Null included: whether to delete is never left to a default.
             Some(v) => v.as_bool().unwrap_or_else(|| {
                 errs.add("dry_run", "must be true or false");
                 false

@@ -153,15 +153,19 @@ pub async fn release(state: &AppState, who: &Principal, id: Uuid) -> Result<Hold
     Ok(row.into())
 }
 
-pub async fn list(state: &AppState, who: &Principal, active_only: bool) -> Result<Vec<HoldView>> {
+pub async fn list(
+    state: &AppState,
+    who: &Principal,
+    active: Option<bool>,
+) -> Result<Vec<HoldView>> {
     state.authorize(who, "holds", "read")?;
-    let rows = store::list_holds(&state.db, active_only).await?;
+    let rows = store::list_holds(&state.db, active).await?;
     audit::record(
         state,
         Some(who),
         Event::new(
             "hold.list",
-            json!({"active_only": active_only, "returned": rows.len()}),
+            json!({"active": active, "returned": rows.len()}),
         ),
     )
     .await?;

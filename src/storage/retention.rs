@@ -566,12 +566,18 @@ pub async fn hold(db: &Db, id: Uuid) -> sqlx::Result<Option<HoldRow>> {
     })
 }
 
-pub async fn list_holds(db: &Db, active_only: bool) -> sqlx::Result<Vec<HoldRow>> {
+/// Holds, newest first: those in force (`Some(true)`), those released
+/// (`Some(false)`) or all.
+pub async fn list_holds(db: &Db, active: Option<bool>) -> sqlx::Result<Vec<HoldRow>> {
+    let filter = match active {
+        Some(true) => "WHERE released_at IS NULL",
+        Some(false) => "WHERE released_at IS NOT NULL",
+        None => "",
+    };
     on_db!(db, c => {
         sqlx::query_as(&format!(
-            "SELECT {HOLD_COLUMNS} FROM holds WHERE ($1 = FALSE OR released_at IS NULL) ORDER BY created_at DESC, id DESC"
+            "SELECT {HOLD_COLUMNS} FROM holds {filter} ORDER BY created_at DESC, id DESC"
         ))
-        .bind(active_only)
         .fetch_all(c)
         .await
     })

@@ -243,6 +243,16 @@ async fn sweeps_delete_what_expired_and_keep_what_is_held(app: TestApp) {
     let mut bad = r.bad_fields();
     bad.sort();
     assert_eq!(bad, ["cursor", "dry_run"]);
+    // Whether a sweep deletes is never left to a default: null is refused.
+    let r = app
+        .post(
+            "/v1/retention/sweeps",
+            &app.token(Role::RetentionSweeper, None),
+            &json!({"dry_run": null}),
+        )
+        .await
+        .expect(422);
+    assert_eq!(r.bad_fields(), ["dry_run"]);
     let auditor = app.token(Role::Auditor, None);
     let entries = app
         .get("/v1/audit?action=retention.sweep&limit=10", &auditor)
@@ -337,6 +347,23 @@ async fn holds_match_by_subject_and_category_and_are_validated(app: TestApp) {
     assert_eq!(del(id.into()).await.status, 200);
     assert_eq!(del(id.into()).await.status, 409);
     assert_eq!(del(uuid::Uuid::now_v7().to_string()).await.status, 404);
+    // Listed in force, released, or all.
+    let auditor = app.token(Role::Auditor, None);
+    let ids = |path: &'static str| {
+        let (app, auditor) = (&app, auditor.clone());
+        async move {
+            let r = app.get(path, &auditor).await.expect(200);
+            r.body
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ids("/v1/holds?active=false").await, [id]);
+    assert_eq!(ids("/v1/holds?active=true").await.len(), 1);
+    assert_eq!(ids("/v1/holds").await.len(), 2);
 }
 both!(holds_match_by_subject_and_category_and_are_validated);
 

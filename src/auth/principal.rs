@@ -88,7 +88,7 @@ impl AppState {
     /// May `who` perform `act` on `obj` within its own scope (listings and
     /// reads, which storage confines to the caller's carrier)?
     pub fn authorize(&self, who: &Principal, obj: &str, act: &str) -> Result<(), AppError> {
-        self.authorize_reach(who, who.reach(None), obj, act)
+        self.authorize_reach(who, who.reach(None), obj, act, false)
     }
 
     /// May `who` perform `act` on `obj` for `carrier`?
@@ -99,7 +99,7 @@ impl AppState {
         obj: &str,
         act: &str,
     ) -> Result<(), AppError> {
-        self.authorize_reach(who, who.reach(Some(carrier)), obj, act)
+        self.authorize_reach(who, who.reach(Some(carrier)), obj, act, true)
     }
 
     /// May `who` perform `act` on any of `objs` for some carrier? A cheap
@@ -128,16 +128,20 @@ impl AppState {
         reach: Reach,
         obj: &str,
         act: &str,
+        named_carrier: bool,
     ) -> Result<(), AppError> {
         if self.policy().allows(who.role, reach, obj, act) {
             Ok(())
         } else {
-            let whose = match reach {
-                Reach::Own => "its own carrier",
-                Reach::Any => "this carrier",
+            // A carrier is named only where one is involved: policies and
+            // keys belong to no carrier.
+            let whose = match (reach, named_carrier) {
+                (Reach::Own, _) => " for its own carrier",
+                (Reach::Any, true) => " for this carrier",
+                (Reach::Any, false) => "",
             };
             Err(AppError::Forbidden(format!(
-                "the {} role may not {act} {obj} for {whose}",
+                "the {} role may not {act} {obj}{whose}",
                 who.role
             )))
         }

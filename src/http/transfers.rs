@@ -267,7 +267,10 @@ pub async fn show(
     state.authorize(&who, "transfers", "read")?;
     require_decrypt(&state, &who, &reason)?;
     // A malformed id names no record: the same answer as a missing one.
-    let id = Uuid::parse_str(&id).map_err(|_| AppError::NotFound(format!("no transfer {id:?}")))?;
+    // Not echoed: a path segment that is no id may be anything, a phone
+    // number included.
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| AppError::NotFound("no transfer with that id (ids are UUIDs)".into()))?;
     Ok(Json(
         ledger::get(&state, &who, id, reason.0.as_deref()).await?,
     ))

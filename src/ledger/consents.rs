@@ -138,7 +138,12 @@ async fn find_one(
 ) -> Result<ConsentRow> {
     let mut rows = store::find(&state.db, reference, who.scope(), carrier).await?;
     match rows.len() {
-        0 => Err(AppError::NotFound(format!("no consent {reference:?}"))),
+        0 => Err(AppError::NotFound(
+            match crate::domain::fields::unknown_name(reference) {
+                "?" => "no consent with that reference".to_string(),
+                shown => format!("no consent {shown:?}"),
+            },
+        )),
         1 => Ok(rows.remove(0)),
         _ => Err(AppError::Conflict(format!(
             "several carriers use consent reference {reference:?}; add ?carrier_id= to choose one"

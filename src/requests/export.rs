@@ -326,7 +326,7 @@ pub async fn download(
         ));
     }
     let not_found = || AppError::NotFound(format!("no subject request {id:?}"));
-    let uuid = Uuid::parse_str(id).map_err(|_| not_found())?;
+    let uuid = Uuid::parse_str(id).map_err(|_| super::not_a_request_id())?;
     let Some(r) = store::get(&state.db, uuid, who.scope()).await? else {
         super::audit_not_found(state, who, "subject_request.export_download", id).await?;
         return Err(not_found());

@@ -220,11 +220,16 @@ pub async fn open_subject(state: &AppState, r: &RequestRow) -> Result<Option<Sub
 }
 
 async fn find(state: &AppState, who: &Principal, id: &str) -> Result<RequestRow> {
-    let not_found = || AppError::NotFound(format!("no subject request {id:?}"));
-    let id = Uuid::parse_str(id).map_err(|_| not_found())?;
+    let id = Uuid::parse_str(id).map_err(|_| not_a_request_id())?;
     store::get(&state.db, id, who.scope())
         .await?
-        .ok_or_else(not_found)
+        .ok_or_else(|| AppError::NotFound(format!("no subject request {id}")))
+}
+
+/// A path segment that is no request id: not echoed, since it may be
+/// anything, a phone number included.
+pub(crate) fn not_a_request_id() -> AppError {
+    AppError::NotFound("no subject request with that id (ids are UUIDs)".into())
 }
 
 /// Longest `Prefer: wait` honoured, below the request timeout.

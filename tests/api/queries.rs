@@ -421,6 +421,26 @@ async fn decrypting_reads_by_officers_need_a_reason(app: TestApp) {
     app.read("/v1/transfers/not-a-uuid", &officer)
         .await
         .expect(404);
+    // A path segment that is no id is not echoed: it may be a number.
+    let carrier = app.carrier("carrier-a");
+    for (path, token) in [
+        ("/v1/transfers/%2B33123456789", &officer),
+        ("/v1/subject-requests/%2B33123456789", &carrier),
+        ("/v1/subject-requests/%2B33123456789/export", &carrier),
+        ("/v1/consents/%2B33123456789", &carrier),
+    ] {
+        let r = app.read(path, token).await.expect(404);
+        assert!(!r.text.contains("33123456789"), "{path}: {}", r.text);
+    }
+    let r = app
+        .raw(
+            app.client
+                .delete(format!("{}/v1/holds/%2B33123456789", app.addr))
+                .bearer_auth(&officer),
+        )
+        .await
+        .expect(404);
+    assert!(!r.text.contains("33123456789"), "{}", r.text);
 }
 both!(decrypting_reads_by_officers_need_a_reason);
 

@@ -95,7 +95,13 @@ pub async fn load_policies(dir: Option<&std::path::Path>) -> anyhow::Result<Load
     };
     let read = |name: &str| {
         let path = dir.join(name);
-        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+        std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {} (the policy directory is LEDGER_POLICY_DIR, or ./policies when \
+                 that exists; it needs model.conf, policy.csv and retention.toml)",
+                path.display()
+            )
+        })
     };
     let (model, rules, retention) = (
         read("model.conf")?,
@@ -262,7 +268,7 @@ impl Application {
         let state = AppState::init(config).await?;
         let listener = TcpListener::bind(&listen)
             .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
+            .with_context(|| format!("cannot listen on {listen} (LEDGER_LISTEN)"))?;
         Ok(Self { listener, state })
     }
 

@@ -198,15 +198,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .transpose()
             };
+            use crate::ledger::reconciliation::MAX_TOLERANCE_SECONDS;
             anyhow::ensure!(
-                tolerance_seconds >= 0,
-                "--tolerance-seconds must be 0 or more"
+                (0..=MAX_TOLERANCE_SECONDS).contains(&tolerance_seconds),
+                "--tolerance-seconds must be from 0 to {MAX_TOLERANCE_SECONDS}"
             );
+            let (from, to) = (time("from", from)?, time("to", to)?);
+            if let (Some(from), Some(to)) = (from, to) {
+                anyhow::ensure!(to >= from, "--to must not be before --from");
+            }
             let q = crate::ledger::reconciliation::Query {
                 carrier: CarrierId::parse(&carrier)
                     .map_err(|e| anyhow::anyhow!("--carrier {e}"))?,
-                from: time("from", from)?,
-                to: time("to", to)?,
+                from,
+                to,
                 tolerance_seconds,
                 outcome: crate::storage::reconciliation::Outcome::Mismatched,
                 limit: 0,
@@ -256,6 +261,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 (1..=256).contains(&b.concurrency),
                 "--concurrency must be from 1 to 256"
             );
+            // The file is opened before the run, which may take an hour: a
+            // path that cannot be written fails now, not after it.
+            let json = match &b.json {
+                Some(path) => {
+                    let existed = path.exists();
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(path)
+                        .with_context(|| {
+                            format!("--json {}: cannot write there", path.display())
+                        })?;
+                    Some((path.clone(), file, existed))
+                }
+                None => None,
+            };
             let args = crate::bench::BenchArgs {
                 records: b.records,
                 database_url: b.database_url,
@@ -264,10 +286,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 concurrency: b.concurrency,
                 export_records: b.export_records,
             };
-            let report = crate::bench::run(args).await?;
+            let report = match crate::bench::run(args).await {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some((path, _, false)) = &json {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(e);
+                }
+            };
             print!("{}", crate::bench::table(&report, backend));
-            if let Some(path) = b.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            if let Some((path, mut file, _)) = json {
+                use std::io::Write;
+                file.set_len(0)
+                    .and_then(|()| {
+                        file.write_all(serde_json::to_string_pretty(&report)?.as_bytes())
+                    })
+                    .with_context(|| format!("--json {}", path.display()))?;
             }
             Ok(())
         }
@@ -505,8 +540,8 @@ fn issue_token(config: &Config, args: &IssueArgs) -> anyhow::Result<String> {
     let ttl = humantime::parse_duration(&args.ttl)
         .map_err(|_| anyhow::anyhow!("--ttl must be a duration such as 15m or 1h"))?;
     anyhow::ensure!(
-        !ttl.is_zero() && ttl.as_secs() <= 366 * 86400,
-        "--ttl must be between 1s and 366 days"
+        ttl.as_secs() >= 1 && ttl.as_secs() <= 366 * 86400 && ttl.subsec_nanos() == 0,
+        "--ttl must be whole seconds between 1s and 366 days (token times are in seconds)"
     );
     let sub = args.sub.clone().unwrap_or_else(|| match &carrier {
         Some(c) => format!("{role}:{c}"),

@@ -29,6 +29,12 @@ pub const DATA_KEY_MAX_SEALS: i64 = 1 << 31;
 /// transfers) must fit in a fresh key.
 pub const DATA_KEY_MIN_SEALS: i64 = 10_000;
 
+/// The longest any duration setting may be: a year.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+
+/// The longest sweep interval: a week.
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(7 * 86_400);
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
@@ -94,6 +100,25 @@ struct FileConfig {
     dpo: Contact,
 }
 
+/// A configuration file that does not parse, by line and column and the
+/// parser's message, without the excerpt of the file that the parser's own
+/// rendering quotes: the line may hold the root key or the JWT secret.
+fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let at = e
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" line {line}, column {column}")
+        })
+        .unwrap_or_default();
+    anyhow::anyhow!(
+        "invalid configuration file {path}{at}: {}",
+        e.message().trim_end()
+    )
+}
+
 /// Secrets resolved from configuration or generated for the embedded default.
 pub struct Secrets {
     pub root_key: RawKey,
@@ -113,8 +138,8 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read LEDGER_CONFIG {path}"))?;
-                let file: FileConfig = toml::from_str(&text)
-                    .with_context(|| format!("invalid configuration file {path}"))?;
+                let file: FileConfig =
+                    toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
                 if file.master_key.is_some() || file.jwt_secret.is_some() {
                     warn_if_readable_by_others(Path::new(path));
                 }
@@ -154,6 +179,14 @@ impl Config {
                 source(name),
                 humantime::format_duration(min)
             );
+            // Longer is no setting anyone means, and far beyond what a
+            // timer can add to the clock.
+            anyhow::ensure!(
+                d <= MAX_DURATION,
+                "{} must be at most {}",
+                source(name),
+                humantime::format_duration(MAX_DURATION)
+            );
             Ok(d)
         };
         // The root key comes from the environment or from the file, never
@@ -170,15 +203,26 @@ impl Config {
         let policy_dir = env("LEDGER_POLICY_DIR")
             .map(PathBuf::from)
             .or(file.policy_dir);
+        // Checked here, where the message can name the file's key when the
+        // value came from the file (and checked again, by name, when used).
+        if let Some(k) = &master_key {
+            parse_root_key(k)
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", source("LEDGER_MASTER_KEY")))?;
+        }
+        if let Some(s) = env("LEDGER_JWT_SECRET").or(file.jwt_secret.clone()) {
+            check_jwt_secret(&SecretString::from(s), &source("LEDGER_JWT_SECRET"))?;
+        }
+        let listen = env("LEDGER_LISTEN")
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        check_listen(&listen).map_err(|e| anyhow::anyhow!("{}: {e}", source("LEDGER_LISTEN")))?;
         Ok(Self {
             data_dir: env("LEDGER_DATA_DIR")
                 .map(PathBuf::from)
                 .or(file.data_dir)
                 .unwrap_or_else(|| "ledger-data".into()),
             database_url: env("LEDGER_DATABASE_URL").or(file.database_url),
-            listen: env("LEDGER_LISTEN")
-                .or(file.listen)
-                .unwrap_or_else(|| "127.0.0.1:8080".into()),
+            listen,
             master_key: master_key.map(SecretString::from),
             master_key_file,
             jwt_secret: env("LEDGER_JWT_SECRET")
@@ -194,12 +238,21 @@ impl Config {
                 .or(file.jwt_audience)
                 .unwrap_or_else(|| "transfer-ledger".into()),
             policy_dir,
-            sweep_interval: duration(
+            // Expired records outlive their retention by up to one interval.
+            sweep_interval: match duration(
                 "LEDGER_SWEEP_INTERVAL",
                 file.sweep_interval,
                 "1h",
                 Duration::from_secs(1),
-            )?,
+            )? {
+                d if d > MAX_SWEEP_INTERVAL => bail!(
+                    "{} must be at most {} (expired records outlive their retention by up to one \
+                     interval; 0 turns the schedule off)",
+                    source("LEDGER_SWEEP_INTERVAL"),
+                    humantime::format_duration(MAX_SWEEP_INTERVAL)
+                ),
+                d => d,
+            },
             sweep_batch: match env("LEDGER_SWEEP_BATCH") {
                 Some(v) => v
                     .parse()
@@ -365,6 +418,10 @@ impl Config {
                 let text = std::fs::read_to_string(path).with_context(|| {
                     format!("cannot read LEDGER_MASTER_KEY_FILE {}", path.display())
                 })?;
+                warn_if_shared(
+                    path,
+                    "other users may read the root key in LEDGER_MASTER_KEY_FILE; make it mode 0600",
+                );
                 parse_root_key(&text).map(Some).map_err(|e| {
                     anyhow::anyhow!("LEDGER_MASTER_KEY_FILE {}: {e:#}", path.display())
                 })
@@ -432,6 +489,27 @@ fn check_jwt_secret(s: &SecretString, source: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A listen address is `HOST:PORT` (`[v6]:PORT` for an IPv6 address),
+/// checked before anything is written; whether it can be bound is known
+/// only when binding.
+fn check_listen(listen: &str) -> Result<(), String> {
+    let bad = || format!("expected HOST:PORT such as 127.0.0.1:8080, got {listen:?}");
+    let (host, port) = listen.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            v6.parse::<std::net::Ipv6Addr>().is_ok()
+        } else {
+            host.parse::<std::net::Ipv4Addr>().is_ok()
+                || host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        };
+    if !host_ok || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
 /// A root (master) key: 32 bytes in base64, surrounding whitespace ignored.
 pub fn parse_root_key(text: &str) -> anyhow::Result<crate::crypto::RawKey> {
     let bytes = zeroize::Zeroizing::new(
@@ -451,6 +529,15 @@ pub fn parse_root_key(text: &str) -> anyhow::Result<crate::crypto::RawKey> {
 /// A configuration file that holds secrets should be readable by the
 /// service's user only (docs/operations.md); say so when it is not.
 fn warn_if_readable_by_others(path: &Path) {
+    warn_if_shared(
+        path,
+        "the configuration file holds a secret (master_key or jwt_secret) and other users may read it; \
+         make it mode 0600 or move the secret to LEDGER_MASTER_KEY_FILE",
+    );
+}
+
+/// Warns when other users may read or write a file holding a secret.
+fn warn_if_shared(path: &Path, why: &str) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode();
@@ -458,8 +545,7 @@ fn warn_if_readable_by_others(path: &Path) {
             tracing::warn!(
                 path = %path.display(),
                 mode = format!("{:o}", mode & 0o777),
-                "the configuration file holds a secret (master_key or jwt_secret) and other users may read it; \
-                 make it mode 0600 or move the secret to LEDGER_MASTER_KEY_FILE"
+                "{why}"
             );
         }
     }
@@ -468,6 +554,10 @@ fn warn_if_readable_by_others(path: &Path) {
 /// Reads a generated secret, creating it (mode 0600) on first use.
 fn generated_secret(path: &Path, what: &str, variable: &str) -> anyhow::Result<String> {
     if let Ok(existing) = std::fs::read_to_string(path) {
+        warn_if_shared(
+            path,
+            &format!("other users may read the {what} in this file; make it mode 0600"),
+        );
         return Ok(existing);
     }
     if let Some(dir) = path.parent() {
@@ -516,6 +606,80 @@ mod tests {
     }
 
     #[test]
+    fn listen_addresses_are_host_and_port() {
+        for ok in [
+            "127.0.0.1:8080",
+            "0.0.0.0:0",
+            "[::1]:8080",
+            "localhost:9000",
+            "ledger.internal:443",
+        ] {
+            assert!(check_listen(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "nonsense",
+            "127.0.0.1:99999",
+            ":8080",
+            "127.0.0.1:",
+            "::1:8080",
+            "host name:80",
+            "[zz]:80",
+        ] {
+            assert!(check_listen(bad).is_err(), "{bad}");
+        }
+        let e = config(&[("LEDGER_LISTEN", "nonsense")]).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("LEDGER_LISTEN: expected HOST:PORT"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn secrets_in_the_file_are_named_by_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ledger.toml");
+        let path = file.display().to_string();
+        std::fs::write(&file, "master_key = \"bad!!\"\n").unwrap();
+        let e = config(&[("LEDGER_CONFIG", &path)]).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with(&format!(
+                "`master_key` in {path}: the master key must be base64"
+            )),
+            "{e:#}"
+        );
+        std::fs::write(&file, "jwt_secret = \"short\"\n").unwrap();
+        let e = config(&[("LEDGER_CONFIG", &path)]).unwrap_err();
+        assert!(
+            format!("{e:#}")
+                .starts_with(&format!("`jwt_secret` in {path}: the JWT secret must be")),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_named_by_line_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ledger.toml");
+        let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+        for text in [
+            format!("listen = \"127.0.0.1:9\"\nmaster_key = \"{key}\",\n"),
+            format!("listen = \"127.0.0.1:9\"\njwt_secret = \"{key}\n"),
+            format!("listen = \"127.0.0.1:9\"\nmaster_key = {key}\n"),
+        ] {
+            std::fs::write(&file, &text).unwrap();
+            let path = file.display().to_string();
+            let e = format!("{:#}", config(&[("LEDGER_CONFIG", &path)]).unwrap_err());
+            assert!(
+                e.starts_with(&format!(
+                    "invalid configuration file {path} line 2, column "
+                )),
+                "{e}"
+            );
+            assert!(!e.contains(&key[..8]), "{e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_variable_or_the_files_key() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ledger.toml");
@@ -545,6 +709,14 @@ mod tests {
         );
         assert!(config(&[("LEDGER_SWEEP_INTERVAL", "1s")]).is_ok());
         assert!(config(&[("LEDGER_SWEEP_INTERVAL", "999ms")]).is_err());
+        assert!(config(&[("LEDGER_SWEEP_INTERVAL", "7d")]).is_ok());
+        let e = config(&[("LEDGER_SWEEP_INTERVAL", "8d")]).unwrap_err();
+        assert!(format!("{e:#}").contains("at most 7days"), "{e:#}");
+        let e = config(&[("LEDGER_REQUEST_TIMEOUT", "99999999999y")]).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("LEDGER_REQUEST_TIMEOUT must be"),
+            "{e:#}"
+        );
     }
 
     #[test]
@@ -643,10 +815,7 @@ mod tests {
 
     #[test]
     fn master_key_errors_name_their_source() {
-        let e = config(&[("LEDGER_MASTER_KEY", "not*base64")])
-            .unwrap()
-            .check_secrets()
-            .unwrap_err();
+        let e = config(&[("LEDGER_MASTER_KEY", "not*base64")]).unwrap_err();
         assert!(format!("{e:#}").starts_with("LEDGER_MASTER_KEY: the master key must be base64"));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("k");

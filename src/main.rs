@@ -34,7 +34,10 @@ async fn run() -> std::process::ExitCode {
         }
     });
     let cli = Cli::parse();
-    if let Err(e) = transfer_ledger::telemetry::init() {
+    // Commands other than the service and the bench print their own
+    // results: only warnings and errors are logged beside them.
+    let quiet = !matches!(cli.command, cli::Command::Serve | cli::Command::Bench(_));
+    if let Err(e) = transfer_ledger::telemetry::init(quiet) {
         eprintln!("error: {e}");
         return std::process::ExitCode::FAILURE;
     }

@@ -41,10 +41,11 @@ pub async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response 
 }
 
 /// JSON logs when `LEDGER_LOG_FORMAT=json`, human-readable for `text` or
-/// when unset; level from `RUST_LOG` (default `info`). A value it cannot
+/// when unset; level from `RUST_LOG` (default `info` for the service, and
+/// `warn` for `quiet` commands, whose output is their own). A value it cannot
 /// use is an error naming the variable: an operator who asked for JSON logs
 /// and misspelt it would otherwise ship text to a collector that drops it.
-pub fn init() -> Result<(), String> {
+pub fn init(quiet: bool) -> Result<(), String> {
     let json = match std::env::var("LEDGER_LOG_FORMAT") {
         Err(std::env::VarError::NotPresent) => false,
         Ok(v) => log_format_is_json(&v)?,
@@ -53,6 +54,7 @@ pub fn init() -> Result<(), String> {
         }
     };
     let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Err(std::env::VarError::NotPresent) if quiet => EnvFilter::new("warn"),
         Err(std::env::VarError::NotPresent) => EnvFilter::new("info,sqlx=warn,tower_http=info"),
         Ok(v) => EnvFilter::try_new(&v).map_err(|e| format!("RUST_LOG: {e}"))?,
         Err(std::env::VarError::NotUnicode(_)) => return Err("RUST_LOG: not valid UTF-8".into()),

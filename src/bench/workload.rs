@@ -77,7 +77,8 @@ pub fn tenant_id(carrier: usize, tenant: usize) -> String {
     format!("tenant-{carrier}-{tenant}")
 }
 
-/// About `records` transfers: one assignment per subscriber, three records per call.
+/// `records` transfers: one assignment per subscriber, three records per
+/// call, and up to two numbers handed back (`unassigned`) to make the count.
 pub fn generate(records: usize, seed: u64, now: DateTime<Utc>) -> Workload {
     let mut rng = StdRng::seed_from_u64(seed);
     let n_subscribers = (records / 20).max(10);
@@ -92,21 +93,22 @@ pub fn generate(records: usize, seed: u64, now: DateTime<Utc>) -> Workload {
         })
         .collect();
     let mut transfers = Vec::with_capacity(records);
-    for s in &subscribers {
+    let assignment = |s: &Subscriber, action: &str, days_ago: i64| {
         let (carrier, country) = CARRIERS[s.carrier];
         let host = format!("sbc.{carrier}.example");
-        transfers.push((
-            false,
-            json!({
-                "carrier_id": carrier, "direction": "platform_to_carrier", "category": "number_assignment",
-                "purpose": "service_provisioning", "legal_basis": "contract", "jurisdiction": country,
-                "consent": {"reference": consent_ref(s.carrier, s.tenant)},
-                "occurred_at": rfc3339(now - Duration::days(90)),
-                "payload": {"phone_number": s.number, "sip_uri": format!("sip:{}@{host}", s.number),
-                            "customer_tenant_id": tenant_id(s.carrier, s.tenant), "action": "assigned",
-                            "effective_at": rfc3339(now - Duration::days(90))}
-            }),
-        ));
+        let at = rfc3339(now - Duration::days(days_ago));
+        json!({
+            "carrier_id": carrier, "direction": "platform_to_carrier", "category": "number_assignment",
+            "purpose": "service_provisioning", "legal_basis": "contract", "jurisdiction": country,
+            "consent": {"reference": consent_ref(s.carrier, s.tenant)},
+            "occurred_at": at,
+            "payload": {"phone_number": s.number, "sip_uri": format!("sip:{}@{host}", s.number),
+                        "customer_tenant_id": tenant_id(s.carrier, s.tenant), "action": action,
+                        "effective_at": at}
+        })
+    };
+    for s in &subscribers {
+        transfers.push((false, assignment(s, "assigned", 90)));
     }
     let mut call_pairs = 0;
     let mut call = 0u64;
@@ -178,6 +180,12 @@ pub fn generate(records: usize, seed: u64, now: DateTime<Utc>) -> Workload {
         transfers.push((true, dur));
         call_pairs += 1;
     }
+    for s in subscribers
+        .iter()
+        .take(records.saturating_sub(transfers.len()))
+    {
+        transfers.push((false, assignment(s, "unassigned", 30)));
+    }
     Workload {
         subscribers,
         transfers,
@@ -222,4 +230,23 @@ pub fn calls_of(
 /// A number no generated subscriber has (they are random mobile numbers).
 pub fn dedicated_number(i: usize) -> String {
     format!("+33123{:06}", 100_000 + i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workload_has_exactly_the_records_asked_for() {
+        for records in [2_000, 2_001, 2_002, 20_000] {
+            let w = generate(records, 42, Utc::now());
+            assert_eq!(w.transfers.len(), records);
+            let unassigned = w
+                .transfers
+                .iter()
+                .filter(|(_, t)| t["payload"]["action"] == "unassigned")
+                .count();
+            assert!(unassigned <= 2, "{unassigned}");
+        }
+    }
 }

@@ -11,7 +11,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::domain::CarrierId;
 use crate::error::{AppError, Result};
-use crate::ledger::reconciliation::{self, Query};
+use crate::ledger::reconciliation::{self, Query, MAX_TOLERANCE_SECONDS};
 use crate::storage::reconciliation::Outcome;
 
 pub fn router() -> Router<AppState> {
@@ -56,8 +56,10 @@ pub async fn reconcile(
     let (from, to) = p.period();
     let tolerance = p
         .parse("tolerance_seconds", |s| match s.parse::<i64>() {
-            Ok(n) if (0..=86_400).contains(&n) => Ok(n),
-            _ => Err("must be a whole number of seconds from 0 to 86400".into()),
+            Ok(n) if (0..=MAX_TOLERANCE_SECONDS).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "must be a whole number of seconds from 0 to {MAX_TOLERANCE_SECONDS}"
+            )),
         })
         .unwrap_or(0);
     let outcome = p

@@ -18,6 +18,9 @@ use crate::ledger::transfers::{decrypt, TransferView};
 use crate::storage::reconciliation::{self as store, Outcome};
 use crate::storage::{micros, transfers};
 
+/// The largest duration difference a reconciliation may tolerate: a day.
+pub const MAX_TOLERANCE_SECONDS: i64 = 86_400;
+
 #[derive(Debug, Clone)]
 pub struct Query {
     pub carrier: CarrierId,

@@ -17,7 +17,6 @@ pub mod transfers;
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::Context;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -144,6 +143,17 @@ fn create_private(path: &std::path::Path) {
     let _ = open.open(path);
 }
 
+/// A database error's message, once: sqlx's configuration and database
+/// errors repeat their cause as their source, and `{:#}` would print it
+/// twice.
+fn once(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Configuration(inner) => inner.to_string(),
+        sqlx::Error::Database(inner) => inner.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// Binds each value, separated by commas: the inside of an `IN (…)` list.
 pub(crate) fn push_list<'a, DB, T>(
     qb: &mut sqlx::QueryBuilder<'a, DB>,
@@ -163,7 +173,12 @@ impl Db {
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = PgConnectOptions::from_str(url)
-                .context("invalid PostgreSQL URL")?
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "LEDGER_DATABASE_URL is not a usable PostgreSQL URL: {}",
+                        once(&e)
+                    )
+                })?
                 // No parallel plans. The service's statements are short and
                 // concurrent; a worker takes a core from another request and
                 // costs milliseconds to start. Statistics skewed by one
@@ -186,19 +201,37 @@ impl Db {
                 // per connection costs more memory than re-preparing them.
                 .statement_cache_capacity(24);
             let host = opts.get_host().to_string();
+            let cannot = |why: String| {
+                anyhow::anyhow!(
+                    "cannot connect to PostgreSQL at {host}:{} (LEDGER_DATABASE_URL): {why}",
+                    opts.get_port()
+                )
+            };
+            // One connection first, for the cause: the pool retries until
+            // its timeout and then reports only that it timed out.
+            match tokio::time::timeout(Duration::from_secs(10), opts.connect()).await {
+                Ok(Ok(c)) => drop(sqlx::Connection::close(c).await),
+                Ok(Err(e)) => return Err(cannot(once(&e))),
+                Err(_) => return Err(cannot("no answer within 10 s".into())),
+            }
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
-                .connect_with(opts)
+                .connect_with(opts.clone())
                 .await
-                .context("cannot connect to PostgreSQL")?;
+                .map_err(|e| cannot(once(&e)))?;
             if !is_local_host(&host) {
                 warn_if_unencrypted(&pool, &host).await;
             }
             Ok(Self::Postgres(pool))
         } else if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)
-                .context("invalid SQLite URL")?
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "LEDGER_DATABASE_URL is not a usable SQLite URL: {}",
+                        once(&e)
+                    )
+                })?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
@@ -209,6 +242,9 @@ impl Db {
                 // per connection costs more memory than re-preparing them.
                 .statement_cache_capacity(24);
             let in_memory = sqlite_in_memory(url);
+            if in_memory {
+                tracing::warn!("LEDGER_DATABASE_URL names an in-memory SQLite database: nothing recorded is kept after this process exits");
+            }
             if !in_memory && !url.contains("mode=ro") {
                 create_private(opts.get_filename());
             }
@@ -226,7 +262,14 @@ impl Db {
                         .pragma("wal_autocheckpoint", "10000"),
                 )
                 .await
-                .context("cannot open the SQLite database")?;
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot open the SQLite database {} (LEDGER_DATABASE_URL, or LEDGER_DATA_DIR \
+                         for the embedded default): {}",
+                        opts.get_filename().display(),
+                        once(&e)
+                    )
+                })?;
             let lock_file = (!in_memory).then(|| {
                 let mut p = opts.get_filename().as_os_str().to_owned();
                 p.push(".sweep.lock");

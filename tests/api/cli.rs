@@ -167,6 +167,11 @@ async fn token_issue_validates_its_arguments() {
     );
     refused(&["--role", "auditor", "--ttl", "-1h"], &[], "--ttl must be");
     refused(
+        &["--role", "auditor", "--ttl", "500ms"],
+        &[],
+        "--ttl must be whole seconds",
+    );
+    refused(
         &["--role", "auditor"],
         &[("LEDGER_JWT_KEYS_FILE", "/etc/jwks.json")],
         "LEDGER_JWT_KEYS_FILE is set",
@@ -212,6 +217,13 @@ async fn refused_starts_leave_nothing_behind() {
             "LEDGER_LOG_FORMAT: expected `json` or `text`, got \"jsno\"",
         ),
         (("RUST_LOG", "info,sqlx=loud"), "RUST_LOG"),
+        (
+            (
+                "LEDGER_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:1/none",
+            ),
+            "cannot connect to PostgreSQL at 127.0.0.1:1 (LEDGER_DATABASE_URL): ",
+        ),
     ] {
         let out = ledger(dir.path())
             .env(env.0, env.1)

@@ -219,6 +219,25 @@ async fn durations_are_matched_by_call_id(app: TestApp) {
         text.contains("matched") && text.contains("             2"),
         "{text}"
     );
+    // And refuses what the API refuses, naming the option.
+    for (args, names) in [
+        (
+            &[
+                "--from",
+                "2026-12-01T00:00:00Z",
+                "--to",
+                "2026-11-01T00:00:00Z",
+            ][..],
+            "--to must not be before --from",
+        ),
+        (&["--tolerance-seconds", "86401"], "--tolerance-seconds"),
+        (&["--tolerance-seconds=-1"], "--tolerance-seconds"),
+    ] {
+        let out = app.cli(&[&["reconcile", "--carrier", "carrier-a"][..], args].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: {err}");
+    }
 }
 both!(durations_are_matched_by_call_id);
 

@@ -128,6 +128,9 @@ pub struct Secrets {
 impl Config {
     /// Reads `LEDGER_CONFIG` (if set) and the environment.
     pub fn from_env() -> anyhow::Result<Self> {
+        for name in unknown_variables(std::env::vars_os().map(|(k, _)| k)) {
+            tracing::warn!(variable = %name, "not a setting of transfer-ledger (misspelt?); ignored");
+        }
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
@@ -489,6 +492,48 @@ fn check_jwt_secret(s: &SecretString, source: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every `LEDGER_*` variable the service reads.
+const VARIABLES: &[&str] = &[
+    "LEDGER_ANONYMOUS_DENIALS_PER_SECOND",
+    "LEDGER_BENCH_SERVER_LOG",
+    "LEDGER_BODY_LIMIT_BYTES",
+    "LEDGER_CHECKPOINT_INTERVAL",
+    "LEDGER_CLAIM_TIMEOUT",
+    "LEDGER_CONFIG",
+    "LEDGER_CONTROLLER_CONTACT",
+    "LEDGER_CONTROLLER_NAME",
+    "LEDGER_DATABASE_URL",
+    "LEDGER_DATA_DIR",
+    "LEDGER_DATA_KEY_MAX_SEALS",
+    "LEDGER_DB_MAX_CONNECTIONS",
+    "LEDGER_DPO_CONTACT",
+    "LEDGER_DPO_NAME",
+    "LEDGER_JWT_AUDIENCE",
+    "LEDGER_JWT_ISSUER",
+    "LEDGER_JWT_KEYS_FILE",
+    "LEDGER_JWT_SECRET",
+    "LEDGER_LISTEN",
+    "LEDGER_LOG_FORMAT",
+    "LEDGER_MASTER_KEY",
+    "LEDGER_MASTER_KEY_FILE",
+    "LEDGER_POLICY_DIR",
+    "LEDGER_RELOAD_INTERVAL",
+    "LEDGER_REQUEST_TIMEOUT",
+    "LEDGER_SWEEP_BATCH",
+    "LEDGER_SWEEP_INTERVAL",
+];
+
+/// `LEDGER_*` names among `names` that are no setting: a misspelt one
+/// would otherwise be ignored without a word. (Unknown keys of the
+/// configuration file are refused; the environment is shared with other
+/// programs, so these only warn.)
+fn unknown_variables(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<String> {
+    names
+        .filter_map(|n| n.into_string().ok())
+        .filter(|n| n.starts_with("LEDGER_") && !VARIABLES.contains(&n.as_str()))
+        .collect()
+}
+
 /// A listen address is `HOST:PORT` (`[v6]:PORT` for an IPv6 address),
 /// checked before anything is written; whether it can be bound is known
 /// only when binding.
@@ -603,6 +648,50 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(|k| vars.get(k).cloned())
+    }
+
+    #[test]
+    fn misspelt_variables_are_found() {
+        let names = [
+            "LEDGER_SWEEP_INTERAVL",
+            "LEDGER_LISTEN",
+            "PATH",
+            "LEDGER_DATA_DIR",
+        ]
+        .map(std::ffi::OsString::from);
+        assert_eq!(
+            unknown_variables(names.into_iter()),
+            ["LEDGER_SWEEP_INTERAVL"]
+        );
+        // Every variable the code reads is listed.
+        let source: String = [
+            "config.rs",
+            "telemetry.rs",
+            "bench/mod.rs",
+            "cli.rs",
+            "app.rs",
+            "storage/mod.rs",
+        ]
+        .iter()
+        .map(|f| {
+            let text =
+                std::fs::read_to_string(format!("{}/src/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+            // The code, not its tests.
+            text.split("#[cfg(test)]").next().unwrap().to_string()
+        })
+        .collect();
+        for part in source.split("\"LEDGER_").skip(1) {
+            let name: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            if !name.is_empty() && part[name.len()..].starts_with('"') {
+                assert!(
+                    VARIABLES.contains(&format!("LEDGER_{name}").as_str()),
+                    "LEDGER_{name}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -219,11 +219,24 @@ pub async fn open_subject(state: &AppState, r: &RequestRow) -> Result<Option<Sub
         .map_err(|_| AppError::Integrity("request subject does not parse".into()))
 }
 
-async fn find(state: &AppState, who: &Principal, id: &str) -> Result<RequestRow> {
-    let id = Uuid::parse_str(id).map_err(|_| not_a_request_id())?;
-    store::get(&state.db, id, who.scope())
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no subject request {id}")))
+/// The request `id` as `who` may see it. A well-formed id it may not see
+/// (missing, or another carrier's) is audited as `not_found` under
+/// `action`, like a miss on a transfer: probing for another carrier's ids
+/// leaves a trace.
+async fn find(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+    action: &'static str,
+) -> Result<RequestRow> {
+    let uuid = Uuid::parse_str(id).map_err(|_| not_a_request_id())?;
+    match store::get(&state.db, uuid, who.scope()).await? {
+        Some(row) => Ok(row),
+        None => {
+            audit_not_found(state, who, action, id).await?;
+            Err(AppError::NotFound(format!("no subject request {uuid}")))
+        }
+    }
 }
 
 /// A path segment that is no request id: not echoed, since it may be
@@ -252,7 +265,7 @@ pub async fn get(
         let done = state.requests_done.notified();
         tokio::pin!(done);
         done.as_mut().enable();
-        let row = find(state, who, id).await?;
+        let row = find(state, who, id, "subject_request.read").await?;
         let now = tokio::time::Instant::now();
         if row.status == "completed" || now >= deadline {
             break row;
@@ -336,7 +349,7 @@ pub async fn extend(
     let Some(reason) = reason.filter(|_| errs.is_empty()) else {
         return Err(AppError::Validation(errs.0));
     };
-    let row = find(state, who, id).await?;
+    let row = find(state, who, id, "subject_request.extend").await?;
     // Whatever the status (a request is usually answered within moments),
     // but only while the deadline runs: Art. 12(3) has the controller
     // announce an extension within the first month, and a deadline already

@@ -390,6 +390,28 @@ async fn carriers_only_reach_their_own_requests(app: TestApp) {
     .expect(403);
     let list = app.get("/v1/subject-requests", &b).await.expect(200);
     assert_eq!(list.body, json!([]));
+    // Each probe for another carrier's request leaves a trace, naming the
+    // prober and the id.
+    let entries = app.audit_entries().await;
+    let misses: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["outcome"] == "not_found")
+        .collect();
+    assert!(misses
+        .iter()
+        .all(|e| e["actor"]["carrier"] == "carrier-b" && e["target"]["request_id"] == id));
+    let actions: Vec<&str> = misses
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "subject_request.read",
+            "subject_request.export_download",
+            "subject_request.extend"
+        ]
+    );
     // Bad requests name every bad field.
     let r = app.post("/v1/subject-requests", &a, &json!({"kind": "forget", "carrier_id": "carrier-a", "subject": {"phone_number": "12"}, "language": "??"})).await.expect(422);
     let mut f = r.bad_fields();

@@ -115,8 +115,19 @@ fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
         .unwrap_or_default();
     anyhow::anyhow!(
         "invalid configuration file {path}{at}: {}",
-        e.message().trim_end()
+        without_quoted_text(e.message().trim_end())
     )
+}
+
+/// `message` with the text between double quotes left out: the parser
+/// quotes the values it could not use ("invalid type: string \"…\"").
+fn without_quoted_text(message: &str) -> String {
+    message
+        .split('"')
+        .enumerate()
+        .map(|(i, part)| if i % 2 == 1 { "…" } else { part })
+        .collect::<Vec<_>>()
+        .join("\"")
 }
 
 /// Secrets resolved from configuration or generated for the embedded default.
@@ -521,6 +532,9 @@ const VARIABLES: &[&str] = &[
     "LEDGER_REQUEST_TIMEOUT",
     "LEDGER_SWEEP_BATCH",
     "LEDGER_SWEEP_INTERVAL",
+    // The tests' PostgreSQL, read by the test harness, which the service
+    // processes it starts inherit.
+    "LEDGER_TEST_POSTGRES_URL",
 ];
 
 /// `LEDGER_*` names among `names` that are no setting: a misspelt one
@@ -751,6 +765,7 @@ mod tests {
         let file = dir.path().join("ledger.toml");
         let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
         for text in [
+            format!("listen = \"127.0.0.1:9\"\ndata_key_max_seals = \"{key}\"\n"),
             format!("listen = \"127.0.0.1:9\"\nmaster_key = \"{key}\",\n"),
             format!("listen = \"127.0.0.1:9\"\njwt_secret = \"{key}\n"),
             format!("listen = \"127.0.0.1:9\"\nmaster_key = {key}\n"),

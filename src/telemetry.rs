@@ -12,6 +12,12 @@ pub fn current_request_id() -> Option<String> {
     REQUEST_ID.try_with(|id| id.clone()).ok()
 }
 
+/// Runs `fut` as part of the request `id` (a task spawned for a request
+/// keeps its id).
+pub async fn with_request_id<F: std::future::Future>(id: Option<String>, fut: F) -> F::Output {
+    REQUEST_ID.scope(id.unwrap_or_default(), fut).await
+}
+
 /// Makes the request id (set by `SetRequestIdLayer`) visible to error
 /// rendering, which has no access to the request.
 pub async fn scope_request_id(req: Request, next: Next) -> Response {

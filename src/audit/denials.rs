@@ -54,7 +54,7 @@ pub struct Held {
 }
 
 impl Held {
-    fn add(&mut self, status: u16, route: &str, at: DateTime<Utc>) {
+    pub fn add(&mut self, status: u16, route: &str, at: DateTime<Utc>) {
         self.count += 1;
         self.first_at.get_or_insert(at);
         self.last_at = Some(at);
@@ -112,11 +112,14 @@ impl DenialBudget {
 
     /// Whether this refusal is audited one by one; if not, it is counted.
     pub fn admit(&self, status: u16, route: &str, at: DateTime<Utc>) -> bool {
+        self.admit_at(status, route, at, Instant::now())
+    }
+
+    fn admit_at(&self, status: u16, route: &str, at: DateTime<Utc>, now: Instant) -> bool {
         let Some(rate) = self.rate else {
             return true;
         };
         let mut s = self.state.lock().expect("denial budget");
-        let now = Instant::now();
         let elapsed = now.duration_since(s.refilled).as_secs_f64();
         s.tokens = (s.tokens + elapsed * rate).min(rate * BURST_SECONDS);
         s.refilled = now;
@@ -149,13 +152,18 @@ mod tests {
     fn a_burst_beyond_the_budget_is_counted_not_lost() {
         let budget = DenialBudget::new(2);
         let at = Utc::now();
+        let now = Instant::now();
         let admitted = (0..100)
-            .filter(|_| budget.admit(401, "GET /v1/transfers", at))
+            .filter(|_| budget.admit_at(401, "GET /v1/transfers", at, now))
             .count();
-        // Twenty seconds' worth, give or take the refill while looping.
-        assert!((20..=21).contains(&admitted), "{admitted}");
+        // Ten seconds' worth at once, then two a second.
+        assert_eq!(admitted, 20);
+        let later = now + std::time::Duration::from_secs(1);
+        assert!(budget.admit_at(401, "GET /v1/transfers", at, later));
+        assert!(budget.admit_at(401, "GET /v1/transfers", at, later));
+        assert!(!budget.admit_at(401, "GET /v1/transfers", at, later));
         let held = budget.take_held().unwrap();
-        assert_eq!(held.count as usize + admitted, 100);
+        assert_eq!(held.count as usize + admitted + 2, 103);
         assert_eq!(held.statuses[&401], held.count);
         assert_eq!(held.routes["GET /v1/transfers"], held.count);
         assert_eq!(held.first_at, Some(at));
@@ -163,7 +171,7 @@ mod tests {
 
         // A count that could not be appended is kept for the next flush.
         budget.hold_back(held.clone());
-        budget.admit(404, "unmatched", at);
+        budget.admit_at(404, "unmatched", at, later);
         let again = budget.take_held().unwrap();
         assert_eq!(again.count, held.count + 1);
         assert_eq!(again.statuses[&404], 1);

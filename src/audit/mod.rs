@@ -51,6 +51,9 @@ pub struct Event {
     pub target: Value,
     /// A privacy officer's stated `X-Access-Reason`.
     pub reason: Option<String>,
+    /// About no single request: the entry carries no `request_id` even when
+    /// appended while one is served.
+    pub detached: bool,
 }
 
 impl Event {
@@ -60,7 +63,12 @@ impl Event {
             outcome: Outcome::Success,
             target,
             reason: None,
+            detached: false,
         }
+    }
+    pub fn detached(mut self) -> Self {
+        self.detached = true;
+        self
     }
     pub fn outcome(mut self, outcome: Outcome) -> Self {
         self.outcome = outcome;
@@ -147,7 +155,8 @@ pub async fn append(tx: &mut Tx, who: Option<&Principal>, event: &Event) -> Resu
         action: event.action,
         outcome: event.outcome,
         target: &event.target,
-        request_id: crate::telemetry::current_request_id().filter(|r| !r.is_empty()),
+        request_id: crate::telemetry::current_request_id()
+            .filter(|r| !r.is_empty() && !event.detached),
         reason: event.reason.as_deref(),
     };
     let bytes = serde_json::to_string(&entry).expect("audit entries serialize");
@@ -178,31 +187,43 @@ pub async fn record(state: &AppState, who: Option<&Principal>, event: Event) -> 
 
 /// Audits a refusal of a request that carried no valid token, within the
 /// instance's budget (`denials`): one by one, after the count of those held
-/// back before it, or only counted.
+/// back before it, or only counted. The append runs in a task of its own:
+/// a client that resets its connection drops the request's future, and
+/// with it, were the append done there, the count it had taken.
 pub async fn record_anonymous_denial(state: &AppState, status: u16, route: &str, target: Value) {
-    if !state.denials.admit(status, route, Utc::now()) {
+    let at = Utc::now();
+    if !state.denials.admit(status, route, at) {
         state.metrics.denials_coalesced.inc();
         return;
     }
-    let held = state.denials.take_held();
-    let appended = async {
-        let mut tx = state.db.begin().await?;
-        if let Some(held) = &held {
-            let summary = Event::new("request.denied", held.target()).outcome(Outcome::Denied);
-            append(&mut tx, None, &summary).await?;
+    let (state, route) = (state.clone(), route.to_string());
+    let request_id = crate::telemetry::current_request_id();
+    let task = tokio::spawn(crate::telemetry::with_request_id(request_id, async move {
+        let held = state.denials.take_held();
+        let appended = async {
+            let mut tx = state.db.begin().await?;
+            if let Some(held) = &held {
+                let summary = Event::new("request.denied", held.target())
+                    .outcome(Outcome::Denied)
+                    .detached();
+                append(&mut tx, None, &summary).await?;
+            }
+            let event = Event::new("request.denied", target).outcome(Outcome::Denied);
+            append(&mut tx, None, &event).await?;
+            tx.commit().await?;
+            Result::<()>::Ok(())
         }
-        let event = Event::new("request.denied", target).outcome(Outcome::Denied);
-        append(&mut tx, None, &event).await?;
-        tx.commit().await?;
-        Result::<()>::Ok(())
-    }
-    .await;
-    if let Err(e) = appended {
-        tracing::error!(error = %e, "could not audit a denied request");
-        if let Some(held) = held {
-            state.denials.hold_back(held);
+        .await;
+        if let Err(e) = appended {
+            tracing::error!(error = %e, "could not audit a denied request; it is counted instead");
+            // Neither the count nor this refusal goes unrecorded: both wait
+            // for the next flush.
+            let mut back = held.unwrap_or_default();
+            back.add(status, &route, at);
+            state.denials.hold_back(back);
         }
-    }
+    }));
+    let _ = task.await;
 }
 
 /// Appends the count of anonymous refusals held back since the last one.
@@ -210,7 +231,9 @@ pub async fn flush_denials(state: &AppState) -> Result<()> {
     let Some(held) = state.denials.take_held() else {
         return Ok(());
     };
-    let summary = Event::new("request.denied", held.target()).outcome(Outcome::Denied);
+    let summary = Event::new("request.denied", held.target())
+        .outcome(Outcome::Denied)
+        .detached();
     if let Err(e) = record(state, None, summary).await {
         state.denials.hold_back(held);
         return Err(e);

@@ -161,10 +161,17 @@ async fn audit_denials(
         let target = serde_json::json!({"method": method, "route": route, "status": status.as_u16(), "detail": detail});
         match slot.get() {
             Some(who) => {
+                // In a task of its own, like the anonymous ones: a client
+                // that resets its connection does not cut the append short.
                 let event = Event::new("request.denied", target).outcome(Outcome::Denied);
-                if let Err(e) = trail::record(&state, Some(&who), event).await {
-                    tracing::error!(error = %e, "could not audit a denied request");
-                }
+                let request_id = crate::telemetry::current_request_id();
+                let task =
+                    tokio::spawn(crate::telemetry::with_request_id(request_id, async move {
+                        if let Err(e) = trail::record(&state, Some(&who), event).await {
+                            tracing::error!(error = %e, "could not audit a denied request");
+                        }
+                    }));
+                let _ = task.await;
             }
             None => {
                 let route = format!("{method} {}", route.as_deref().unwrap_or("unmatched"));

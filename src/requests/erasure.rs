@@ -15,8 +15,9 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::audit::Event;
 use crate::error::{AppError, Result};
+use crate::storage::erasure::{self as erase, Scope};
 use crate::storage::requests::{self as store, RequestRow};
-use crate::storage::{erasure as erase, from_micros, micros, Tx, TxLock};
+use crate::storage::{from_micros, micros, Tx, TxLock};
 
 /// Records handled per transaction.
 const BATCH: i64 = 1000;
@@ -42,7 +43,7 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
             r.id,
             &r.carrier_id,
             &r.subject_index,
-            i64::MAX,
+            Scope::Subject,
             &mut progress,
             &mut claim,
         )
@@ -52,7 +53,7 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
             r.id,
             &r.carrier_id,
             &r.subject_index,
-            i64::MAX,
+            Scope::Subject,
             &mut claim,
         );
         if let Some(tx) = settled.await? {
@@ -62,7 +63,8 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
     // One instant for the receipt, the request and the records the erasure
     // covers, to the microsecond the database keeps.
     let completed_at = from_micros(micros(Utc::now()));
-    let held = erase::held_records(&mut tx, &r.carrier_id, &r.subject_index, i64::MAX).await?;
+    let held =
+        erase::held_records(&mut tx, &r.carrier_id, &r.subject_index, Scope::Subject).await?;
     let keys_destroyed = erase::forget_subject(&mut tx, &r.carrier_id, &r.subject_index).await?;
     for k in &keys_destroyed {
         state.keys.forget(*k);
@@ -80,12 +82,13 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
     }
     hold_ids.sort();
     hold_ids.dedup();
-    let held_records = held
+    let held_records: Vec<Uuid> = held
         .iter()
         .map(|(id, ..)| *id)
         .collect::<std::collections::BTreeSet<_>>()
-        .len();
-    if held_records > 0 {
+        .into_iter()
+        .collect();
+    if !held_records.is_empty() {
         // The held records are erased when their holds are released, and
         // only they: what is recorded about the subject from now on is
         // sealed under a new key and is not this erasure's.
@@ -94,10 +97,10 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
             r.id,
             &r.carrier_id,
             &r.subject_index,
-            micros(completed_at),
+            &held_records,
         )
         .await?;
-        erase::set_current_key_aside(&mut tx, &r.carrier_id, &r.subject_index).await?;
+        erase::set_current_key_aside(&mut tx, &r.carrier_id, &r.subject_index, i64::MAX).await?;
     }
 
     let target = json!({
@@ -183,8 +186,8 @@ impl Claim {
 }
 
 /// A transaction in which the holds cannot change and nothing of the
-/// subject recorded up to `recorded_by` is left unheld, to complete an
-/// erasure in, with the claim
+/// subject in `scope` is left unheld, to complete an erasure in, with the
+/// claim
 /// renewed in it (so that however long the completion takes, no other
 /// processor takes it over); `None` if a hold was released since the last
 /// batch (its records are erased first).
@@ -193,7 +196,7 @@ async fn settled(
     request: Uuid,
     carrier: &str,
     index: &[u8],
-    recorded_by: i64,
+    scope: Scope,
     claim: &mut Claim,
 ) -> Result<Option<Tx>> {
     let mut tx = state.db.begin_probes().await?;
@@ -203,7 +206,7 @@ async fn settled(
     TxLock::Holds.take(&mut tx, true).await?;
     // After any export of the subject being completed: it is deleted here.
     TxLock::Exports.take(&mut tx, false).await?;
-    if !erase::unheld_records(&mut tx, carrier, index, recorded_by, 1)
+    if !erase::unheld_records(&mut tx, carrier, index, scope, 1)
         .await?
         .is_empty()
     {
@@ -227,14 +230,14 @@ pub fn receipt_digest(receipt: &Value) -> [u8; 32] {
     Sha256::digest(serde_json::to_vec(&unsigned).expect("JSON")).into()
 }
 
-/// Erases the subject from its unheld records recorded up to
-/// `recorded_by`, a batch per transaction.
+/// Erases the subject from its unheld records in `scope`, a batch per
+/// transaction.
 async fn erase_batches(
     state: &AppState,
     request: Uuid,
     carrier: &str,
     index: &[u8],
-    recorded_by: i64,
+    scope: Scope,
     progress: &mut Progress,
     claim: &mut Claim,
 ) -> Result<()> {
@@ -249,7 +252,7 @@ async fn erase_batches(
         let renewed = claim.renew(&mut tx, request).await?;
         // Holds stay as they are until this batch commits.
         TxLock::Holds.take(&mut tx, true).await?;
-        let records = erase::unheld_records(&mut tx, carrier, index, recorded_by, BATCH).await?;
+        let records = erase::unheld_records(&mut tx, carrier, index, scope, BATCH).await?;
         if records.is_empty() {
             tx.commit().await?;
             *claim = renewed;
@@ -310,8 +313,7 @@ pub async fn redo_pending(state: &AppState) -> Result<()> {
 }
 
 /// One pending erasure, under `claim` (a lease this processor holds): the
-/// records it kept for holds, recorded up to its completion, and none
-/// recorded since.
+/// held records it found when it completed, and none recorded since.
 async fn redo_one(
     state: &AppState,
     pending: &store::PendingErasure,
@@ -322,7 +324,7 @@ async fn redo_one(
         pending.carrier_id.as_str(),
         pending.subject_index.as_slice(),
     );
-    let recorded_by = pending.cutoff.unwrap_or(i64::MAX);
+    let scope = Scope::Pending(request);
     let r = store::get(&state.db, request, None)
         .await?
         .ok_or_else(|| AppError::Integrity(format!("pending erasure {request} has no request")))?;
@@ -333,21 +335,19 @@ async fn redo_one(
         .unwrap_or_default();
     let before = progress.deleted.values().sum::<i64>();
     let mut tx = loop {
-        erase_batches(
-            state,
-            request,
-            carrier,
-            index,
-            recorded_by,
-            &mut progress,
-            claim,
-        )
-        .await?;
-        if let Some(tx) = settled(state, request, carrier, index, recorded_by, claim).await? {
+        erase_batches(state, request, carrier, index, scope, &mut progress, claim).await?;
+        if let Some(tx) = settled(state, request, carrier, index, scope, claim).await? {
             break tx;
         }
     };
-    let still_held = erase::held_records(&mut tx, carrier, index, recorded_by).await?;
+    // A pending erasure of an earlier version did not set the subject's key
+    // aside when it completed, and records since were sealed under it: it
+    // is set aside now, so that what comes next gets a new key. (One
+    // created after the completion is not this erasure's key.)
+    if let Some(completed_at) = r.completed_at {
+        erase::set_current_key_aside(&mut tx, carrier, index, completed_at).await?;
+    }
+    let still_held = erase::held_records(&mut tx, carrier, index, scope).await?;
     let mut destroyed = Vec::new();
     if still_held.is_empty() {
         // The keys its records were sealed under (set aside at completion);

@@ -7,60 +7,92 @@ use super::retention::{shred_unused_keys, HELD};
 use super::{on_tx, push_list, Tx, MAX_BINDS};
 use crate::domain::Category;
 
-/// Records of the subject in the carrier's scope recorded up to
-/// `recorded_by` (microseconds; `i64::MAX` for all) that no active hold
+/// Which of the subject's records an erasure is about: all of them in the
+/// carrier (a request being processed), or the held records a pending
+/// erasure found when it completed (not those recorded since).
+#[derive(Debug, Clone, Copy)]
+pub enum Scope {
+    Subject,
+    Pending(Uuid),
+}
+
+/// The subject's records in `scope` in the carrier that no active hold
 /// protects, with their category.
 ///
 /// The queries of one subject's records walk from the subject's lookup rows
-/// to the records: `CROSS JOIN` makes SQLite keep that order (with no
-/// `ORDER BY` to guide it, it walked the carrier's records instead, probing
-/// the lookup for each: 3.7 s per erasure at 2 million records); to
-/// PostgreSQL it is an inner join like any other.
+/// (or the pending erasure's list) to the records: `CROSS JOIN` makes
+/// SQLite keep that order (with no `ORDER BY` to guide it, it walked the
+/// carrier's records instead, probing the lookup for each: 3.7 s per
+/// erasure at 2 million records); to PostgreSQL it is an inner join like
+/// any other.
 pub async fn unheld_records(
     tx: &mut Tx,
     carrier: &str,
     index: &[u8],
-    recorded_by: i64,
+    scope: Scope,
     limit: i64,
 ) -> sqlx::Result<Vec<(Uuid, String)>> {
     on_tx!(tx, c => {
-        sqlx::query_as(&format!(
-            "SELECT t.id, t.category FROM subject_lookup l CROSS JOIN transfers t
-             WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2
-               AND t.recorded_at <= $4 AND NOT {HELD} LIMIT $3"
-        ))
-        .bind(index)
-        .bind(carrier)
-        .bind(limit)
-        .bind(recorded_by)
-        .fetch_all(c)
-        .await
+        match scope {
+            Scope::Subject => sqlx::query_as(&format!(
+                "SELECT t.id, t.category FROM subject_lookup l CROSS JOIN transfers t
+                 WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2 AND NOT {HELD} LIMIT $3"
+            ))
+            .bind(index)
+            .bind(carrier)
+            .bind(limit)
+            .fetch_all(c)
+            .await,
+            Scope::Pending(request) => sqlx::query_as(&format!(
+                "SELECT t.id, t.category FROM erasures_pending_records p
+                   CROSS JOIN subject_lookup l CROSS JOIN transfers t
+                 WHERE p.request_id = $4 AND l.transfer_id = p.transfer_id AND l.blind_index = $1
+                   AND t.id = p.transfer_id AND t.carrier_id = $2 AND NOT {HELD} LIMIT $3"
+            ))
+            .bind(index)
+            .bind(carrier)
+            .bind(limit)
+            .bind(request)
+            .fetch_all(c)
+            .await,
+        }
     })
 }
 
-/// Held records of the subject recorded up to `recorded_by`: (record,
-/// category, hold).
+/// Held records of the subject in `scope`: (record, category, hold).
 pub async fn held_records(
     tx: &mut Tx,
     carrier: &str,
     index: &[u8],
-    recorded_by: i64,
+    scope: Scope,
 ) -> sqlx::Result<Vec<(Uuid, String, Uuid)>> {
-    on_tx!(tx, c => {
-        sqlx::query_as(
-            "SELECT t.id, t.category, h.id FROM subject_lookup l CROSS JOIN transfers t
-             JOIN holds h ON h.released_at IS NULL
+    const HOLDS: &str = "JOIN holds h ON h.released_at IS NULL
                AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
                AND (h.category IS NULL OR h.category = t.category)
                AND (h.subject_index IS NULL OR EXISTS (
-                    SELECT 1 FROM subject_lookup hl WHERE hl.blind_index = h.subject_index AND hl.occurred_at = t.occurred_at AND hl.transfer_id = t.id))
-             WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2 AND t.recorded_at <= $3",
-        )
-        .bind(index)
-        .bind(carrier)
-        .bind(recorded_by)
-        .fetch_all(c)
-        .await
+                    SELECT 1 FROM subject_lookup hl WHERE hl.blind_index = h.subject_index AND hl.occurred_at = t.occurred_at AND hl.transfer_id = t.id))";
+    on_tx!(tx, c => {
+        match scope {
+            Scope::Subject => sqlx::query_as(&format!(
+                "SELECT t.id, t.category, h.id FROM subject_lookup l CROSS JOIN transfers t {HOLDS}
+                 WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2"
+            ))
+            .bind(index)
+            .bind(carrier)
+            .fetch_all(c)
+            .await,
+            Scope::Pending(request) => sqlx::query_as(&format!(
+                "SELECT t.id, t.category, h.id FROM erasures_pending_records p
+                   CROSS JOIN subject_lookup l CROSS JOIN transfers t {HOLDS}
+                 WHERE p.request_id = $3 AND l.transfer_id = p.transfer_id AND l.blind_index = $1
+                   AND t.id = p.transfer_id AND t.carrier_id = $2"
+            ))
+            .bind(index)
+            .bind(carrier)
+            .bind(request)
+            .fetch_all(c)
+            .await,
+        }
     })
 }
 
@@ -202,14 +234,29 @@ pub async fn shred_subject_keys(
 }
 
 /// Moves the subject's current key in the carrier aside (as a spent one is,
-/// [`super::keys::replace_subject_key`]), when held records keep it from
-/// being destroyed: what is recorded about the subject from now on is
-/// sealed under a new key, which the erasure's remainder, once the holds
-/// are released, neither needs nor destroys.
-pub async fn set_current_key_aside(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<()> {
-    let rows = super::keys::subject_keys_by_index(tx, carrier, &[index.to_vec()]).await?;
-    for row in rows {
-        super::keys::replace_subject_key(tx, &row).await?;
+/// [`super::keys::replace_subject_key`]) if it was created at or before
+/// `created_by` (µs): when held records keep it from being destroyed,
+/// what is recorded about the subject from then on is sealed under a new
+/// key, which the erasure's remainder, once the holds are released,
+/// neither needs nor destroys. Idempotent.
+pub async fn set_current_key_aside(
+    tx: &mut Tx,
+    carrier: &str,
+    index: &[u8],
+    created_by: i64,
+) -> sqlx::Result<()> {
+    let current: Option<Uuid> = on_tx!(tx, c => {
+        sqlx::query_scalar(
+            "SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index = $2 AND created_at <= $3",
+        )
+        .bind(carrier)
+        .bind(index)
+        .bind(created_by)
+        .fetch_optional(c)
+        .await
+    })?;
+    match current {
+        Some(id) => super::keys::set_key_aside(tx, id, index).await,
+        None => Ok(()),
     }
-    Ok(())
 }

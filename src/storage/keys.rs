@@ -191,10 +191,14 @@ pub struct SubjectKeyRow {
     pub seals: i64,
 }
 
+/// The length of a current key's `blind_index`: an HMAC-SHA256.
+const CURRENT_INDEX_LEN: i64 = 32;
+
 /// The range of `subject_keys.blind_index` values holding one subject's
 /// keys: its current key (the 32-byte index itself) and the keys replaced
 /// when their nonce budget ran out (the index followed by the key's id).
 pub fn generations(index: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    debug_assert_eq!(index.len() as i64, CURRENT_INDEX_LEN);
     let mut hi = index.to_vec();
     hi.extend_from_slice(&[0xFF; 16]);
     (index.to_vec(), hi)
@@ -203,13 +207,21 @@ pub fn generations(index: &[u8]) -> (Vec<u8>, Vec<u8>) {
 /// Moves a key whose nonce budget is spent aside, under its generation
 /// index, so a fresh key can take the subject's index. Idempotent.
 pub async fn replace_subject_key(tx: &mut Tx, row: &SubjectKeyRow) -> sqlx::Result<()> {
-    let mut aside = row.blind_index.clone();
-    aside.extend_from_slice(row.id.as_bytes());
+    set_key_aside(tx, row.id, &row.blind_index).await
+}
+
+/// Moves key `id`, the current key of the subject `index`, under its
+/// generation index (the index followed by the key's id): it keeps
+/// decrypting what it sealed, and the subject's next write creates a new
+/// key. Idempotent.
+pub async fn set_key_aside(tx: &mut Tx, id: Uuid, index: &[u8]) -> sqlx::Result<()> {
+    let mut aside = index.to_vec();
+    aside.extend_from_slice(id.as_bytes());
     on_tx!(tx, c => {
         sqlx::query("UPDATE subject_keys SET blind_index = $1 WHERE id = $2 AND blind_index = $3")
             .bind(aside)
-            .bind(row.id)
-            .bind(row.blind_index.as_slice())
+            .bind(id)
+            .bind(index)
             .execute(&mut *c)
             .await
             .map(|_| ())
@@ -219,8 +231,10 @@ pub async fn replace_subject_key(tx: &mut Tx, row: &SubjectKeyRow) -> sqlx::Resu
 
 /// Adds `(key, encryptions)` to the keys' counts: one statement per distinct
 /// count (a batch has few), and returns the keys whose count now exceeds
-/// `limit` (a concurrent writer spent the budget first; the caller rolls
-/// back and retries, and its retry replaces them). On PostgreSQL the rows
+/// `limit` (a concurrent writer spent the budget first) or that were moved
+/// aside since the caller read them (a concurrent erasure kept them for
+/// held records): the caller rolls back and retries, and its retry
+/// replaces them. On PostgreSQL the rows
 /// are locked in id order first, so concurrent writers cannot deadlock; the
 /// locks last until commit, so writers call this last, just before the
 /// audit append, and do not queue behind each other's whole batch.
@@ -251,9 +265,16 @@ pub async fn add_seals(
                 let mut qb = QueryBuilder::<DB>::new("UPDATE subject_keys SET seals = seals + ");
                 qb.push_bind(n).push(" WHERE id IN (");
                 push_list(&mut qb, chunk.iter().copied());
-                qb.push(") RETURNING id, seals");
-                qb.build_query_as::<(Uuid, i64)>().fetch_all(&mut *c).await.map(|rows| {
-                    over.extend(rows.into_iter().filter(|&(_, seals)| seals > limit).map(|(id, _)| id))
+                // A key whose index is longer than a blind index was moved
+                // aside meanwhile (its budget spent by another writer, or an
+                // erasure held back by a hold): not to be sealed under.
+                qb.push(") RETURNING id, seals, CAST(length(blind_index) AS BIGINT)");
+                qb.build_query_as::<(Uuid, i64, i64)>().fetch_all(&mut *c).await.map(|rows| {
+                    over.extend(
+                        rows.into_iter()
+                            .filter(|&(_, seals, len)| seals > limit || len > CURRENT_INDEX_LEN)
+                            .map(|(id, ..)| id),
+                    )
                 })
             })?;
         }

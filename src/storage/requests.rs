@@ -3,7 +3,7 @@
 use sqlx::FromRow;
 use uuid::Uuid;
 
-use super::{on_db, on_tx, Db, Tx};
+use super::{on_db, on_tx, Db, Tx, MAX_BINDS};
 
 #[derive(Debug, Clone, FromRow)]
 pub struct RequestRow {
@@ -401,48 +401,57 @@ pub async fn expire_exports(tx: &mut Tx, now: i64) -> sqlx::Result<Vec<Uuid>> {
     Ok(ids)
 }
 
-/// Notes an erasure that holds kept from finishing: the subject's records
-/// in the carrier recorded up to `cutoff` (its completion) that are held.
+/// Notes an erasure that holds kept from finishing, with the held records
+/// it found: those, and only those, are erased once no hold covers them.
 pub async fn add_pending_erasure(
     tx: &mut Tx,
     id: Uuid,
     carrier: &str,
     subject_index: &[u8],
-    cutoff: i64,
+    records: &[Uuid],
 ) -> sqlx::Result<()> {
     on_tx!(tx, c => {
         sqlx::query(
-            "INSERT INTO erasures_pending (request_id, carrier_id, subject_index, cutoff) VALUES ($1, $2, $3, $4)
+            "INSERT INTO erasures_pending (request_id, carrier_id, subject_index) VALUES ($1, $2, $3)
              ON CONFLICT (request_id) DO NOTHING",
         )
         .bind(id)
         .bind(carrier)
         .bind(subject_index)
-        .bind(cutoff)
         .execute(c)
         .await
         .map(|r| r.rows_affected())
     })?;
+    for chunk in records.chunks(MAX_BINDS / 2) {
+        on_tx!(tx, c, DB => {
+            let mut qb = sqlx::QueryBuilder::<DB>::new(
+                "INSERT INTO erasures_pending_records (request_id, transfer_id) ",
+            );
+            qb.push_values(chunk, |mut b, record| {
+                b.push_bind(id).push_bind(*record);
+            });
+            qb.push(" ON CONFLICT (request_id, transfer_id) DO NOTHING");
+            qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
+        })?;
+    }
     Ok(())
 }
 
 pub async fn remove_pending_erasure(tx: &mut Tx, id: Uuid) -> sqlx::Result<()> {
     on_tx!(tx, c => {
-        sqlx::query("DELETE FROM erasures_pending WHERE request_id = $1").bind(id).execute(c).await.map(|r| r.rows_affected())
+        sqlx::query("DELETE FROM erasures_pending_records WHERE request_id = $1").bind(id).execute(&mut *c).await?;
+        sqlx::query("DELETE FROM erasures_pending WHERE request_id = $1").bind(id).execute(&mut *c).await.map(|r| r.rows_affected())
     })?;
     Ok(())
 }
 
-/// A pending erasure: its request, and whose records up to when.
+/// A pending erasure: its request, and whose records (the held ones it
+/// found, in `erasures_pending_records`).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PendingErasure {
     pub request_id: Uuid,
     pub carrier_id: String,
     pub subject_index: Vec<u8>,
-    /// The request's completion: records recorded after it are not its to
-    /// erase. `None` only for a request with no completion time, which
-    /// does not occur.
-    pub cutoff: Option<i64>,
 }
 
 /// Pending erasures no processor holds (or whose processor has not renewed
@@ -450,7 +459,7 @@ pub struct PendingErasure {
 pub async fn pending_erasures(db: &Db, stale_before: i64) -> sqlx::Result<Vec<PendingErasure>> {
     on_db!(db, c => {
         sqlx::query_as(
-            "SELECT request_id, carrier_id, subject_index, cutoff FROM erasures_pending
+            "SELECT request_id, carrier_id, subject_index FROM erasures_pending
              WHERE claimed_at IS NULL OR claimed_at < $1",
         )
         .bind(stale_before)

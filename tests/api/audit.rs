@@ -636,20 +636,34 @@ async fn anonymous_refusals_beyond_the_budget_are_counted(app: TestApp) {
     let (single, held, summaries) = anonymous_refusals(&entries);
     assert_eq!(single + held, 41, "{single} + {held}");
     assert_eq!(held, coalesced);
-    assert_eq!(summaries, 1);
-    let summary = entries
+    // One count, unless the server's own flush (every 10 s) came between.
+    assert!(summaries >= 1);
+    let counts: Vec<&Value> = entries
         .iter()
-        .find(|e| e["target"]["coalesced"].is_u64())
-        .unwrap();
-    assert_eq!(summary["outcome"], "denied");
-    assert_eq!(summary["target"]["statuses"]["401"], held);
-    let routes = &summary["target"]["routes"];
+        .filter(|e| e["target"]["coalesced"].is_u64())
+        .collect();
+    let sum = |key: &str| -> u64 {
+        counts
+            .iter()
+            .map(|e| {
+                e["target"]
+                    .pointer(key)
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    assert_eq!(sum("/statuses/401"), held);
     assert_eq!(
-        routes["GET /v1/transfers"].as_u64().unwrap() + routes["GET /v1/holds"].as_u64().unwrap(),
-        held,
-        "{routes}"
+        sum("/routes/GET ~1v1~1transfers") + sum("/routes/GET ~1v1~1holds"),
+        held
     );
-    assert!(summary["target"]["first_at"].is_string());
+    for c in &counts {
+        assert_eq!(c["outcome"], "denied");
+        assert!(c["target"]["first_at"].is_string());
+        // About no one request.
+        assert!(c.get("request_id").is_none(), "{c}");
+    }
     let named = entries
         .iter()
         .filter(|e| e["action"] == "request.denied" && e["actor"]["role"] == "platform")
@@ -666,7 +680,7 @@ async fn anonymous_refusals_beyond_the_budget_are_counted(app: TestApp) {
         anonymous_refusals(&app.audit_entries().await);
     assert_eq!(single_after + held_after, 41 + 30);
     assert!(held_after > held, "{held_after}");
-    assert_eq!(summaries_after, 2);
+    assert!(summaries_after > summaries);
     app.assert_audit_valid().await;
 }
 both!(

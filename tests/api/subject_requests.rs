@@ -701,6 +701,14 @@ async fn records_made_after_an_erasure_are_not_its_to_erase(app: TestApp) {
     let (hold_id, done) = erase_x_with_quality_held(&app).await;
     let officer = app.officer();
     assert_eq!(done["receipt"]["held"], json!({"call_quality": 1}));
+    // The held record's clock may have run ahead of the erasure's (another
+    // instance wrote it): it is the erasure's all the same.
+    app.exec(
+        "UPDATE transfers SET recorded_at = recorded_at + 60000000 WHERE category = 'call_quality'",
+        None,
+        None,
+    )
+    .await;
 
     // Recorded after the erasure: a call, and a quality record the hold
     // covers as well.
@@ -786,6 +794,36 @@ async fn records_made_after_an_erasure_are_not_its_to_erase(app: TestApp) {
     app.assert_audit_valid().await;
 }
 both!(records_made_after_an_erasure_are_not_its_to_erase);
+
+/// A write that read a subject's key just before an erasure set it aside
+/// (held records kept it) does not seal under it: counting its encryptions
+/// finds the key moved, and the write retries with a new key.
+async fn a_key_set_aside_is_not_sealed_under(app: TestApp) {
+    use transfer_ledger::storage::keys;
+    app.batch(vec![cdr("carrier-a", "k1", X, "+14255550101")])
+        .await;
+    let (id, index): (uuid::Uuid, Vec<u8>) = {
+        let mut tx = app.db().begin().await.unwrap();
+        let index = app
+            .state
+            .keys
+            .blind()
+            .of(&transfer_ledger::domain::SubjectId::parse(X).unwrap());
+        let rows = keys::subject_keys_by_index(&mut tx, "carrier-a", std::slice::from_ref(&index))
+            .await
+            .unwrap();
+        (rows[0].id, index)
+    };
+    let mut tx = app.db().begin().await.unwrap();
+    keys::set_key_aside(&mut tx, id, &index).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = app.db().begin().await.unwrap();
+    let moved = keys::add_seals(&mut tx, &mut [(id, 1)], i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(moved, [id]);
+}
+both!(a_key_set_aside_is_not_sealed_under);
 
 async fn a_request_abandoned_mid_way_is_finished_and_never_served_half_done(app: TestApp) {
     seed(&app).await;

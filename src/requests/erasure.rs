@@ -60,8 +60,8 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
             break tx;
         }
     };
-    // One instant for the receipt, the request and the records the erasure
-    // covers, to the microsecond the database keeps.
+    // One instant for the receipt and the request, to the microsecond the
+    // database keeps.
     let completed_at = from_micros(micros(Utc::now()));
     let held =
         erase::held_records(&mut tx, &r.carrier_id, &r.subject_index, Scope::Subject).await?;
@@ -187,10 +187,9 @@ impl Claim {
 
 /// A transaction in which the holds cannot change and nothing of the
 /// subject in `scope` is left unheld, to complete an erasure in, with the
-/// claim
-/// renewed in it (so that however long the completion takes, no other
-/// processor takes it over); `None` if a hold was released since the last
-/// batch (its records are erased first).
+/// claim renewed in it (so that however long the completion takes, no
+/// other processor takes it over); `None` if a hold was released since the
+/// last batch (its records are erased first).
 async fn settled(
     state: &AppState,
     request: Uuid,

@@ -32,6 +32,22 @@ pub struct DenialBudget {
     /// Refusals per second audited one by one; `None`: every one.
     rate: Option<f64>,
     state: Mutex<State>,
+    /// Appends of refusals under way (each in a task of its own), which
+    /// the final flush waits for.
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// An append of a refusal under way, for as long as it lives.
+pub struct InFlight(std::sync::Arc<DenialBudget>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 struct State {
@@ -107,6 +123,28 @@ impl DenialBudget {
                 refilled: Instant::now(),
                 held: Held::default(),
             }),
+            in_flight: Default::default(),
+            idle: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Marks an append of a refusal as under way until the guard drops.
+    pub fn begin_append(self: &std::sync::Arc<Self>) -> InFlight {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Waits until no append of a refusal is under way.
+    pub async fn appends_done(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.in_flight.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 

@@ -198,7 +198,10 @@ pub async fn record_anonymous_denial(state: &AppState, status: u16, route: &str,
     }
     let (state, route) = (state.clone(), route.to_string());
     let request_id = crate::telemetry::current_request_id();
-    let task = tokio::spawn(crate::telemetry::with_request_id(request_id, async move {
+    // Counted before the task starts, so that the final flush waits for it.
+    let in_flight = state.denials.begin_append();
+    let task = spawn_for_request(request_id, async move {
+        let _in_flight = in_flight;
         let held = state.denials.take_held();
         let appended = async {
             let mut tx = state.db.begin().await?;
@@ -221,9 +224,25 @@ pub async fn record_anonymous_denial(state: &AppState, status: u16, route: &str,
             let mut back = held.unwrap_or_default();
             back.add(status, &route, at);
             state.denials.hold_back(back);
+            state.metrics.denials_coalesced.inc();
         }
-    }));
-    let _ = task.await;
+    });
+    if let Err(e) = task.await {
+        tracing::error!(error = %e, "auditing a denied request failed");
+    }
+}
+
+/// Runs `work` in a task of its own, with the request's id and tracing
+/// span: a client that resets its connection drops the request's future,
+/// not the task.
+pub fn spawn_for_request<F>(request_id: Option<String>, work: F) -> tokio::task::JoinHandle<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument;
+    tokio::spawn(
+        crate::telemetry::with_request_id(request_id, work).instrument(tracing::Span::current()),
+    )
 }
 
 /// Appends the count of anonymous refusals held back since the last one.
@@ -242,7 +261,8 @@ pub async fn flush_denials(state: &AppState) -> Result<()> {
 }
 
 /// Flushes the held-back count every [`denials::FLUSH_EVERY`] until
-/// `stop`, and once more then.
+/// `stop`, and once more then, after the appends of refusals still under
+/// way (a request whose client went away leaves its append running).
 pub async fn run_denial_flusher(state: AppState, stop: std::sync::Arc<tokio::sync::Notify>) {
     let mut tick = tokio::time::interval(denials::FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -251,6 +271,9 @@ pub async fn run_denial_flusher(state: AppState, stop: std::sync::Arc<tokio::syn
             _ = tick.tick() => false,
             _ = stop.notified() => true,
         };
+        if stopping {
+            state.denials.appends_done().await;
+        }
         if let Err(e) = flush_denials(&state).await {
             tracing::error!(error = %e, "could not audit the count of refused requests");
         }

@@ -165,13 +165,14 @@ async fn audit_denials(
                 // that resets its connection does not cut the append short.
                 let event = Event::new("request.denied", target).outcome(Outcome::Denied);
                 let request_id = crate::telemetry::current_request_id();
-                let task =
-                    tokio::spawn(crate::telemetry::with_request_id(request_id, async move {
-                        if let Err(e) = trail::record(&state, Some(&who), event).await {
-                            tracing::error!(error = %e, "could not audit a denied request");
-                        }
-                    }));
-                let _ = task.await;
+                let task = trail::spawn_for_request(request_id, async move {
+                    if let Err(e) = trail::record(&state, Some(&who), event).await {
+                        tracing::error!(error = %e, "could not audit a denied request");
+                    }
+                });
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, "auditing a denied request failed");
+                }
             }
             None => {
                 let route = format!("{method} {}", route.as_deref().unwrap_or("unmatched"));

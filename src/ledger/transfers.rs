@@ -125,7 +125,8 @@ where
 /// A concurrent writer took an idempotency key between our check and our insert.
 const RETRY: &str = "\u{0}retry";
 /// Another writer took a data key past its nonce budget between our check
-/// and our count; the retry sees its count and replaces the key.
+/// and our count, or an erasure moved the key aside for held records; the
+/// retry sees the count or the move and uses a new key.
 pub(crate) const BUDGET_RACE: &str = "\u{0}budget";
 /// A data key the write sealed under was destroyed by a concurrent erasure
 /// or sweep before the write's slots referenced it.
@@ -140,7 +141,7 @@ const RETRIES: [(&str, &str); 3] = [
     ),
     (
         BUDGET_RACE,
-        "concurrent writes kept spending the same data keys' nonce budget; retry",
+        "concurrent writes or erasures kept spending or setting aside the same data keys; retry",
     ),
     (
         KEY_GONE,
@@ -396,7 +397,7 @@ async fn write(
     // then wait for each other's commit, not for each other's whole batch.
     let over = keys::add_seals(tx, &mut seals, state.config.data_key_max_seals).await?;
     if !over.is_empty() {
-        tracing::info!(keys = ?over, "a concurrent write spent these data keys' nonce budget; retrying");
+        tracing::info!(keys = ?over, "a concurrent write spent these data keys' nonce budget, or an erasure set them aside; retrying");
         return Err(AppError::Conflict(BUDGET_RACE.into()));
     }
 

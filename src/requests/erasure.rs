@@ -100,7 +100,7 @@ pub async fn perform(state: &AppState, r: &RequestRow) -> Result<()> {
             &held_records,
         )
         .await?;
-        erase::set_current_key_aside(&mut tx, &r.carrier_id, &r.subject_index, i64::MAX).await?;
+        erase::set_current_key_aside(&mut tx, &r.carrier_id, &r.subject_index).await?;
     }
 
     let target = json!({
@@ -205,6 +205,10 @@ async fn settled(
     TxLock::Holds.take(&mut tx, true).await?;
     // After any export of the subject being completed: it is deleted here.
     TxLock::Exports.take(&mut tx, false).await?;
+    // After any write already sealing under the subject's keys: its record
+    // is seen below (and listed, if held), and later writes wait for the
+    // completion and then seal under a new key.
+    erase::lock_subject_keys(&mut tx, carrier, index).await?;
     if !erase::unheld_records(&mut tx, carrier, index, scope, 1)
         .await?
         .is_empty()
@@ -341,10 +345,10 @@ async fn redo_one(
     };
     // A pending erasure of an earlier version did not set the subject's key
     // aside when it completed, and records since were sealed under it: it
-    // is set aside now, so that what comes next gets a new key. (One
-    // created after the completion is not this erasure's key.)
-    if let Some(completed_at) = r.completed_at {
-        erase::set_current_key_aside(&mut tx, carrier, index, completed_at).await?;
+    // is set aside now, once, so that what comes next gets a new key.
+    if !pending.key_set_aside {
+        erase::set_current_key_aside(&mut tx, carrier, index).await?;
+        store::pending_key_set_aside(&mut tx, request).await?;
     }
     let still_held = erase::held_records(&mut tx, carrier, index, scope).await?;
     let mut destroyed = Vec::new();

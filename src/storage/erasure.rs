@@ -116,6 +116,29 @@ pub async fn lock_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Res
     Ok(())
 }
 
+/// Locks the subject's keys in the carrier for the rest of `tx`
+/// (PostgreSQL; SQLite's writes are one at a time already). A write that
+/// has already referenced one (its slot insert holds a key-share lock)
+/// commits first, and the statements after this one see its record; a
+/// write that comes later waits, and then finds the key moved aside
+/// (`keys::add_seals` reports it, and the write retries under a new key) or
+/// destroyed (its slot insert fails, and it retries).
+pub async fn lock_subject_keys(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<()> {
+    if let Tx::Postgres(t) = tx {
+        let (lo, hi) = super::keys::generations(index);
+        sqlx::query(
+            "SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index >= $2 AND blind_index <= $3
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(carrier)
+        .bind(lo)
+        .bind(hi)
+        .execute(&mut **t)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Removes the subject's slots and lookup rows from these records (id and
 /// category, as [`unheld_records`] returns them), and the records left with
 /// no subject at all. Returns how many records went.
@@ -234,26 +257,17 @@ pub async fn shred_subject_keys(
 }
 
 /// Moves the subject's current key in the carrier aside (as a spent one is,
-/// [`super::keys::replace_subject_key`]) if it was created at or before
-/// `created_by` (µs): when held records keep it from being destroyed,
-/// what is recorded about the subject from then on is sealed under a new
-/// key, which the erasure's remainder, once the holds are released,
-/// neither needs nor destroys. Idempotent.
-pub async fn set_current_key_aside(
-    tx: &mut Tx,
-    carrier: &str,
-    index: &[u8],
-    created_by: i64,
-) -> sqlx::Result<()> {
+/// [`super::keys::replace_subject_key`]): when held records keep it from
+/// being destroyed, what is recorded about the subject from then on is
+/// sealed under a new key, which the erasure's remainder, once the holds
+/// are released, neither needs nor destroys. Idempotent.
+pub async fn set_current_key_aside(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<()> {
     let current: Option<Uuid> = on_tx!(tx, c => {
-        sqlx::query_scalar(
-            "SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index = $2 AND created_at <= $3",
-        )
-        .bind(carrier)
-        .bind(index)
-        .bind(created_by)
-        .fetch_optional(c)
-        .await
+        sqlx::query_scalar("SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index = $2")
+            .bind(carrier)
+            .bind(index)
+            .fetch_optional(c)
+            .await
     })?;
     match current {
         Some(id) => super::keys::set_key_aside(tx, id, index).await,

@@ -412,7 +412,8 @@ pub async fn add_pending_erasure(
 ) -> sqlx::Result<()> {
     on_tx!(tx, c => {
         sqlx::query(
-            "INSERT INTO erasures_pending (request_id, carrier_id, subject_index) VALUES ($1, $2, $3)
+            "INSERT INTO erasures_pending (request_id, carrier_id, subject_index, key_set_aside)
+             VALUES ($1, $2, $3, TRUE)
              ON CONFLICT (request_id) DO NOTHING",
         )
         .bind(id)
@@ -437,6 +438,18 @@ pub async fn add_pending_erasure(
     Ok(())
 }
 
+/// Notes that the pending erasure's subject key has been set aside.
+pub async fn pending_key_set_aside(tx: &mut Tx, id: Uuid) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query("UPDATE erasures_pending SET key_set_aside = TRUE WHERE request_id = $1")
+            .bind(id)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
 pub async fn remove_pending_erasure(tx: &mut Tx, id: Uuid) -> sqlx::Result<()> {
     on_tx!(tx, c => {
         sqlx::query("DELETE FROM erasures_pending_records WHERE request_id = $1").bind(id).execute(&mut *c).await?;
@@ -452,6 +465,9 @@ pub struct PendingErasure {
     pub request_id: Uuid,
     pub carrier_id: String,
     pub subject_index: Vec<u8>,
+    /// Whether the subject's key was set aside (at completion, or by a
+    /// redo of an erasure from before that was done).
+    pub key_set_aside: bool,
 }
 
 /// Pending erasures no processor holds (or whose processor has not renewed
@@ -459,7 +475,7 @@ pub struct PendingErasure {
 pub async fn pending_erasures(db: &Db, stale_before: i64) -> sqlx::Result<Vec<PendingErasure>> {
     on_db!(db, c => {
         sqlx::query_as(
-            "SELECT request_id, carrier_id, subject_index FROM erasures_pending
+            "SELECT request_id, carrier_id, subject_index, key_set_aside FROM erasures_pending
              WHERE claimed_at IS NULL OR claimed_at < $1",
         )
         .bind(stale_before)

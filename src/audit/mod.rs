@@ -206,10 +206,7 @@ pub async fn record_anonymous_denial(state: &AppState, status: u16, route: &str,
         let appended = async {
             let mut tx = state.db.begin().await?;
             if let Some(held) = &held {
-                let summary = Event::new("request.denied", held.target())
-                    .outcome(Outcome::Denied)
-                    .detached();
-                append(&mut tx, None, &summary).await?;
+                append(&mut tx, None, &count_event(held)).await?;
             }
             let event = Event::new("request.denied", target).outcome(Outcome::Denied);
             append(&mut tx, None, &event).await?;
@@ -245,15 +242,19 @@ where
     )
 }
 
+/// The entry of anonymous refusals counted rather than audited one by one.
+fn count_event(held: &denials::Held) -> Event {
+    Event::new("request.denied", held.target())
+        .outcome(Outcome::Denied)
+        .detached()
+}
+
 /// Appends the count of anonymous refusals held back since the last one.
 pub async fn flush_denials(state: &AppState) -> Result<()> {
     let Some(held) = state.denials.take_held() else {
         return Ok(());
     };
-    let summary = Event::new("request.denied", held.target())
-        .outcome(Outcome::Denied)
-        .detached();
-    if let Err(e) = record(state, None, summary).await {
+    if let Err(e) = record(state, None, count_event(&held)).await {
         state.denials.hold_back(held);
         return Err(e);
     }

@@ -432,10 +432,6 @@ impl Config {
                 let text = std::fs::read_to_string(path).with_context(|| {
                     format!("cannot read LEDGER_MASTER_KEY_FILE {}", path.display())
                 })?;
-                warn_if_shared(
-                    path,
-                    "other users may read the root key in LEDGER_MASTER_KEY_FILE; make it mode 0600",
-                );
                 parse_root_key(&text).map(Some).map_err(|e| {
                     anyhow::anyhow!("LEDGER_MASTER_KEY_FILE {}: {e:#}", path.display())
                 })
@@ -446,10 +442,15 @@ impl Config {
 
     /// Checks the secrets that are configured, generating nothing: a
     /// service refused for a bad setting leaves no files behind.
+    /// (The JWT secret and an inline root key were checked when the
+    /// configuration was read.)
     pub fn check_secrets(&self) -> anyhow::Result<()> {
         self.configured_root_key()?;
-        if let Some(s) = &self.jwt_secret {
-            check_jwt_secret(s, "LEDGER_JWT_SECRET")?;
+        if let (None, Some(path)) = (&self.master_key, &self.master_key_file) {
+            warn_if_shared(
+                path,
+                "other users may read the root key in LEDGER_MASTER_KEY_FILE; make it mode 0600",
+            );
         }
         Ok(())
     }

@@ -32,30 +32,22 @@ pub async fn unheld_records(
     scope: Scope,
     limit: i64,
 ) -> sqlx::Result<Vec<(Uuid, String)>> {
+    let (from, join) = scope.records(4);
+    let sql = format!(
+        "SELECT t.id, t.category FROM {from}
+         WHERE {join} AND l.blind_index = $1 AND t.carrier_id = $2 AND NOT {HELD} LIMIT $3"
+    );
     on_tx!(tx, c => {
+        let q = sqlx::query_as(&sql)
+        .bind(index)
+        .bind(carrier)
+        .bind(limit);
         match scope {
-            Scope::Subject => sqlx::query_as(&format!(
-                "SELECT t.id, t.category FROM subject_lookup l CROSS JOIN transfers t
-                 WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2 AND NOT {HELD} LIMIT $3"
-            ))
-            .bind(index)
-            .bind(carrier)
-            .bind(limit)
-            .fetch_all(c)
-            .await,
-            Scope::Pending(request) => sqlx::query_as(&format!(
-                "SELECT t.id, t.category FROM erasures_pending_records p
-                   CROSS JOIN subject_lookup l CROSS JOIN transfers t
-                 WHERE p.request_id = $4 AND l.transfer_id = p.transfer_id AND l.blind_index = $1
-                   AND t.id = p.transfer_id AND t.carrier_id = $2 AND NOT {HELD} LIMIT $3"
-            ))
-            .bind(index)
-            .bind(carrier)
-            .bind(limit)
-            .bind(request)
-            .fetch_all(c)
-            .await,
+            Scope::Subject => q,
+            Scope::Pending(request) => q.bind(request),
         }
+        .fetch_all(c)
+        .await
     })
 }
 
@@ -66,34 +58,47 @@ pub async fn held_records(
     index: &[u8],
     scope: Scope,
 ) -> sqlx::Result<Vec<(Uuid, String, Uuid)>> {
-    const HOLDS: &str = "JOIN holds h ON h.released_at IS NULL
-               AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
-               AND (h.category IS NULL OR h.category = t.category)
-               AND (h.subject_index IS NULL OR EXISTS (
-                    SELECT 1 FROM subject_lookup hl WHERE hl.blind_index = h.subject_index AND hl.occurred_at = t.occurred_at AND hl.transfer_id = t.id))";
+    let (from, join) = scope.records(3);
+    let sql = format!(
+        "SELECT t.id, t.category, h.id FROM {from}
+         JOIN holds h ON h.released_at IS NULL
+           AND (h.carrier_id IS NULL OR h.carrier_id = t.carrier_id)
+           AND (h.category IS NULL OR h.category = t.category)
+           AND (h.subject_index IS NULL OR EXISTS (
+                SELECT 1 FROM subject_lookup hl WHERE hl.blind_index = h.subject_index AND hl.occurred_at = t.occurred_at AND hl.transfer_id = t.id))
+         WHERE {join} AND l.blind_index = $1 AND t.carrier_id = $2"
+    );
     on_tx!(tx, c => {
+        let q = sqlx::query_as(&sql)
+        .bind(index)
+        .bind(carrier);
         match scope {
-            Scope::Subject => sqlx::query_as(&format!(
-                "SELECT t.id, t.category, h.id FROM subject_lookup l CROSS JOIN transfers t {HOLDS}
-                 WHERE t.id = l.transfer_id AND l.blind_index = $1 AND t.carrier_id = $2"
-            ))
-            .bind(index)
-            .bind(carrier)
-            .fetch_all(c)
-            .await,
-            Scope::Pending(request) => sqlx::query_as(&format!(
-                "SELECT t.id, t.category, h.id FROM erasures_pending_records p
-                   CROSS JOIN subject_lookup l CROSS JOIN transfers t {HOLDS}
-                 WHERE p.request_id = $3 AND l.transfer_id = p.transfer_id AND l.blind_index = $1
-                   AND t.id = p.transfer_id AND t.carrier_id = $2"
-            ))
-            .bind(index)
-            .bind(carrier)
-            .bind(request)
-            .fetch_all(c)
-            .await,
+            Scope::Subject => q,
+            Scope::Pending(request) => q.bind(request),
         }
+        .fetch_all(c)
+        .await
     })
+}
+
+impl Scope {
+    /// The `FROM` list (`l` the subject's lookup rows, `t` the records)
+    /// and the join condition of the records in this scope; a pending
+    /// erasure's request id is the statement's parameter `$request`.
+    fn records(self, request: usize) -> (&'static str, String) {
+        match self {
+            Self::Subject => (
+                "subject_lookup l CROSS JOIN transfers t",
+                "t.id = l.transfer_id".into(),
+            ),
+            Self::Pending(_) => (
+                "erasures_pending_records p CROSS JOIN subject_lookup l CROSS JOIN transfers t",
+                format!(
+                    "p.request_id = ${request} AND l.transfer_id = p.transfer_id AND t.id = p.transfer_id"
+                ),
+            ),
+        }
+    }
 }
 
 /// Takes the subject's erasure lock for the rest of `tx` (PostgreSQL;
@@ -124,19 +129,31 @@ pub async fn lock_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Res
 /// (`keys::add_seals` reports it, and the write retries under a new key) or
 /// destroyed (its slot insert fails, and it retries).
 pub async fn lock_subject_keys(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<()> {
-    if let Tx::Postgres(t) = tx {
-        let (lo, hi) = super::keys::generations(index);
-        sqlx::query(
-            "SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index >= $2 AND blind_index <= $3
-             ORDER BY id FOR UPDATE",
-        )
+    if let Tx::Postgres(_) = tx {
+        subject_key_ids(tx, carrier, index, " ORDER BY id FOR UPDATE").await?;
+    }
+    Ok(())
+}
+
+/// The ids of every generation of the subject's keys in the carrier
+/// (`keys::generations`), with `tail` after the `WHERE` clause.
+async fn subject_key_ids(
+    tx: &mut Tx,
+    carrier: &str,
+    index: &[u8],
+    tail: &str,
+) -> sqlx::Result<Vec<Uuid>> {
+    let (lo, hi) = super::keys::generations(index);
+    on_tx!(tx, c => {
+        sqlx::query_scalar(&format!(
+            "SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index >= $2 AND blind_index <= $3{tail}"
+        ))
         .bind(carrier)
         .bind(lo)
         .bind(hi)
-        .execute(&mut **t)
-        .await?;
-    }
-    Ok(())
+        .fetch_all(c)
+        .await
+    })
 }
 
 /// Removes the subject's slots and lookup rows from these records (id and
@@ -242,17 +259,7 @@ pub async fn shred_subject_keys(
     carrier: &str,
     index: &[u8],
 ) -> sqlx::Result<Vec<Uuid>> {
-    let keys: Vec<Uuid> = on_tx!(tx, c => {
-        let (lo, hi) = super::keys::generations(index);
-        sqlx::query_scalar(
-            "SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index >= $2 AND blind_index <= $3",
-        )
-        .bind(carrier)
-        .bind(lo)
-        .bind(hi)
-        .fetch_all(&mut *c)
-        .await
-    })?;
+    let keys = subject_key_ids(tx, carrier, index, "").await?;
     shred_unused_keys(tx, &keys).await
 }
 
@@ -262,15 +269,11 @@ pub async fn shred_subject_keys(
 /// sealed under a new key, which the erasure's remainder, once the holds
 /// are released, neither needs nor destroys. Idempotent.
 pub async fn set_current_key_aside(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<()> {
-    let current: Option<Uuid> = on_tx!(tx, c => {
-        sqlx::query_scalar("SELECT id FROM subject_keys WHERE carrier_id = $1 AND blind_index = $2")
-            .bind(carrier)
-            .bind(index)
-            .fetch_optional(c)
-            .await
-    })?;
-    match current {
-        Some(id) => super::keys::set_key_aside(tx, id, index).await,
-        None => Ok(()),
+    let current =
+        super::keys::subject_keys_by_index(tx, carrier, std::slice::from_ref(&index.to_vec()))
+            .await?;
+    for row in &current {
+        super::keys::replace_subject_key(tx, row).await?;
     }
+    Ok(())
 }

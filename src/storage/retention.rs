@@ -330,6 +330,18 @@ pub(crate) const HELD: &str = "EXISTS (SELECT 1 FROM holds h WHERE h.released_at
        AND (h.subject_index IS NULL OR EXISTS (
              SELECT 1 FROM subject_lookup l WHERE l.blind_index = h.subject_index AND l.occurred_at = t.occurred_at AND l.transfer_id = t.id)))";
 
+/// What marks a record held, for statements that run while holds cannot
+/// change (a sweep batch holds the holds lock): `FALSE` when no hold is in
+/// force, which spares every record its probe of the holds table.
+pub async fn held_test(tx: &mut Tx) -> sqlx::Result<&'static str> {
+    let any: bool = on_tx!(tx, c => {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM holds WHERE released_at IS NULL)")
+            .fetch_one(&mut *c)
+            .await
+    })?;
+    Ok(if any { HELD } else { "FALSE" })
+}
+
 /// Where a sweep's next batch starts: just after the last record (by
 /// expiry, then id) the previous batch looked at.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -355,9 +367,10 @@ pub async fn expired_batch(
     after: SweepCursor,
     limit: i64,
 ) -> sqlx::Result<(Vec<Uuid>, SweepCursor)> {
+    let held = held_test(tx).await?;
     let rows: Vec<(Uuid, i64, bool)> = on_tx!(tx, c => {
         sqlx::query_as(&format!(
-            "SELECT t.id, t.retain_until, {HELD} FROM transfers t
+            "SELECT t.id, t.retain_until, {held} FROM transfers t
              WHERE t.retain_until < $1 AND (t.retain_until, t.id) > ($2, $3)
              ORDER BY t.retain_until, t.id LIMIT $4"
         ))
@@ -382,9 +395,10 @@ pub async fn expired_batch(
 
 /// Counts of expired records, held and not held.
 pub async fn expired_counts(tx: &mut Tx, cutoff: i64) -> sqlx::Result<(i64, i64)> {
+    let held = held_test(tx).await?;
     on_tx!(tx, c => {
         sqlx::query_as(&format!(
-            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN {HELD} THEN 1 ELSE 0 END), 0) FROM transfers t WHERE t.retain_until < $1"
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN {held} THEN 1 ELSE 0 END), 0) FROM transfers t WHERE t.retain_until < $1"
         ))
         .bind(cutoff)
         .fetch_one(c)
@@ -413,10 +427,11 @@ pub async fn keys_left_empty(db: &Db, cutoff: i64) -> sqlx::Result<i64> {
 /// how many records went and the subject keys that sealed their slots
 /// (sorted, distinct).
 ///
-/// SQLite: the children go first, each in one statement, so the foreign-key
-/// cascade of the last statement finds nothing left to do. PostgreSQL: the
-/// records go in one statement and the statement-level trigger of migration
-/// 0007 deletes their slots and lookup rows in one join each.
+/// The children go first, each table in one statement, the slots
+/// returning the keys that sealed them. SQLite: the foreign-key cascade of
+/// the last statement then finds nothing left to do. PostgreSQL: the last
+/// statement runs with `ledger.children_deleted` on, so the trigger of
+/// migration 0007 does not probe both tables again (migration 0018).
 pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<Uuid>)> {
     let mut n = 0;
     let mut keys: Vec<Uuid> = Vec::new();
@@ -424,16 +439,25 @@ pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<U
         Tx::Postgres(t) => {
             let c = &mut **t;
             keys = sqlx::query_scalar(
-                "SELECT DISTINCT subject_key_id FROM transfer_slots WHERE transfer_id = ANY($1)",
+                "DELETE FROM transfer_slots WHERE transfer_id = ANY($1) RETURNING subject_key_id",
             )
             .bind(ids)
             .fetch_all(&mut *c)
             .await?;
+            sqlx::query("DELETE FROM subject_lookup WHERE transfer_id = ANY($1)")
+                .bind(ids)
+                .execute(&mut *c)
+                .await?;
+            let children_deleted = |on: &'static str| {
+                sqlx::query("SELECT set_config('ledger.children_deleted', $1, true)").bind(on)
+            };
+            children_deleted("on").execute(&mut *c).await?;
             n = sqlx::query("DELETE FROM transfers WHERE id = ANY($1)")
                 .bind(ids)
                 .execute(&mut *c)
                 .await?
                 .rows_affected();
+            children_deleted("off").execute(&mut *c).await?;
         }
         Tx::Sqlite(t) => {
             let c = &mut **t;

@@ -192,6 +192,23 @@ async fn sweeps_delete_what_expired_and_keep_what_is_held(app: TestApp) {
     assert!(held.iter().chain(&kept).all(|id| left.contains(id)));
     assert_eq!(app.count("subject_keys").await, keys_before - 31);
     assert_eq!(app.count("transfer_slots").await, 30);
+    // The deleted records' slots and lookup rows went with them (on
+    // PostgreSQL the sweep deletes them itself and the trigger that would
+    // stands aside), and no other record's.
+    for child in ["transfer_slots", "subject_lookup"] {
+        let orphans = app
+            .scalar(&format!(
+                "SELECT COUNT(*) FROM {child} WHERE transfer_id NOT IN (SELECT id FROM transfers)"
+            ))
+            .await;
+        assert_eq!(orphans, 0, "{child} rows of deleted records are left");
+    }
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) FROM transfers t WHERE NOT EXISTS (SELECT 1 FROM subject_lookup l WHERE l.transfer_id = t.id)")
+            .await,
+        0,
+        "a record kept lost its lookup rows"
+    );
 
     // Released, the held records go with the next sweep.
     let id = hold["id"].as_str().unwrap();

@@ -172,7 +172,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 &who,
                 dry_run,
                 state.config.sweep_batch,
-                &progress,
+                bar.is_some().then_some(&progress as _),
             )
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -1,5 +1,5 @@
--- PostgreSQL's migration 0018 lets a sweep batch that deleted a record's
--- slots and lookup rows itself skip the trigger of migration 0007. SQLite
--- has no such trigger (its sweep deletes the children first, see 0007).
--- Nothing changes here; the file keeps the two sets numbered alike.
+-- PostgreSQL's migration 0018 turns the delete trigger of its migration
+-- 0007 into a row trigger that a sweep or an erasure, having deleted the
+-- records' children itself, skips. SQLite keeps its foreign keys (see
+-- 0007). Nothing changes here; the file keeps the two sets numbered alike.
 SELECT 1;

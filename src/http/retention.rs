@@ -73,11 +73,9 @@ pub async fn run_sweep(
     // not cut the sweep short.
     let (task_state, batch) = (state.clone(), state.config.sweep_batch);
     let report =
-        tokio::spawn(
-            async move { sweep::run(&task_state, &who, dry_run, batch, &|_, _| {}).await },
-        )
-        .await
-        .map_err(|e| AppError::Internal(anyhow::anyhow!("sweep task failed: {e}")))??;
+        tokio::spawn(async move { sweep::run(&task_state, &who, dry_run, batch, None).await })
+            .await
+            .map_err(|e| AppError::Internal(anyhow::anyhow!("sweep task failed: {e}")))??;
     Ok((StatusCode::CREATED, Json(report)))
 }
 

@@ -55,14 +55,16 @@ impl From<SweepRow> for SweepReport {
     }
 }
 
-/// Runs one sweep. `progress(deleted_so_far, to_delete)` is called after
-/// each batch. Fails with 409 if another sweep is running.
+/// Runs one sweep. `progress(deleted_so_far, to_delete)`, if given, is
+/// called after each batch (counting what is to delete first costs a walk
+/// of every expired record, so only a caller that shows it asks). Fails
+/// with 409 if another sweep is running.
 pub async fn run(
     state: &AppState,
     who: &Principal,
     dry_run: bool,
     batch: i64,
-    progress: &(dyn Fn(u64, u64) + Send + Sync),
+    progress: Option<&(dyn Fn(u64, u64) + Send + Sync)>,
 ) -> Result<SweepReport> {
     let db = &state.db;
     let id = Uuid::now_v7();
@@ -113,20 +115,30 @@ async fn sweep_batches(
     who: &Principal,
     row: &mut SweepRow,
     batch: i64,
-    progress: &(dyn Fn(u64, u64) + Send + Sync),
+    progress: Option<&(dyn Fn(u64, u64) + Send + Sync)>,
 ) -> Result<()> {
     let db = &state.db;
-    let mut tx = db.begin_probes().await?;
-    let (expired, held) = store::expired_counts(&mut tx, row.cutoff).await?;
-    tx.commit().await?;
-    let to_delete = (expired - held).max(0) as u64;
+    let counts = || async {
+        let mut tx = db.begin_probes().await?;
+        let counts = store::expired_counts(&mut tx, row.cutoff).await?;
+        tx.commit().await?;
+        Ok::<_, AppError>(counts)
+    };
 
     if row.dry_run {
+        let (expired, held) = counts().await?;
         row.examined = expired;
         row.deleted = expired - held;
         row.held = held;
         row.keys_shredded = store::keys_left_empty(db, row.cutoff).await?;
     } else {
+        let to_delete = match progress {
+            Some(_) => {
+                let (expired, held) = counts().await?;
+                (expired - held).max(0) as u64
+            }
+            None => 0,
+        };
         let mut cursor = store::SweepCursor::START;
         let mut attempts = 0;
         loop {
@@ -152,12 +164,14 @@ async fn sweep_batches(
             row.deleted += deleted;
             row.examined += deleted;
             row.keys_shredded += shredded.len() as i64;
-            progress(row.deleted as u64, to_delete);
+            if let Some(progress) = progress {
+                progress(row.deleted as u64, to_delete);
+            }
         }
         // Held as the walk left them: a hold placed during the sweep
         // counts the records it kept.
         let mut tx = db.begin_probes().await?;
-        let (_, held_now) = store::expired_counts(&mut tx, row.cutoff).await?;
+        let held_now = store::expired_held(&mut tx, row.cutoff).await?;
         tx.commit().await?;
         row.held = held_now;
         row.examined += held_now;
@@ -191,7 +205,7 @@ pub async fn schedule(state: AppState, interval: Duration, batch: i64) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        match run(&state, &scheduler, false, batch, &|_, _| {}).await {
+        match run(&state, &scheduler, false, batch, None).await {
             Ok(r) => {
                 tracing::info!(sweep = %r.id, deleted = r.deleted, held = r.held, keys_shredded = r.keys_shredded, "scheduled sweep done")
             }

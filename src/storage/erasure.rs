@@ -3,7 +3,7 @@
 use sqlx::QueryBuilder;
 use uuid::Uuid;
 
-use super::retention::{shred_unused_keys, HELD};
+use super::retention::{children_deleted, shred_unused_keys, HELD};
 use super::{on_tx, push_list, Tx, MAX_BINDS};
 use crate::domain::Category;
 
@@ -178,7 +178,7 @@ pub async fn remove_subject(
             .iter()
             .partition(|(_, category)| category == Category::NumberAssignment.as_str());
         let ids = chunk.iter().map(|(id, _)| *id);
-        deleted += on_tx!(tx, c, DB => {
+        on_tx!(tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfer_slots WHERE ");
             if !others.is_empty() {
                 qb.push("(transfer_id IN (");
@@ -208,13 +208,26 @@ pub async fn remove_subject(
             qb.push(" AND transfer_id IN (");
             push_list(&mut qb, ids.clone());
             qb.push(")");
-            qb.build().execute(&mut *c).await?;
-
+            qb.build().execute(&mut *c).await.map(|_| ())
+        })?;
+        // A record left with no slot at all goes. Its slots are gone and
+        // its remaining lookup rows go right after it, in this transaction,
+        // so on PostgreSQL the delete trigger stands aside for it.
+        children_deleted(tx, true).await?;
+        let gone: Vec<Uuid> = on_tx!(tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfers WHERE id IN (");
             push_list(&mut qb, ids.clone());
-            qb.push(") AND NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.transfer_id = transfers.id)");
-            qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
+            qb.push(") AND NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.transfer_id = transfers.id) RETURNING id");
+            qb.build_query_scalar().fetch_all(&mut *c).await
         })?;
+        children_deleted(tx, false).await?;
+        if let (Tx::Postgres(t), false) = (&mut *tx, gone.is_empty()) {
+            sqlx::query("DELETE FROM subject_lookup WHERE transfer_id = ANY($1)")
+                .bind(&gone)
+                .execute(&mut **t)
+                .await?;
+        }
+        deleted += gone.len() as u64;
     }
     Ok(deleted)
 }

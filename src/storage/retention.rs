@@ -406,6 +406,24 @@ pub async fn expired_counts(tx: &mut Tx, cutoff: i64) -> sqlx::Result<(i64, i64)
     })
 }
 
+/// How many expired records are held: none, without walking the expired
+/// records (after a sweep, on PostgreSQL, the index entries of every record
+/// it deleted), when no hold is in force.
+pub async fn expired_held(tx: &mut Tx, cutoff: i64) -> sqlx::Result<i64> {
+    let held = held_test(tx).await?;
+    if held != HELD {
+        return Ok(0);
+    }
+    on_tx!(tx, c => {
+        sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM transfers t WHERE t.retain_until < $1 AND {HELD}"
+        ))
+        .bind(cutoff)
+        .fetch_one(c)
+        .await
+    })
+}
+
 /// Subject keys that would be left with nothing to decrypt if every
 /// expired, unheld record went.
 pub async fn keys_left_empty(db: &Db, cutoff: i64) -> sqlx::Result<i64> {
@@ -430,8 +448,8 @@ pub async fn keys_left_empty(db: &Db, cutoff: i64) -> sqlx::Result<i64> {
 /// The children go first, each table in one statement, the slots
 /// returning the keys that sealed them. SQLite: the foreign-key cascade of
 /// the last statement then finds nothing left to do. PostgreSQL: the last
-/// statement runs with `ledger.children_deleted` on, so the trigger of
-/// migration 0007 does not probe both tables again (migration 0018).
+/// statement runs with [`children_deleted`], so the delete trigger stands
+/// aside (migration 0018).
 pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<Uuid>)> {
     let mut n = 0;
     let mut keys: Vec<Uuid> = Vec::new();
@@ -448,9 +466,7 @@ pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<U
                 .bind(ids)
                 .execute(&mut *c)
                 .await?;
-            let children_deleted = |on: &'static str| {
-                sqlx::query("SELECT set_config('ledger.children_deleted', $1, true)").bind(on)
-            };
+            let children_deleted = |on| sqlx::query(SET_CHILDREN_DELETED).bind(on);
             children_deleted("on").execute(&mut *c).await?;
             n = sqlx::query("DELETE FROM transfers WHERE id = ANY($1)")
                 .bind(ids)
@@ -489,6 +505,23 @@ pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<U
     keys.sort();
     keys.dedup();
     Ok((n, keys))
+}
+
+const SET_CHILDREN_DELETED: &str = "SELECT set_config('ledger.children_deleted', $1, true)";
+
+/// PostgreSQL: says (`on`) that the caller deletes, in this transaction,
+/// the slots and lookup rows of exactly the records its next statement
+/// deletes, so the row trigger of migration 0018 queues nothing for them;
+/// `off` again right after that one statement. Nothing on SQLite, whose
+/// foreign keys cascade (and find nothing left when the caller went first).
+pub async fn children_deleted(tx: &mut Tx, on: bool) -> sqlx::Result<()> {
+    if let Tx::Postgres(t) = tx {
+        sqlx::query(SET_CHILDREN_DELETED)
+            .bind(if on { "on" } else { "off" })
+            .execute(&mut **t)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Destroys those of `keys` that no slot and no consent uses any more:

@@ -478,6 +478,18 @@ impl TestApp {
     }
 
     /// The audit chain verifies (as an auditor).
+    /// No slot and no lookup row is left of a record that is gone.
+    pub async fn assert_no_orphans(&self) {
+        for child in ["transfer_slots", "subject_lookup"] {
+            let orphans = self
+                .scalar(&format!(
+                    "SELECT COUNT(*) FROM {child} WHERE transfer_id NOT IN (SELECT id FROM transfers)"
+                ))
+                .await;
+            assert_eq!(orphans, 0, "{child} rows of deleted records are left");
+        }
+    }
+
     pub async fn assert_audit_valid(&self) {
         let v = self
             .get("/v1/audit/verify", &self.token(Role::Auditor, None))

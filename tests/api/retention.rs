@@ -193,16 +193,9 @@ async fn sweeps_delete_what_expired_and_keep_what_is_held(app: TestApp) {
     assert_eq!(app.count("subject_keys").await, keys_before - 31);
     assert_eq!(app.count("transfer_slots").await, 30);
     // The deleted records' slots and lookup rows went with them (on
-    // PostgreSQL the sweep deletes them itself and the trigger that would
+    // PostgreSQL the sweep deletes them itself and the delete trigger
     // stands aside), and no other record's.
-    for child in ["transfer_slots", "subject_lookup"] {
-        let orphans = app
-            .scalar(&format!(
-                "SELECT COUNT(*) FROM {child} WHERE transfer_id NOT IN (SELECT id FROM transfers)"
-            ))
-            .await;
-        assert_eq!(orphans, 0, "{child} rows of deleted records are left");
-    }
+    app.assert_no_orphans().await;
     assert_eq!(
         app.scalar("SELECT COUNT(*) FROM transfers t WHERE NOT EXISTS (SELECT 1 FROM subject_lookup l WHERE l.transfer_id = t.id)")
             .await,
@@ -661,6 +654,27 @@ async fn sweeps_survive_being_killed_at_any_instant(app: TestApp) {
         .expect(200);
 }
 both!(sweeps_survive_being_killed_at_any_instant);
+
+/// Records deleted outside the service (an operator's own `DELETE`) still
+/// take their slots and lookup rows with them: SQLite's foreign keys
+/// cascade, and on PostgreSQL the row trigger of migration 0018 fires
+/// because nothing said the children were deleted already.
+async fn records_deleted_by_hand_take_their_slots_and_lookup_rows(app: TestApp) {
+    app.expired_calls("carrier-o", "o", 5000, 20).await;
+    let lookups = app.count("subject_lookup").await;
+    let gone = app
+        .exec(
+            "DELETE FROM transfers WHERE id IN (SELECT id FROM transfers ORDER BY id LIMIT 5)",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(gone, 5);
+    app.assert_no_orphans().await;
+    assert!(app.count("subject_lookup").await < lookups);
+    assert_eq!(app.count("transfers").await, 15);
+}
+both!(records_deleted_by_hand_take_their_slots_and_lookup_rows);
 
 /// A hold placed while a sweep batch is in flight: once its 201 is back,
 /// every record it covers that is still there survives the sweep. (On

@@ -797,7 +797,9 @@ async fn copy_records(dbs: &Databases) -> anyhow::Result<()> {
     // worth the service's slow-statement warnings.
     match dbs.schemas.first() {
         None => {
-            let path = dbs._dir.path().join("raw-delete.db");
+            let path = sqlx::sqlite::SqliteConnectOptions::from_str(&dbs.copy_url)?
+                .get_filename()
+                .to_path_buf();
             let mut c = sqlx::sqlite::SqliteConnectOptions::from_str(&dbs.service_url)?
                 .log_slow_statements(log::LevelFilter::Off, Duration::ZERO)
                 .connect()

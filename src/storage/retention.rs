@@ -334,12 +334,19 @@ pub(crate) const HELD: &str = "EXISTS (SELECT 1 FROM holds h WHERE h.released_at
 /// change (a sweep batch holds the holds lock): `FALSE` when no hold is in
 /// force, which spares every record its probe of the holds table.
 pub async fn held_test(tx: &mut Tx) -> sqlx::Result<&'static str> {
-    let any: bool = on_tx!(tx, c => {
+    Ok(if any_hold_in_force(tx).await? {
+        HELD
+    } else {
+        "FALSE"
+    })
+}
+
+async fn any_hold_in_force(tx: &mut Tx) -> sqlx::Result<bool> {
+    on_tx!(tx, c => {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM holds WHERE released_at IS NULL)")
             .fetch_one(&mut *c)
             .await
-    })?;
-    Ok(if any { HELD } else { "FALSE" })
+    })
 }
 
 /// Where a sweep's next batch starts: just after the last record (by
@@ -410,8 +417,7 @@ pub async fn expired_counts(tx: &mut Tx, cutoff: i64) -> sqlx::Result<(i64, i64)
 /// records (after a sweep, on PostgreSQL, the index entries of every record
 /// it deleted), when no hold is in force.
 pub async fn expired_held(tx: &mut Tx, cutoff: i64) -> sqlx::Result<i64> {
-    let held = held_test(tx).await?;
-    if held != HELD {
+    if !any_hold_in_force(tx).await? {
         return Ok(0);
     }
     on_tx!(tx, c => {
@@ -466,14 +472,13 @@ pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<U
                 .bind(ids)
                 .execute(&mut *c)
                 .await?;
-            let children_deleted = |on| sqlx::query(SET_CHILDREN_DELETED).bind(on);
-            children_deleted("on").execute(&mut *c).await?;
+            children_deleted_pg(&mut *c, true).await?;
             n = sqlx::query("DELETE FROM transfers WHERE id = ANY($1)")
                 .bind(ids)
                 .execute(&mut *c)
                 .await?
                 .rows_affected();
-            children_deleted("off").execute(&mut *c).await?;
+            children_deleted_pg(&mut *c, false).await?;
         }
         Tx::Sqlite(t) => {
             let c = &mut **t;
@@ -507,21 +512,24 @@ pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<U
     Ok((n, keys))
 }
 
-const SET_CHILDREN_DELETED: &str = "SELECT set_config('ledger.children_deleted', $1, true)";
-
 /// PostgreSQL: says (`on`) that the caller deletes, in this transaction,
 /// the slots and lookup rows of exactly the records its next statement
 /// deletes, so the row trigger of migration 0018 queues nothing for them;
 /// `off` again right after that one statement. Nothing on SQLite, whose
 /// foreign keys cascade (and find nothing left when the caller went first).
 pub async fn children_deleted(tx: &mut Tx, on: bool) -> sqlx::Result<()> {
-    if let Tx::Postgres(t) = tx {
-        sqlx::query(SET_CHILDREN_DELETED)
-            .bind(if on { "on" } else { "off" })
-            .execute(&mut **t)
-            .await?;
+    match tx {
+        Tx::Postgres(t) => children_deleted_pg(t, on).await,
+        Tx::Sqlite(_) => Ok(()),
     }
-    Ok(())
+}
+
+async fn children_deleted_pg(c: &mut sqlx::PgConnection, on: bool) -> sqlx::Result<()> {
+    sqlx::query("SELECT set_config('ledger.children_deleted', $1, true)")
+        .bind(if on { "on" } else { "off" })
+        .execute(c)
+        .await
+        .map(|_| ())
 }
 
 /// Destroys those of `keys` that no slot and no consent uses any more:

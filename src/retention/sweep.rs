@@ -10,6 +10,7 @@
 //! the operating system or PostgreSQL releases when its holder dies keeps
 //! sweeps to one at a time across processes and instances.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -23,6 +24,11 @@ use crate::auth::Principal;
 use crate::error::{AppError, Result};
 use crate::storage::retention::{self as store, SweepRow};
 use crate::storage::{from_micros, micros, TxLock};
+
+/// The most subject keys a sweep remembers for its check after the last
+/// batch (16 bytes each, a few tens of MB of set at most); past it, the
+/// check walks every subject key instead.
+const MAX_CANDIDATE_KEYS: usize = 1_000_000;
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SweepReport {
@@ -131,6 +137,13 @@ async fn sweep_batches(
         row.deleted = expired - held;
         row.held = held;
         row.keys_shredded = store::keys_left_empty(db, row.cutoff).await?;
+        // A sweep would also finish the key check of one that stopped
+        // before it (see `shred_keys`).
+        let mut tx = db.begin_probes().await?;
+        if store::keys_pending_elsewhere(&mut tx, row.id).await? {
+            row.keys_shredded += store::unused_keys(&mut tx).await?;
+        }
+        tx.commit().await?;
     } else {
         let to_delete = match progress {
             Some(_) => {
@@ -140,34 +153,27 @@ async fn sweep_batches(
             None => 0,
         };
         let mut cursor = store::SweepCursor::START;
-        let mut attempts = 0;
-        loop {
-            let (next, deleted, shredded) = match sweep_batch(state, who, row, cursor, batch).await
-            {
-                Ok(Some(done)) => done,
-                Ok(None) => break,
-                // A writer sealing under a key this batch found unused (its
-                // slots not committed yet) or a deadlock with one: the batch
-                // rolled back and runs again from the same cursor.
-                Err(e) if attempts < 2 && retryable(&e) => {
-                    attempts += 1;
-                    tracing::warn!(error = %e, attempt = attempts, "sweep batch conflicted with a writer; retrying it");
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            attempts = 0;
+        // The subject keys that sealed the deleted slots, each once,
+        // checked after the last batch; `None` past the cap, and the keys
+        // are then found by a walk of every key instead.
+        let mut candidates: Option<BTreeSet<Uuid>> = Some(BTreeSet::new());
+        while let Some((next, deleted, keys)) =
+            retrying(|| sweep_batch(state, who, row, cursor, batch)).await?
+        {
             cursor = next;
-            for k in &shredded {
-                state.keys.forget(*k);
+            if let Some(c) = &mut candidates {
+                c.extend(keys);
+                if c.len() > MAX_CANDIDATE_KEYS {
+                    candidates = None;
+                }
             }
             row.deleted += deleted;
             row.examined += deleted;
-            row.keys_shredded += shredded.len() as i64;
             if let Some(progress) = progress {
                 progress(row.deleted as u64, to_delete);
             }
         }
+        shred_keys(state, who, row, candidates, batch).await?;
         // Held as the walk left them: a hold placed during the sweep
         // counts the records it kept.
         let mut tx = db.begin_probes().await?;
@@ -182,6 +188,9 @@ async fn sweep_batches(
     let mut tx = db.begin().await?;
     if !store::finish_sweep(&mut tx, row).await? {
         return Err(taken_over(row.id));
+    }
+    if !row.dry_run {
+        store::clear_keys_pending(&mut tx).await?;
     }
     let target = json!({
         "sweep_id": row.id, "dry_run": row.dry_run, "examined": row.examined, "deleted": row.deleted,
@@ -247,9 +256,8 @@ async fn sweep_batch(
         return Ok(Some((next, 0, Vec::new())));
     }
     let (deleted, keys) = store::delete_batch(&mut tx, &ids).await?;
-    let shredded = store::shred_unused_keys(&mut tx, &keys).await?;
-    store::add_progress(&mut tx, row.id, deleted as i64, shredded.len() as i64).await?;
-    let target = json!({"sweep_id": row.id, "deleted_ids": ids, "keys_shredded": shredded.len()});
+    store::add_progress(&mut tx, row.id, deleted as i64, 0).await?;
+    let target = json!({"sweep_id": row.id, "deleted_ids": ids});
     audit::append(
         &mut tx,
         Some(who),
@@ -257,7 +265,104 @@ async fn sweep_batch(
     )
     .await?;
     tx.commit().await?;
-    Ok(Some((next, deleted as i64, shredded)))
+    Ok(Some((next, deleted as i64, keys)))
+}
+
+/// Destroys the subject keys the sweep's deletions left with nothing to
+/// decrypt: each of `candidates` once, in batches, or, when that set is not
+/// known (past the cap) or an earlier sweep stopped before it checked its
+/// own (`keys_pending`, migration 0019), every subject key in id order.
+/// Each batch is one transaction with the sweep's counter and its audit
+/// entry; a sweep killed here leaves its own flag set, and the next sweep
+/// walks every key.
+async fn shred_keys(
+    state: &AppState,
+    who: &Principal,
+    row: &mut SweepRow,
+    candidates: Option<BTreeSet<Uuid>>,
+    batch: i64,
+) -> Result<()> {
+    let mut tx = state.db.begin_probes().await?;
+    let walk = store::keys_pending_elsewhere(&mut tx, row.id).await?;
+    tx.commit().await?;
+    let candidates = match candidates {
+        Some(c) if !walk => Some(c.into_iter().collect::<Vec<_>>()),
+        _ => None,
+    };
+    let mut chunks = candidates
+        .as_deref()
+        .map(|c| c.chunks(batch.max(1) as usize));
+    let mut after = Uuid::nil();
+    loop {
+        let chunk = match &mut chunks {
+            Some(chunks) => match chunks.next() {
+                Some(chunk) => Some(chunk),
+                None => break,
+            },
+            None => None,
+        };
+        let step = retrying(|| async {
+            let mut tx = state.db.begin_probes().await?;
+            if !store::renew_sweep(&mut tx, row.id, micros(Utc::now()), None).await? {
+                return Err(taken_over(row.id));
+            }
+            // The walk's next position; `None` when it has reached the end.
+            let (keys, last) = match chunk {
+                Some(chunk) => (chunk.to_vec(), None),
+                None => {
+                    let keys = store::unused_keys_after(&mut tx, after, batch).await?;
+                    let last = keys.last().copied().filter(|_| keys.len() as i64 == batch);
+                    (keys, last)
+                }
+            };
+            let shredded = store::shred_unused_keys(&mut tx, &keys).await?;
+            if !shredded.is_empty() {
+                store::add_progress(&mut tx, row.id, 0, shredded.len() as i64).await?;
+                let target = json!({"sweep_id": row.id, "keys_shredded": shredded.len()});
+                audit::append(
+                    &mut tx,
+                    Some(who),
+                    &Event::new("retention.sweep.keys", target),
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok((shredded, last))
+        })
+        .await?;
+        let (shredded, last) = step;
+        for k in &shredded {
+            state.keys.forget(*k);
+        }
+        row.keys_shredded += shredded.len() as i64;
+        match (chunk, last) {
+            (Some(_), _) => {}
+            (None, Some(last)) => after = last,
+            (None, None) => break,
+        }
+    }
+    Ok(())
+}
+
+/// Runs `step` again, up to twice, when it failed on a conflict with a
+/// writer: a writer sealing under a key the step found unused (its slots
+/// not committed yet), or a deadlock with one. The step's transaction
+/// rolled back, so it simply reruns.
+async fn retrying<T, F, Fut>(mut step: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempts = 0;
+    loop {
+        match step().await {
+            Err(e) if attempts < 2 && retryable(&e) => {
+                attempts += 1;
+                tracing::warn!(error = %e, attempt = attempts, "sweep batch conflicted with a writer; retrying it");
+            }
+            other => return other,
+        }
+    }
 }
 
 fn taken_over(id: Uuid) -> AppError {

@@ -105,10 +105,16 @@ pub async fn master_usage(db: &Db) -> sqlx::Result<Vec<(i64, i64, i64)>> {
 }
 
 /// Whether anything is still wrapped under a master key older than `current`.
+///
+/// The subject keys' oldest version is read as `MIN`, one probe of the
+/// index's first entry whatever the plan. (`EXISTS (… master_version < $1)`
+/// got a generic plan on PostgreSQL after a few runs, a sequential scan
+/// that reads every key when none is below: 83 ms against 0.6 at 192,000
+/// keys, every round of the key worker.)
 pub async fn any_below(db: &Db, current: i64) -> sqlx::Result<bool> {
     on_db!(db, c => {
         sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM subject_keys WHERE master_version < $1)
+            "SELECT COALESCE((SELECT MIN(master_version) FROM subject_keys) < $1, FALSE)
                  OR EXISTS (SELECT 1 FROM subject_requests WHERE subject_master < $1)
                  OR EXISTS (SELECT 1 FROM subject_exports WHERE master < $1)",
         )

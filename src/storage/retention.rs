@@ -253,10 +253,14 @@ pub async fn interrupt_stale(tx: &mut Tx, except: Uuid) -> sqlx::Result<u64> {
     })
 }
 
+/// Adds a batch's work to a sweep's counters. A batch that deleted records
+/// also marks the sweep's key check pending (migration 0019) until
+/// [`clear_keys_pending`].
 pub async fn add_progress(tx: &mut Tx, id: Uuid, deleted: i64, keys: i64) -> sqlx::Result<()> {
     on_tx!(tx, c => {
         sqlx::query(
-            "UPDATE sweeps SET examined = examined + $1, deleted = deleted + $1, keys_shredded = keys_shredded + $2
+            "UPDATE sweeps SET examined = examined + $1, deleted = deleted + $1, keys_shredded = keys_shredded + $2,
+                               keys_pending = (keys_pending OR $1 > 0)
              WHERE id = $3",
         )
         .bind(deleted)
@@ -265,6 +269,29 @@ pub async fn add_progress(tx: &mut Tx, id: Uuid, deleted: i64, keys: i64) -> sql
         .execute(c)
         .await
         .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+/// Whether a sweep other than `except` deleted records and stopped before
+/// it checked their subject keys.
+pub async fn keys_pending_elsewhere(tx: &mut Tx, except: Uuid) -> sqlx::Result<bool> {
+    on_tx!(tx, c => {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sweeps WHERE keys_pending AND id <> $1)")
+            .bind(except)
+            .fetch_one(c)
+            .await
+    })
+}
+
+/// Every sweep's key check is done: the caller checked the keys of all of
+/// them (its own candidates, or every subject key).
+pub async fn clear_keys_pending(tx: &mut Tx) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query("UPDATE sweeps SET keys_pending = FALSE WHERE keys_pending")
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
     })?;
     Ok(())
 }
@@ -532,32 +559,65 @@ async fn children_deleted_pg(c: &mut sqlx::PgConnection, on: bool) -> sqlx::Resu
         .map(|_| ())
 }
 
+/// A subject key (`subject_keys`, unaliased) that no slot and no consent
+/// uses: it has nothing left to decrypt.
+const UNUSED: &str = "NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.subject_key_id = subject_keys.id)
+                  AND NOT EXISTS (SELECT 1 FROM consents co WHERE co.subject_key_id = subject_keys.id)";
+
+/// Up to `limit` subject keys after `after`, in id order, that have nothing
+/// left to decrypt: a sweep's walk of every key, when an earlier sweep
+/// stopped before it checked the keys of what it deleted.
+pub async fn unused_keys_after(tx: &mut Tx, after: Uuid, limit: i64) -> sqlx::Result<Vec<Uuid>> {
+    on_tx!(tx, c => {
+        sqlx::query_scalar(&format!(
+            "SELECT id FROM subject_keys WHERE id > $1 AND {UNUSED} ORDER BY id LIMIT $2"
+        ))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(c)
+        .await
+    })
+}
+
+/// How many subject keys have nothing left to decrypt now (what a walk of
+/// every key would destroy).
+pub async fn unused_keys(tx: &mut Tx) -> sqlx::Result<i64> {
+    on_tx!(tx, c => {
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM subject_keys WHERE {UNUSED}"))
+            .fetch_one(c)
+            .await
+    })
+}
+
 /// Destroys those of `keys` that no slot and no consent uses any more:
 /// crypto-shredding. Returns the ids destroyed.
 pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
-    const UNUSED: &str = "AND NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.subject_key_id = subject_keys.id)
-                   AND NOT EXISTS (SELECT 1 FROM consents co WHERE co.subject_key_id = subject_keys.id)
-                 RETURNING id";
     if keys.is_empty() {
         return Ok(Vec::new());
     }
     if let Tx::Postgres(t) = tx {
         // One array parameter: planned as index probes, whatever the count.
-        // A key a writer is sealing under right now (its slot insert holds
-        // a key-share lock on it) is in use: skipped, not waited for.
-        let locked: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM subject_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
-        )
+        // Only keys unused in this statement's snapshot are locked (a key
+        // still sealing a slot stays as it is: whoever deletes that slot
+        // checks it then). A key a writer is sealing under right now (its
+        // slot insert holds a key-share lock on it) is in use: skipped,
+        // not waited for.
+        let locked: Vec<Uuid> = sqlx::query_scalar(&format!(
+            "SELECT id FROM subject_keys WHERE id = ANY($1) AND {UNUSED} ORDER BY id FOR UPDATE SKIP LOCKED"
+        ))
         .bind(keys)
         .fetch_all(&mut **t)
         .await?;
+        if locked.is_empty() {
+            return Ok(locked);
+        }
         // A second statement, so a second snapshot, taken with the locks
         // held: no slot can be added under these keys any more, and a slot
         // a writer committed just before the lock is seen. (Checked in the
-        // locking statement's own snapshot, such a slot was missed, and
+        // locking statement's snapshot only, such a slot was missed, and
         // the delete failed on the foreign key.)
         return sqlx::query_scalar(&format!(
-            "DELETE FROM subject_keys WHERE id = ANY($1) {UNUSED}"
+            "DELETE FROM subject_keys WHERE id = ANY($1) AND {UNUSED} RETURNING id"
         ))
         .bind(&locked)
         .fetch_all(&mut **t)
@@ -568,8 +628,9 @@ pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Vec<U
         let gone: Vec<Uuid> = on_tx!(tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new("DELETE FROM subject_keys WHERE id IN (");
             push_list(&mut qb, chunk.iter().copied());
-            qb.push(") ");
+            qb.push(") AND ");
             qb.push(UNUSED);
+            qb.push(" RETURNING id");
             qb.build_query_scalar().fetch_all(&mut *c).await
         })?;
         out.extend(gone);

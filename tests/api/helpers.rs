@@ -490,6 +490,17 @@ impl TestApp {
         }
     }
 
+    /// Subject keys with nothing left to decrypt: no slot and no consent
+    /// uses them.
+    pub async fn unused_keys(&self) -> i64 {
+        self.scalar(
+            "SELECT COUNT(*) FROM subject_keys k
+             WHERE NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.subject_key_id = k.id)
+               AND NOT EXISTS (SELECT 1 FROM consents c WHERE c.subject_key_id = k.id)",
+        )
+        .await
+    }
+
     pub async fn assert_audit_valid(&self) {
         let v = self
             .get("/v1/audit/verify", &self.token(Role::Auditor, None))

@@ -581,6 +581,7 @@ async fn sweeps_survive_being_killed_at_any_instant(app: TestApp) {
         .await;
     app.hold(json!({"carrier_id": "carrier-h", "reason": "litigation"}))
         .await;
+    let keys_before = app.count("subject_keys").await;
 
     let mut kills = 0;
     for round in 0..12u64 {
@@ -648,7 +649,32 @@ async fn sweeps_survive_being_killed_at_any_instant(app: TestApp) {
     assert_eq!(unique.len(), audited.len(), "no record audited twice");
     assert_eq!(unique, expired_ids.iter().cloned().collect::<HashSet<_>>());
     app.assert_audit_valid().await;
-    // Keys of the deleted-only subjects are gone; every remaining slot still opens.
+
+    // Keys of the deleted-only subjects are gone (a sweep killed before
+    // its key check leaves the next one to walk every key), each counted
+    // and audited once; every remaining slot still opens.
+    assert_eq!(
+        app.unused_keys().await,
+        0,
+        "keys left with nothing to decrypt"
+    );
+    let shredded = keys_before - app.count("subject_keys").await;
+    assert!(shredded >= 600, "only {shredded} keys went");
+    let counted: i64 = sweeps
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["keys_shredded"].as_i64().unwrap())
+        .sum();
+    assert_eq!(counted, shredded);
+    let audited: i64 = app
+        .all_pages("/v1/audit?action=retention.sweep.keys&limit=1000", &auditor)
+        .await
+        .iter()
+        .map(|e| e["entry"]["target"]["keys_shredded"].as_i64().unwrap())
+        .sum();
+    assert_eq!(audited, shredded);
     app.read("/v1/transfers?include=payload&limit=1000", &app.officer())
         .await
         .expect(200);
@@ -675,6 +701,54 @@ async fn records_deleted_by_hand_take_their_slots_and_lookup_rows(app: TestApp) 
     assert_eq!(app.count("transfers").await, 15);
 }
 both!(records_deleted_by_hand_take_their_slots_and_lookup_rows);
+
+/// A sweep checks the keys of what it deletes after its last batch. One
+/// that stopped before that check leaves its row marked (`keys_pending`),
+/// and the next sweep, with nothing of its own to delete, walks every key
+/// and destroys those left with nothing to decrypt, once.
+async fn a_sweep_finishes_the_key_check_of_one_that_stopped_before_it(app: TestApp) {
+    app.expired_calls("carrier-o", "o", 6000, 30).await;
+    let keys = app.count("subject_keys").await;
+    // As if a sweep had committed its batches and then been killed.
+    app.exec("DELETE FROM transfers", None, None).await;
+    assert_eq!(app.unused_keys().await, keys);
+    let stopped = uuid::Uuid::now_v7();
+    app.exec(
+        "INSERT INTO sweeps (id, dry_run, status, examined, deleted, held, keys_shredded, cutoff, started_at, started_by, keys_pending)
+         VALUES ($1, false, 'interrupted', 30, 30, 0, 0, 0, 0, 'killed', true)",
+        None,
+        Some(stopped),
+    )
+    .await;
+
+    // A dry run says so, and changes nothing.
+    let dry = app
+        .post(
+            "/v1/retention/sweeps",
+            &app.sweeper(),
+            &json!({"dry_run": true}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(dry.body["keys_shredded"], keys);
+    assert_eq!(app.count("subject_keys").await, keys);
+
+    let r = app.sweep_now(201).await;
+    assert_eq!(
+        (r.body["deleted"].clone(), r.body["keys_shredded"].clone()),
+        (json!(0), json!(keys))
+    );
+    assert_eq!(app.count("subject_keys").await, 0);
+    let pending = app
+        .scalar("SELECT COUNT(*) FROM sweeps WHERE keys_pending")
+        .await;
+    assert_eq!(pending, 0, "the key check is still marked pending");
+    // Done once: the next sweep has nothing to walk.
+    let r = app.sweep_now(201).await;
+    assert_eq!(r.body["keys_shredded"], 0);
+    app.assert_audit_valid().await;
+}
+both!(a_sweep_finishes_the_key_check_of_one_that_stopped_before_it);
 
 /// A hold placed while a sweep batch is in flight: once its 201 is back,
 /// every record it covers that is still there survives the sweep. (On

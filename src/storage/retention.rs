@@ -427,6 +427,40 @@ pub async fn expired_batch(
     ))
 }
 
+/// Those of `ids` that no hold in force covers, in their order: all of
+/// them, without a query, when no hold is in force. For a batch that holds
+/// the holds lock, over records chosen before it took it.
+pub async fn unheld(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    if !any_hold_in_force(tx).await? {
+        return Ok(ids.to_vec());
+    }
+    let mut kept: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
+    match tx {
+        Tx::Postgres(t) => {
+            let rows: Vec<Uuid> = sqlx::query_scalar(&format!(
+                "SELECT t.id FROM transfers t WHERE t.id = ANY($1) AND NOT {HELD}"
+            ))
+            .bind(ids)
+            .fetch_all(&mut **t)
+            .await?;
+            kept.extend(rows);
+        }
+        Tx::Sqlite(t) => {
+            for chunk in ids.chunks(MAX_BINDS) {
+                let mut qb = QueryBuilder::<sqlx::Sqlite>::new(
+                    "SELECT t.id FROM transfers t WHERE t.id IN (",
+                );
+                push_list(&mut qb, chunk.iter().copied());
+                qb.push(") AND NOT ");
+                qb.push(HELD);
+                let rows: Vec<Uuid> = qb.build_query_scalar().fetch_all(&mut **t).await?;
+                kept.extend(rows);
+            }
+        }
+    }
+    Ok(ids.iter().copied().filter(|id| kept.contains(id)).collect())
+}
+
 /// Counts of expired records, held and not held.
 pub async fn expired_counts(tx: &mut Tx, cutoff: i64) -> sqlx::Result<(i64, i64)> {
     let held = held_test(tx).await?;
@@ -475,16 +509,17 @@ pub async fn keys_left_empty(db: &Db, cutoff: i64) -> sqlx::Result<i64> {
 }
 
 /// Deletes records with their slots and lookup rows, set-based. Returns
-/// how many records went and the subject keys that sealed their slots
-/// (sorted, distinct).
+/// the ids of the records that went (any of `ids` already gone is not
+/// among them) and the subject keys that sealed their slots (sorted,
+/// distinct).
 ///
 /// The children go first, each table in one statement, the slots
 /// returning the keys that sealed them. SQLite: the foreign-key cascade of
 /// the last statement then finds nothing left to do. PostgreSQL: the last
 /// statement runs with [`children_deleted`], so the delete trigger stands
 /// aside (migration 0018).
-pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<Uuid>)> {
-    let mut n = 0;
+pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(Vec<Uuid>, Vec<Uuid>)> {
+    let mut gone: Vec<Uuid> = Vec::new();
     let mut keys: Vec<Uuid> = Vec::new();
     match tx {
         Tx::Postgres(t) => {
@@ -500,11 +535,10 @@ pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<U
                 .execute(&mut *c)
                 .await?;
             children_deleted_pg(&mut *c, true).await?;
-            n = sqlx::query("DELETE FROM transfers WHERE id = ANY($1)")
+            gone = sqlx::query_scalar("DELETE FROM transfers WHERE id = ANY($1) RETURNING id")
                 .bind(ids)
-                .execute(&mut *c)
-                .await?
-                .rows_affected();
+                .fetch_all(&mut *c)
+                .await?;
             children_deleted_pg(&mut *c, false).await?;
         }
         Tx::Sqlite(t) => {
@@ -526,17 +560,17 @@ pub async fn delete_batch(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<(u64, Vec<U
                     .build()
                     .execute(&mut *c)
                     .await?;
-                n += in_list("DELETE FROM transfers WHERE id IN (", ")")
-                    .build()
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected();
+                let g: Vec<Uuid> = in_list("DELETE FROM transfers WHERE id IN (", ") RETURNING id")
+                    .build_query_scalar()
+                    .fetch_all(&mut *c)
+                    .await?;
+                gone.extend(g);
             }
         }
     }
     keys.sort();
     keys.dedup();
-    Ok((n, keys))
+    Ok((gone, keys))
 }
 
 /// PostgreSQL: says (`on`) that the caller deletes, in this transaction,

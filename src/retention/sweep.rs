@@ -305,7 +305,15 @@ async fn shred_keys(
     let walk = store::keys_pending_elsewhere(&mut tx, row.id).await?;
     tx.commit().await?;
     let candidates = match candidates {
-        Some(c) if !walk => Some(c.into_iter().collect::<Vec<_>>()),
+        Some(mut c) if !walk => {
+            // More keys than a batch: one read of the slots' keys instead of
+            // a probe per key (see `drop_used_keys`). Only narrows the
+            // candidates; each key left is checked again, locked, below.
+            if c.len() > batch as usize {
+                store::drop_used_keys(&state.db, &mut c).await?;
+            }
+            Some(c.into_iter().collect::<Vec<_>>())
+        }
         _ => None,
     };
     let mut chunks = candidates

@@ -1,5 +1,8 @@
 //! Sweeps, the lock that keeps them one at a time, and legal holds.
 
+use std::collections::BTreeSet;
+
+use futures::TryStreamExt;
 use sqlx::{FromRow, QueryBuilder};
 use uuid::Uuid;
 
@@ -611,6 +614,28 @@ pub async fn unused_keys_after(tx: &mut Tx, after: Uuid, limit: i64) -> sqlx::Re
         .fetch_all(c)
         .await
     })
+}
+
+/// Takes out of `keys` every key that a slot or a consent uses, reading
+/// each table once, in full, instead of probing its key index once per
+/// key. For many keys right after a sweep deleted their records' slots: on
+/// PostgreSQL the index keeps the entries of those slots until vacuum, and
+/// a probe visits the table for each of them to learn it is gone (at two
+/// million records, 192,000 keys took 23.6 s of probes).
+pub async fn drop_used_keys(db: &Db, keys: &mut BTreeSet<Uuid>) -> sqlx::Result<()> {
+    for sql in [
+        "SELECT subject_key_id FROM transfer_slots",
+        "SELECT subject_key_id FROM consents WHERE subject_key_id IS NOT NULL",
+    ] {
+        on_db!(db, c => {
+            let mut used = sqlx::query_scalar::<_, Uuid>(sql).fetch(c);
+            while let Some(k) = used.try_next().await? {
+                keys.remove(&k);
+            }
+            Ok::<_, sqlx::Error>(())
+        })?;
+    }
+    Ok(())
 }
 
 /// How many subject keys have nothing left to decrypt now (what a walk of

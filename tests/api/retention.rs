@@ -28,6 +28,17 @@ impl TestApp {
             .expect(status)
     }
 
+    /// A dry run, as the sweeper; its report.
+    async fn dry_run(&self) -> Reply {
+        self.post(
+            "/v1/retention/sweeps",
+            &self.sweeper(),
+            &json!({"dry_run": true}),
+        )
+        .await
+        .expect(201)
+    }
+
     async fn ids_left(&self) -> HashSet<String> {
         let items = self
             .all_pages("/v1/transfers?limit=1000", &self.officer())
@@ -148,14 +159,7 @@ async fn sweeps_delete_what_expired_and_keep_what_is_held(app: TestApp) {
     let keys_before = app.count("subject_keys").await;
 
     // A dry run reports what would go and changes nothing.
-    let dry = app
-        .post(
-            "/v1/retention/sweeps",
-            &app.sweeper(),
-            &json!({"dry_run": true}),
-        )
-        .await
-        .expect(201);
+    let dry = app.dry_run().await;
     assert_eq!(
         (
             dry.body["examined"].clone(),
@@ -722,14 +726,7 @@ async fn a_sweep_finishes_the_key_check_of_one_that_stopped_before_it(app: TestA
     .await;
 
     // A dry run says so, and changes nothing.
-    let dry = app
-        .post(
-            "/v1/retention/sweeps",
-            &app.sweeper(),
-            &json!({"dry_run": true}),
-        )
-        .await
-        .expect(201);
+    let dry = app.dry_run().await;
     assert_eq!(dry.body["keys_shredded"], keys);
     assert_eq!(app.count("subject_keys").await, keys);
 

@@ -304,71 +304,83 @@ async fn shred_keys(
     let mut tx = state.db.begin_probes().await?;
     let walk = store::keys_pending_elsewhere(&mut tx, row.id).await?;
     tx.commit().await?;
-    let candidates = match candidates {
-        Some(mut c) if !walk => {
+    match candidates {
+        Some(mut keys) if !walk => {
             // More keys than a batch: one read of the slots' keys instead of
             // a probe per key (see `drop_used_keys`). Only narrows the
             // candidates; each key left is checked again, locked, below.
-            if c.len() > batch as usize {
-                store::drop_used_keys(&state.db, &mut c).await?;
+            if keys.len() > batch as usize {
+                store::drop_used_keys(&state.db, &mut keys).await?;
             }
-            Some(c.into_iter().collect::<Vec<_>>())
+            let keys: Vec<Uuid> = keys.into_iter().collect();
+            for chunk in keys.chunks(batch.max(1) as usize) {
+                shred_key_batch(state, who, row, KeyBatch::These(chunk)).await?;
+            }
         }
-        _ => None,
-    };
-    let mut chunks = candidates
-        .as_deref()
-        .map(|c| c.chunks(batch.max(1) as usize));
-    let mut after = Uuid::nil();
-    loop {
-        let chunk = match &mut chunks {
-            Some(chunks) => match chunks.next() {
-                Some(chunk) => Some(chunk),
-                None => break,
-            },
-            None => None,
-        };
-        let step = retrying(|| async {
-            let mut tx = state.db.begin_probes().await?;
-            if !store::renew_sweep(&mut tx, row.id, micros(Utc::now()), None).await? {
-                return Err(taken_over(row.id));
+        _ => {
+            let mut after = Uuid::nil();
+            while let Some(last) =
+                shred_key_batch(state, who, row, KeyBatch::UnusedAfter(after, batch)).await?
+            {
+                after = last;
             }
-            // The walk's next position; `None` when it has reached the end.
-            let (keys, last) = match chunk {
-                Some(chunk) => (chunk.to_vec(), None),
-                None => {
-                    let keys = store::unused_keys_after(&mut tx, after, batch).await?;
-                    let last = keys.last().copied().filter(|_| keys.len() as i64 == batch);
-                    (keys, last)
-                }
-            };
-            let shredded = store::shred_unused_keys(&mut tx, &keys).await?;
-            if !shredded.is_empty() {
-                store::add_progress(&mut tx, row.id, 0, shredded.len() as i64).await?;
-                let target = json!({"sweep_id": row.id, "keys_shredded": shredded.len()});
-                audit::append(
-                    &mut tx,
-                    Some(who),
-                    &Event::new("retention.sweep.keys", target),
-                )
-                .await?;
-            }
-            tx.commit().await?;
-            Ok((shredded, last))
-        })
-        .await?;
-        let (shredded, last) = step;
-        for k in &shredded {
-            state.keys.forget(*k);
-        }
-        row.keys_shredded += shredded.len() as i64;
-        match (chunk, last) {
-            (Some(_), _) => {}
-            (None, Some(last)) => after = last,
-            (None, None) => break,
         }
     }
     Ok(())
+}
+
+/// The keys one batch of [`shred_keys`] checks.
+#[derive(Clone, Copy)]
+enum KeyBatch<'a> {
+    /// These candidates.
+    These(&'a [Uuid]),
+    /// The walk of every key: up to `limit` unused keys after this one.
+    UnusedAfter(Uuid, i64),
+}
+
+/// One transaction of [`shred_keys`]: destroys those of the batch's keys
+/// that nothing uses, with the sweep's counter and audit entry. The walk's
+/// next position; `None` for candidates, or when the walk has ended.
+async fn shred_key_batch(
+    state: &AppState,
+    who: &Principal,
+    row: &mut SweepRow,
+    keys: KeyBatch<'_>,
+) -> Result<Option<Uuid>> {
+    let id = row.id;
+    let (shredded, next) = retrying(|| async {
+        let mut tx = state.db.begin_probes().await?;
+        if !store::renew_sweep(&mut tx, id, micros(Utc::now()), None).await? {
+            return Err(taken_over(id));
+        }
+        let (keys, next) = match keys {
+            KeyBatch::These(chunk) => (chunk.to_vec(), None),
+            KeyBatch::UnusedAfter(after, limit) => {
+                let keys = store::unused_keys_after(&mut tx, after, limit).await?;
+                let next = keys.last().copied().filter(|_| keys.len() as i64 == limit);
+                (keys, next)
+            }
+        };
+        let shredded = store::shred_unused_keys(&mut tx, &keys).await?;
+        if !shredded.is_empty() {
+            store::add_progress(&mut tx, id, 0, shredded.len() as i64).await?;
+            let target = json!({"sweep_id": id, "keys_shredded": shredded.len()});
+            audit::append(
+                &mut tx,
+                Some(who),
+                &Event::new("retention.sweep.keys", target),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((shredded, next))
+    })
+    .await?;
+    for k in &shredded {
+        state.keys.forget(*k);
+    }
+    row.keys_shredded += shredded.len() as i64;
+    Ok(next)
 }
 
 /// Runs `step` again, up to twice, when it failed on a conflict with a

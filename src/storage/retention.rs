@@ -430,25 +430,24 @@ pub async fn expired_batch(
     ))
 }
 
-/// Those of `ids` that no hold in force covers, in their order: all of
+/// Those of `ids` (sorted) that no hold in force covers, sorted: all of
 /// them, without a query, when no hold is in force. For a batch that holds
 /// the holds lock, over records chosen before it took it.
 pub async fn unheld(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
     if !any_hold_in_force(tx).await? {
         return Ok(ids.to_vec());
     }
-    let mut kept: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
     match tx {
         Tx::Postgres(t) => {
-            let rows: Vec<Uuid> = sqlx::query_scalar(&format!(
-                "SELECT t.id FROM transfers t WHERE t.id = ANY($1) AND NOT {HELD}"
+            sqlx::query_scalar(&format!(
+                "SELECT t.id FROM transfers t WHERE t.id = ANY($1) AND NOT {HELD} ORDER BY t.id"
             ))
             .bind(ids)
             .fetch_all(&mut **t)
-            .await?;
-            kept.extend(rows);
+            .await
         }
         Tx::Sqlite(t) => {
+            let mut kept = Vec::with_capacity(ids.len());
             for chunk in ids.chunks(MAX_BINDS) {
                 let mut qb = QueryBuilder::<sqlx::Sqlite>::new(
                     "SELECT t.id FROM transfers t WHERE t.id IN (",
@@ -456,12 +455,13 @@ pub async fn unheld(tx: &mut Tx, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
                 push_list(&mut qb, chunk.iter().copied());
                 qb.push(") AND NOT ");
                 qb.push(HELD);
+                qb.push(" ORDER BY t.id");
                 let rows: Vec<Uuid> = qb.build_query_scalar().fetch_all(&mut **t).await?;
                 kept.extend(rows);
             }
+            Ok(kept)
         }
     }
-    Ok(ids.iter().copied().filter(|id| kept.contains(id)).collect())
 }
 
 /// Counts of expired records, held and not held.

@@ -626,14 +626,16 @@ async fn sweeps_survive_being_killed_at_any_instant(app: TestApp) {
         .get("/v1/retention/sweeps?limit=1000", &auditor)
         .await
         .expect(200);
-    let counted: i64 = sweeps
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["deleted"].as_i64().unwrap())
-        .sum();
-    assert_eq!(counted, expired_ids.len() as i64);
+    let total = |field: &str| -> i64 {
+        sweeps
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s[field].as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!(total("deleted"), expired_ids.len() as i64);
     let audited: Vec<String> = app
         .all_pages(
             "/v1/audit?action=retention.sweep.batch&limit=1000",
@@ -664,14 +666,7 @@ async fn sweeps_survive_being_killed_at_any_instant(app: TestApp) {
     );
     let shredded = keys_before - app.count("subject_keys").await;
     assert!(shredded >= 600, "only {shredded} keys went");
-    let counted: i64 = sweeps
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["keys_shredded"].as_i64().unwrap())
-        .sum();
-    assert_eq!(counted, shredded);
+    assert_eq!(total("keys_shredded"), shredded);
     let audited: i64 = app
         .all_pages("/v1/audit?action=retention.sweep.keys&limit=1000", &auditor)
         .await

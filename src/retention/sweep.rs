@@ -133,6 +133,9 @@ async fn sweep_batches(
     progress: Option<&(dyn Fn(u64, u64) + Send + Sync)>,
 ) -> Result<()> {
     let db = &state.db;
+    // Whether the sweep checked every subject key its deletions (or an
+    // earlier sweep's) left unused; see `shred_keys`.
+    let mut keys_checked = true;
     let counts = || async {
         let mut tx = db.begin_probes().await?;
         let counts = store::expired_counts(&mut tx, row.cutoff).await?;
@@ -193,7 +196,7 @@ async fn sweep_batches(
                 }
             }
         }
-        shred_keys(state, who, row, candidates, batch).await?;
+        keys_checked = shred_keys(state, who, row, candidates, batch).await?;
         // Held as the walk left them: a hold placed during the sweep
         // counts the records it kept.
         let mut tx = db.begin_probes().await?;
@@ -210,7 +213,11 @@ async fn sweep_batches(
         return Err(taken_over(row.id));
     }
     if !row.dry_run {
-        store::clear_keys_pending(&mut tx).await?;
+        if keys_checked {
+            store::clear_keys_pending(&mut tx).await?;
+        } else {
+            store::set_keys_pending(&mut tx, row.id).await?;
+        }
     }
     let target = json!({
         "sweep_id": row.id, "dry_run": row.dry_run, "examined": row.examined, "deleted": row.deleted,
@@ -294,16 +301,22 @@ async fn sweep_batch(
 /// Each batch is one transaction with the sweep's counter and its audit
 /// entry; a sweep killed here leaves its own flag set, and the next sweep
 /// walks every key.
+///
+/// An unused key that another transaction holds locked (PostgreSQL: a
+/// writer sealing under it, or a rewrap) is checked again once that has
+/// ended, a few times. Whether every key was checked: if not, the sweep
+/// leaves its flag set, and the next sweep walks every key.
 async fn shred_keys(
     state: &AppState,
     who: &Principal,
     row: &mut SweepRow,
     candidates: Option<BTreeSet<Uuid>>,
     batch: i64,
-) -> Result<()> {
+) -> Result<bool> {
     let mut tx = state.db.begin_probes().await?;
     let walk = store::keys_pending_elsewhere(&mut tx, row.id).await?;
     tx.commit().await?;
+    let mut skipped = Vec::new();
     match candidates {
         Some(mut keys) if !walk => {
             // More keys than a batch: one read of the slots' keys instead of
@@ -314,20 +327,48 @@ async fn shred_keys(
             }
             let keys: Vec<Uuid> = keys.into_iter().collect();
             for chunk in keys.chunks(batch.max(1) as usize) {
-                shred_key_batch(state, who, row, KeyBatch::These(chunk)).await?;
+                let (_, locked) = shred_key_batch(state, who, row, KeyBatch::These(chunk)).await?;
+                skipped.extend(locked);
             }
         }
         _ => {
             let mut after = Uuid::nil();
-            while let Some(last) =
-                shred_key_batch(state, who, row, KeyBatch::UnusedAfter(after, batch)).await?
-            {
-                after = last;
+            loop {
+                let (next, locked) =
+                    shred_key_batch(state, who, row, KeyBatch::UnusedAfter(after, batch)).await?;
+                skipped.extend(locked);
+                match next {
+                    Some(last) => after = last,
+                    None => break,
+                }
             }
         }
     }
-    Ok(())
+    for _ in 0..LOCKED_KEY_RETRIES {
+        if skipped.is_empty() {
+            break;
+        }
+        tokio::time::sleep(LOCKED_KEY_PAUSE).await;
+        let mut again = Vec::new();
+        for chunk in skipped.chunks(batch.max(1) as usize) {
+            again.extend(
+                shred_key_batch(state, who, row, KeyBatch::These(chunk))
+                    .await?
+                    .1,
+            );
+        }
+        skipped = again;
+    }
+    if !skipped.is_empty() {
+        tracing::warn!(sweep = %row.id, keys = skipped.len(), "unused subject keys stayed locked by other transactions; the next sweep checks every key");
+    }
+    Ok(skipped.is_empty())
 }
+
+/// How often, and after how long a pause, [`shred_keys`] checks again the
+/// unused keys another transaction held locked.
+const LOCKED_KEY_RETRIES: usize = 3;
+const LOCKED_KEY_PAUSE: Duration = Duration::from_millis(200);
 
 /// The keys one batch of [`shred_keys`] checks.
 #[derive(Clone, Copy)]
@@ -340,15 +381,16 @@ enum KeyBatch<'a> {
 
 /// One transaction of [`shred_keys`]: destroys those of the batch's keys
 /// that nothing uses, with the sweep's counter and audit entry. The walk's
-/// next position; `None` for candidates, or when the walk has ended.
+/// next position (`None` for candidates, or when the walk has ended), and
+/// the unused keys another transaction had locked.
 async fn shred_key_batch(
     state: &AppState,
     who: &Principal,
     row: &mut SweepRow,
     keys: KeyBatch<'_>,
-) -> Result<Option<Uuid>> {
+) -> Result<(Option<Uuid>, Vec<Uuid>)> {
     let id = row.id;
-    let (shredded, next) = retrying(|| async {
+    let (shredded, skipped, next) = retrying(|| async {
         let mut tx = state.db.begin_probes().await?;
         if !store::renew_sweep(&mut tx, id, micros(Utc::now()), None).await? {
             return Err(taken_over(id));
@@ -361,7 +403,10 @@ async fn shred_key_batch(
                 (keys, next)
             }
         };
-        let shredded = store::shred_unused_keys(&mut tx, &keys).await?;
+        let store::Shredded {
+            destroyed: shredded,
+            skipped,
+        } = store::shred_unused_keys(&mut tx, &keys).await?;
         if !shredded.is_empty() {
             store::add_progress(&mut tx, id, 0, shredded.len() as i64).await?;
             let target = json!({"sweep_id": id, "keys_shredded": shredded.len()});
@@ -373,14 +418,14 @@ async fn shred_key_batch(
             .await?;
         }
         tx.commit().await?;
-        Ok((shredded, next))
+        Ok((shredded, skipped, next))
     })
     .await?;
     for k in &shredded {
         state.keys.forget(*k);
     }
     row.keys_shredded += shredded.len() as i64;
-    Ok(next)
+    Ok((next, skipped))
 }
 
 /// Runs `step` again, up to twice, when it failed on a conflict with a

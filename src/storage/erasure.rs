@@ -167,8 +167,24 @@ pub async fn remove_subject(
 ) -> sqlx::Result<u64> {
     // Every generation of the subject's keys (see `keys::generations`).
     let (lo, hi) = super::keys::generations(index);
+    let mut records = records.to_vec();
+    records.sort_unstable();
     let mut deleted = 0;
     for chunk in records.chunks(MAX_BINDS / 2) {
+        // Two erasures of a call's two parties, each deleting its own
+        // subject's slots, would each still see the other's (deleted but
+        // not yet committed) and both keep the record, left with no
+        // subject at all. Locked here, the record's second erasure waits
+        // for the first to commit and then sees it has no slot left. In
+        // id order, across chunks too, so that two erasures cannot
+        // deadlock. (SQLite's write transactions are one at a time.)
+        if let Tx::Postgres(t) = &mut *tx {
+            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+            sqlx::query("SELECT id FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(&ids)
+                .execute(&mut **t)
+                .await?;
+        }
         // A number assignment has one slot, the subject's, whichever of its
         // identifiers found it: all of its slots go. Other records lose the
         // slots sealed under the subject's keys. (The category is known
@@ -273,7 +289,9 @@ pub async fn shred_subject_keys(
     index: &[u8],
 ) -> sqlx::Result<Vec<Uuid>> {
     let keys = subject_key_ids(tx, carrier, index, "").await?;
-    shred_unused_keys(tx, &keys).await
+    // Its callers hold the subject's keys locked (`settled`): none is
+    // skipped.
+    Ok(shred_unused_keys(tx, &keys).await?.destroyed)
 }
 
 /// Moves the subject's current key in the carrier aside (as a spent one is,

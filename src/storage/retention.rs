@@ -287,6 +287,19 @@ pub async fn keys_pending_elsewhere(tx: &mut Tx, except: Uuid) -> sqlx::Result<b
     })
 }
 
+/// The sweep left unused keys unchecked (others held them locked): the
+/// next sweep walks every key.
+pub async fn set_keys_pending(tx: &mut Tx, id: Uuid) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query("UPDATE sweeps SET keys_pending = TRUE WHERE id = $1")
+            .bind(id)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
 /// Every sweep's key check is done: the caller checked the keys of all of
 /// them (its own candidates, or every subject key).
 pub async fn clear_keys_pending(tx: &mut Tx) -> sqlx::Result<()> {
@@ -648,41 +661,68 @@ pub async fn unused_keys(tx: &mut Tx) -> sqlx::Result<i64> {
     })
 }
 
+/// What [`shred_unused_keys`] did with its keys.
+#[derive(Debug, Default)]
+pub struct Shredded {
+    /// Destroyed.
+    pub destroyed: Vec<Uuid>,
+    /// Unused, but locked by another transaction (PostgreSQL: a writer
+    /// sealing under them, or a rewrap), so left as they are: check them
+    /// again once that transaction has ended.
+    pub skipped: Vec<Uuid>,
+}
+
 /// Destroys those of `keys` that no slot and no consent uses any more:
-/// crypto-shredding. Returns the ids destroyed.
-pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+/// crypto-shredding.
+pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Shredded> {
     if keys.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Shredded::default());
     }
     if let Tx::Postgres(t) = tx {
         // One array parameter: planned as index probes, whatever the count.
         // Only keys unused in this statement's snapshot are locked (a key
         // still sealing a slot stays as it is: whoever deletes that slot
         // checks it then). A key a writer is sealing under right now (its
-        // slot insert holds a key-share lock on it) is in use: skipped,
-        // not waited for.
+        // slot insert holds a key-share lock on it) is skipped, not waited
+        // for, and reported so that the caller checks it again.
         let locked: Vec<Uuid> = sqlx::query_scalar(&format!(
             "SELECT id FROM subject_keys WHERE id = ANY($1) AND {UNUSED} ORDER BY id FOR UPDATE SKIP LOCKED"
         ))
         .bind(keys)
         .fetch_all(&mut **t)
         .await?;
+        let skipped = if locked.len() < keys.len() {
+            let held: BTreeSet<&Uuid> = locked.iter().collect();
+            let others: Vec<Uuid> = keys.iter().filter(|k| !held.contains(k)).copied().collect();
+            sqlx::query_scalar(&format!(
+                "SELECT id FROM subject_keys WHERE id = ANY($1) AND {UNUSED}"
+            ))
+            .bind(&others)
+            .fetch_all(&mut **t)
+            .await?
+        } else {
+            Vec::new()
+        };
         if locked.is_empty() {
-            return Ok(locked);
+            return Ok(Shredded {
+                destroyed: locked,
+                skipped,
+            });
         }
         // A second statement, so a second snapshot, taken with the locks
         // held: no slot can be added under these keys any more, and a slot
         // a writer committed just before the lock is seen. (Checked in the
         // locking statement's snapshot only, such a slot was missed, and
         // the delete failed on the foreign key.)
-        return sqlx::query_scalar(&format!(
+        let destroyed = sqlx::query_scalar(&format!(
             "DELETE FROM subject_keys WHERE id = ANY($1) AND {UNUSED} RETURNING id"
         ))
         .bind(&locked)
         .fetch_all(&mut **t)
-        .await;
+        .await?;
+        return Ok(Shredded { destroyed, skipped });
     }
-    let mut out = Vec::new();
+    let mut destroyed = Vec::new();
     for chunk in keys.chunks(MAX_BINDS) {
         let gone: Vec<Uuid> = on_tx!(tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new("DELETE FROM subject_keys WHERE id IN (");
@@ -692,9 +732,12 @@ pub async fn shred_unused_keys(tx: &mut Tx, keys: &[Uuid]) -> sqlx::Result<Vec<U
             qb.push(" RETURNING id");
             qb.build_query_scalar().fetch_all(&mut *c).await
         })?;
-        out.extend(gone);
+        destroyed.extend(gone);
     }
-    Ok(out)
+    Ok(Shredded {
+        destroyed,
+        skipped: Vec::new(),
+    })
 }
 
 #[derive(Debug, Clone, FromRow)]

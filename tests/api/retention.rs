@@ -742,6 +742,52 @@ async fn a_sweep_finishes_the_key_check_of_one_that_stopped_before_it(app: TestA
 }
 both!(a_sweep_finishes_the_key_check_of_one_that_stopped_before_it);
 
+/// A subject key left unused that another transaction holds locked when the
+/// sweep checks it (on PostgreSQL, a writer sealing under it or a rewrap;
+/// the sweep does not wait for either) is not forgotten: the sweep checks it
+/// again a few times, and if it is still locked, the next sweep checks
+/// every key.
+async fn a_key_locked_during_the_sweep_is_destroyed_by_the_next(app: TestApp) {
+    app.expired_calls("carrier-l", "l", 6000, 30).await;
+    let keys = app.count("subject_keys").await;
+    let locker = match app.backend {
+        Backend::Postgres => {
+            let mut tx = app.db().begin().await.unwrap();
+            if let transfer_ledger::storage::Tx::Postgres(t) = &mut tx {
+                sqlx::query("SELECT id FROM subject_keys FOR KEY SHARE")
+                    .execute(&mut **t)
+                    .await
+                    .unwrap();
+            }
+            Some(tx)
+        }
+        // One writer at a time: nothing else can hold a key meanwhile.
+        Backend::Sqlite => None,
+    };
+    let first = app.sweep_now(201).await;
+    assert_eq!(first.body["deleted"], 30);
+    let locked = if locker.is_some() { keys } else { 0 };
+    assert_eq!(first.body["keys_shredded"], keys - locked);
+    assert_eq!(app.unused_keys().await, locked);
+    if let Some(tx) = locker {
+        drop(tx); // rolled back
+    }
+
+    let next = app.sweep_now(201).await;
+    assert_eq!(next.body["keys_shredded"], locked);
+    assert_eq!(
+        app.unused_keys().await,
+        0,
+        "keys with nothing to decrypt are left"
+    );
+    let pending = app
+        .scalar("SELECT COUNT(*) FROM sweeps WHERE keys_pending")
+        .await;
+    assert_eq!(pending, 0);
+    app.assert_audit_valid().await;
+}
+both!(a_key_locked_during_the_sweep_is_destroyed_by_the_next);
+
 /// A hold placed while a sweep batch is in flight: once its 201 is back,
 /// every record it covers that is still there survives the sweep. (On
 /// PostgreSQL the batch is stalled before its delete, after choosing its

@@ -1624,3 +1624,43 @@ async fn an_erased_subjects_consent_ends_withdrawn(app: TestApp) {
     assert!(r.text.contains("ds-x"), "{}", r.text);
 }
 both!(an_erased_subjects_consent_ends_withdrawn);
+
+/// The two parties of the same calls, erased at the same moment through two
+/// instances: none of their calls is left, not even as a record with
+/// neither party (on PostgreSQL each erasure used to see the other's slots,
+/// deleted but not yet committed, and keep the record for the other).
+async fn erasing_both_parties_at_once_leaves_none_of_their_calls(app: TestApp) {
+    let officer = app.officer();
+    let other = app.another_instance(&[]).await;
+    for round in 0..3 {
+        let (x, y) = (
+            format!("+1425555{:04}", 300 + round),
+            format!("+3312345{:04}", 6700 + round),
+        );
+        let calls: Vec<Value> = (0..600)
+            .map(|i| cdr("carrier-a", &format!("both-{round}-{i}"), &x, &y))
+            .collect();
+        app.batch(calls).await;
+        let erase = |url: &str, subject: &str| {
+            app.raw(
+                app.client
+                    .post(format!("{url}/v1/subject-requests"))
+                    .bearer_auth(&officer)
+                    .json(&json!({"kind": "erasure", "carrier_id": "carrier-a", "subject": {"phone_number": subject}})),
+            )
+        };
+        let (a, b) = tokio::join!(erase(&app.addr, &x), erase(&other.url, &y));
+        for r in [a.expect(202), b.expect(202)] {
+            app.completed(&officer, r.body["id"].as_str().unwrap())
+                .await;
+        }
+        assert_eq!(
+            app.count("transfers").await,
+            0,
+            "round {round}: calls between two erased subjects are left"
+        );
+    }
+    app.assert_no_orphans().await;
+    app.assert_audit_valid().await;
+}
+both!(erasing_both_parties_at_once_leaves_none_of_their_calls);

@@ -184,6 +184,9 @@ impl<S: Send + Sync> FromRequestParts<S> for AccessReason {
 /// Query parameters, checked against the names a route accepts.
 pub struct Params {
     pairs: Vec<(String, String)>,
+    /// By parameter, its value with each `+` read as itself rather than as
+    /// a space, where it had one (see [`Params::parse`]).
+    literal: Vec<(String, String)>,
     errors: Vec<crate::error::FieldError>,
 }
 
@@ -192,26 +195,30 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let q = parts.uri.query().unwrap_or_default();
-        let pairs = q
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                let k = url_decode(k).map_err(|why| {
-                    AppError::BadRequest(format!(
-                        "the query string is not valid URL encoding: a parameter name {why}"
-                    ))
-                })?;
-                let v = url_decode(v).map_err(|why| {
-                    AppError::BadRequest(format!(
-                        "the query string is not valid URL encoding: the value of `{k}` {why}"
-                    ))
-                })?;
-                Ok((k, v))
-            })
-            .collect::<Result<Vec<_>, AppError>>()?;
+        let mut pairs = Vec::new();
+        let mut literal = Vec::new();
+        for p in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let k = url_decode(k, true).map_err(|why| {
+                AppError::BadRequest(format!(
+                    "the query string is not valid URL encoding: a parameter name {why}"
+                ))
+            })?;
+            let bad_value = |why| {
+                AppError::BadRequest(format!(
+                    "the query string is not valid URL encoding: the value of `{}` {why}",
+                    crate::domain::fields::unknown_name(&k)
+                ))
+            };
+            if v.contains('+') {
+                literal.push((k.clone(), url_decode(v, false).map_err(bad_value)?));
+            }
+            let v = url_decode(v, true).map_err(bad_value)?;
+            pairs.push((k, v));
+        }
         Ok(Self {
             pairs,
+            literal,
             errors: Vec::new(),
         })
     }
@@ -222,7 +229,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
 /// bytes that are not UTF-8, is an error (the lenient decoders keep the
 /// first as text and replace the second, so `?subject=%FF` would be
 /// searched for as `�`). Says what is wrong, never echoing the value.
-fn url_decode(s: &str) -> Result<String, &'static str> {
+/// `plus_is_space`: whether `+` stands for a space, as in HTML forms.
+fn url_decode(s: &str, plus_is_space: bool) -> Result<String, &'static str> {
     let b = s.as_bytes();
     for (i, _) in s.match_indices('%') {
         if !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
@@ -231,7 +239,11 @@ fn url_decode(s: &str) -> Result<String, &'static str> {
             return Err("has a % not followed by two hexadecimal digits");
         }
     }
-    let spaced = s.replace('+', " ");
+    let spaced = if plus_is_space {
+        s.replace('+', " ")
+    } else {
+        s.to_string()
+    };
     percent_encoding::percent_decode_str(&spaced)
         .decode_utf8()
         .map(std::borrow::Cow::into_owned)
@@ -270,15 +282,21 @@ impl Params {
     }
 
     /// Parses `name` with `parse`, recording its error message.
-    pub fn parse<T>(
-        &mut self,
-        name: &str,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
+    ///
+    /// A value that does not parse with its `+` read as spaces is tried
+    /// once more with them read as `+`: `?subject=+14255550100` and
+    /// `?from=2026-01-31T12:00:00+01:00`, sent without escaping the `+`
+    /// (as `curl` and hand-built URLs do), mean what they say; neither a
+    /// phone number nor a date-time has a space where the `+` goes.
+    pub fn parse<T>(&mut self, name: &str, parse: impl Fn(&str) -> Result<T, String>) -> Option<T> {
         let v = self.get(name)?.to_string();
         match parse(&v) {
             Ok(t) => Some(t),
             Err(m) => {
+                let literal = self.literal.iter().find(|(k, _)| k == name);
+                if let Some(Ok(t)) = literal.map(|(_, v)| parse(v)) {
+                    return Some(t);
+                }
                 self.error(name, m);
                 None
             }

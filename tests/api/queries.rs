@@ -97,6 +97,15 @@ async fn filters_narrow_the_log(app: TestApp) {
         ),
         2
     );
+    // A `+` left unescaped in a time zone offset is read as itself: no
+    // date-time has a space there.
+    assert_eq!(
+        count(
+            &app.get("/v1/transfers?from=2026-11-01T11:03:00+01:00", &officer)
+                .await
+        ),
+        2
+    );
     assert_eq!(count(&app.get("/v1/transfers?carrier_id=carrier-a&category=call_detail_record&purpose=troubleshooting", &officer).await), 1);
 
     // Newest first, metadata only by default.
@@ -224,6 +233,15 @@ async fn subjects_are_found_through_the_blind_index_in_any_spelling(app: TestApp
     let items = r.body["items"].as_array().unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["payload"]["callee"], "+14255550100");
+    // So is the `+` of a phone number.
+    let r = app
+        .get(
+            "/v1/transfers?subject=+14255550100&category=call_quality",
+            &officer,
+        )
+        .await
+        .expect(200);
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 1);
     assert_eq!(
         app.get("/v1/transfers?subject=%2B14255550199", &officer)
             .await

@@ -64,9 +64,13 @@ pub fn router(state: AppState) -> Router {
                 .layer(middleware::from_fn(crate::telemetry::drop_unusable_request_id))
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                    // Path only: query strings may carry a subject's identifier.
+                    // The route template, never the path or its query: a
+                    // path segment may be anything a client typed (a phone
+                    // number as a consent reference or a record id), and
+                    // every event of the request carries this span's fields.
                     let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                    let route = req.extensions().get::<axum::extract::MatchedPath>().map_or("unmatched", |p| p.as_str());
+                    tracing::info_span!("request", method = %req.method(), route = %route, request_id = %id)
                 }))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(middleware::from_fn(crate::telemetry::scope_request_id))

@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::app::AppState;
-use crate::audit::{self, Event};
+use crate::audit::{self, Event, Outcome};
 use crate::auth::{Principal, Role};
 use crate::domain::consent::{ConsentKind, ConsentStatus, NewConsent};
 use crate::domain::CarrierId;
@@ -151,6 +151,30 @@ async fn find_one(
     }
 }
 
+/// [`find_one`], with a lookup that found nothing audited as `action`
+/// (outcome `not_found`): probing for another carrier's references leaves
+/// a trace, as probing for its record ids does. The reference is named as
+/// errors name it, so free text typed as one stays out of the log.
+async fn find_audited(
+    state: &AppState,
+    who: &Principal,
+    reference: &str,
+    carrier: Option<&str>,
+    action: &'static str,
+) -> Result<ConsentRow> {
+    let found = find_one(state, who, reference, carrier).await;
+    if let Err(AppError::NotFound(_)) = &found {
+        let target = json!({"reference": crate::domain::fields::unknown_name(reference)});
+        audit::record(
+            state,
+            Some(who),
+            Event::new(action, target).outcome(Outcome::NotFound),
+        )
+        .await?;
+    }
+    found
+}
+
 /// Privacy officers say why when a read reveals a data subject's identifier.
 fn require_reason(who: &Principal, row: &ConsentRow, reason: Option<&str>) -> Result<()> {
     if who.role == Role::PrivacyOfficer && row.subject_sealed.is_some() && reason.is_none() {
@@ -169,7 +193,7 @@ pub async fn get(
     reason: Option<&str>,
 ) -> Result<ConsentView> {
     state.authorize(who, "consents", "read")?;
-    let row = find_one(state, who, reference, carrier).await?;
+    let row = find_audited(state, who, reference, carrier, "consent.read").await?;
     require_reason(who, &row, reason)?;
     let shown = view(state, row.clone()).await?;
     audit::record(
@@ -191,7 +215,7 @@ pub async fn set_status(
 ) -> Result<ConsentView> {
     // Callers with no write right at all learn nothing about references.
     state.authorize_any(who, &ConsentKind::WRITE_OBJECTS, "write")?;
-    let row = find_one(state, who, reference, carrier).await?;
+    let row = find_audited(state, who, reference, carrier, "consent.status").await?;
     let carrier =
         CarrierId::parse(&row.carrier_id).map_err(|e| AppError::Internal(anyhow::anyhow!(e)))?;
     let kind: ConsentKind = row

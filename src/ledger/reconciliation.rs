@@ -82,6 +82,9 @@ pub async fn summary(state: &AppState, q: &Query) -> Result<store::Summary> {
 
 pub async fn reconcile(state: &AppState, who: &Principal, q: Query) -> Result<Reconciliation> {
     state.authorize_for(who, &q.carrier, "reconciliation", "read")?;
+    // Its page names calls by their ids, decrypted from the records: only
+    // for whom the policy lets decrypt them too.
+    state.authorize_for(who, &q.carrier, "transfers", "decrypt")?;
     let (from, to) = bounds(&q);
     let listing = store::Listing {
         outcome: q.outcome,

@@ -192,7 +192,10 @@ async fn write(
         .map(|t| state.keys.blind().of_str("request", &t.canonical))
         .collect();
 
-    // Idempotency: earlier results for these keys, and repeats within the batch.
+    // Idempotency: earlier results for these keys, and repeats within the
+    // batch. Errors name a key as they name a field: free text typed as
+    // one (a phone number, say) is not echoed.
+    use crate::domain::fields::unknown_name;
     let mut by_carrier: HashMap<&str, Vec<&str>> = HashMap::new();
     for t in items {
         if let Some(k) = &t.idempotency_key {
@@ -215,8 +218,9 @@ async fn write(
         if let Some(row) = existing.get(&key) {
             if row.request_hash.as_deref() != Some(hashes[i].as_slice()) {
                 conflicts.push(format!(
-                    "{}idempotency_key {k:?} was already used for a different transfer",
-                    prefix(idx(i))
+                    "{}idempotency_key {:?} was already used for a different transfer",
+                    prefix(idx(i)),
+                    unknown_name(k)
                 ));
             }
             results[i] = Some(Recorded {
@@ -227,8 +231,9 @@ async fn write(
         } else if let Some(&j) = first_in_batch.get(&key) {
             if hashes[j] != hashes[i] {
                 conflicts.push(format!(
-                    "{}idempotency_key {k:?} repeats item {j} with a different transfer",
-                    prefix(idx(i))
+                    "{}idempotency_key {:?} repeats item {j} with a different transfer",
+                    prefix(idx(i)),
+                    unknown_name(k)
                 ));
             }
         } else {

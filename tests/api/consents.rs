@@ -1,6 +1,7 @@
 //! Consents gate the transfers that rely on them.
 
 use serde_json::{json, Value};
+use transfer_ledger::auth::Role;
 
 use crate::both;
 use crate::helpers::*;
@@ -227,6 +228,34 @@ async fn consent_registration_is_validated_and_scoped(app: TestApp) {
     app.get("/v1/consents/oc-b", &app.carrier("carrier-b"))
         .await
         .expect(200);
+    // The probes leave a trace, naming the reference unless it is free text.
+    app.get("/v1/consents/%2B14255550100", &carrier)
+        .await
+        .expect(404);
+    let misses: Vec<(Value, Value)> = app
+        .all_pages(
+            "/v1/audit?actor=carrier-carrier-a&limit=100",
+            &app.token(Role::Auditor, None),
+        )
+        .await
+        .iter()
+        .filter(|e| e["entry"]["outcome"] == "not_found")
+        .map(|e| {
+            (
+                e["entry"]["action"].clone(),
+                e["entry"]["target"]["reference"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        misses,
+        [
+            (json!("consent.read"), json!("?")),
+            (json!("consent.status"), json!("oc-b")),
+            (json!("consent.read"), json!("nope")),
+            (json!("consent.read"), json!("oc-b")),
+        ]
+    );
 
     // A reference is registered once.
     app.post(

@@ -23,6 +23,15 @@ fn policy_copy(dir: &std::path::Path) -> std::path::PathBuf {
     to
 }
 
+/// The service with its policies in `dir`.
+async fn on_policies(backend: Backend, dir: &std::path::Path) -> Option<TestApp> {
+    let extra: HashMap<String, String> =
+        [("LEDGER_POLICY_DIR".to_string(), dir.display().to_string())]
+            .into_iter()
+            .collect();
+    spawn_app_with(backend, extra).await
+}
+
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !check().await {
@@ -37,11 +46,7 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 async fn policies_reload_or_stay(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = policy_copy(tmp.path());
-    let extra: HashMap<String, String> =
-        [("LEDGER_POLICY_DIR".to_string(), dir.display().to_string())]
-            .into_iter()
-            .collect();
-    let Some(app) = spawn_app_with(backend, extra).await else {
+    let Some(app) = on_policies(backend, &dir).await else {
         return;
     };
     let admin = app.token(Role::Admin, None);
@@ -145,6 +150,42 @@ async fn policies_reload_or_stay_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_reload_or_stay_postgres() {
     policies_reload_or_stay(Backend::Postgres).await
+}
+
+/// Reconciliation names calls by their ids, decrypted from the records: a
+/// policy that lets a role reconcile but not decrypt gives it no call ids.
+async fn reconciling_takes_the_right_to_decrypt(backend: Backend) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = policy_copy(tmp.path());
+    let mut rules = std::fs::read_to_string(dir.join("policy.csv")).unwrap();
+    rules.push_str("p, auditor, *, reconciliation, read\n");
+    std::fs::write(dir.join("policy.csv"), &rules).unwrap();
+    let Some(app) = on_policies(backend, &dir).await else {
+        return;
+    };
+    let auditor = app.token(Role::Auditor, None);
+    let path = "/v1/reconciliation?carrier_id=carrier-a";
+    app.get(path, &auditor).await.expect(403);
+
+    rules.push_str("p, auditor, *, transfers, decrypt\n");
+    std::fs::write(dir.join("policy.csv"), &rules).unwrap();
+    app.post(
+        "/v1/policies/reload",
+        &app.token(Role::Admin, None),
+        &json!({}),
+    )
+    .await
+    .expect(200);
+    app.get(path, &auditor).await.expect(200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciling_takes_the_right_to_decrypt_sqlite() {
+    reconciling_takes_the_right_to_decrypt(Backend::Sqlite).await
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciling_takes_the_right_to_decrypt_postgres() {
+    reconciling_takes_the_right_to_decrypt(Backend::Postgres).await
 }
 
 fn claims() -> Value {

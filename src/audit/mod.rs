@@ -502,10 +502,25 @@ pub async fn check_saved_head(
     }
 }
 
-/// An entry as listed by `GET /v1/audit`.
+/// An entry as listed by `GET /v1/audit`: the entry as it was hashed
+/// (`entry`), and beside it, for reading and filtering, the fields most
+/// looked for. Verification reads `entry` only.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EntryView {
     pub seq: i64,
+    pub at: DateTime<Utc>,
+    /// The actor's `sub` (what `?actor=` matches).
+    pub actor: String,
+    pub action: String,
+    pub outcome: String,
+    #[schema(value_type = Object)]
+    pub target: Value,
+    /// The `X-Access-Reason` a decrypting read stated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// SHA-256 of the previous entry, hex.
+    pub prev_hash: String,
+    /// SHA-256 of `entry`'s bytes as stored, hex.
     pub hash: String,
     /// The entry as it was hashed.
     #[schema(value_type = Object)]
@@ -514,10 +529,21 @@ pub struct EntryView {
 
 impl From<AuditRow> for EntryView {
     fn from(r: AuditRow) -> Self {
+        let entry: Value = serde_json::from_str(&r.entry).unwrap_or(Value::Null);
         Self {
             seq: r.seq,
+            at: crate::storage::from_micros(r.at),
+            actor: r.actor,
+            action: r.action,
+            outcome: r.outcome,
+            target: entry.get("target").cloned().unwrap_or(Value::Null),
+            reason: entry
+                .get("reason")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            prev_hash: hex::encode(&r.prev_hash),
             hash: hex::encode(&r.hash),
-            entry: serde_json::from_str(&r.entry).unwrap_or(Value::Null),
+            entry,
         }
     }
 }

@@ -160,6 +160,34 @@ async fn every_access_is_audited_without_personal_data(app: TestApp) {
     assert_eq!(read["reason"], "ticket PRIV-42");
     assert_eq!(read["actor"]["role"], "privacy_officer");
     assert!(read["request_id"].is_string());
+    // Listed with the fields most looked for beside the entry as hashed.
+    let listed = app
+        .all_pages(
+            "/v1/audit?action=transfer.read&limit=100",
+            &app.token(transfer_ledger::auth::Role::Auditor, None),
+        )
+        .await;
+    let item = listed.iter().find(|i| i["entry"] == *read).unwrap();
+    assert_eq!(
+        [
+            &item["action"],
+            &item["actor"],
+            &item["outcome"],
+            &item["reason"],
+            &item["target"],
+            &item["prev_hash"]
+        ],
+        [
+            &read["action"],
+            &read["actor"]["sub"],
+            &read["outcome"],
+            &read["reason"],
+            &read["target"],
+            &read["prev"]
+        ]
+    );
+    let at = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    assert_eq!(at(&item["at"]), at(&read["at"]));
     // A probe of an unknown id is recorded as not found, with the carrier.
     let probe = entries
         .iter()

@@ -270,7 +270,9 @@ async fn write(
                 .collect(),
         );
     }
-    check_consents(tx, items, &fresh, &slot_index, batch).await?;
+    // The consent each fresh transfer relies on: the one it names, or, for
+    // a number assignment that names none, its customer tenant's.
+    let consent_of = check_consents(tx, items, &fresh, &slot_index, batch).await?;
 
     // Carriers, and keys within each, in one global order: concurrent
     // batches then lock subject-key rows in the same order and cannot deadlock.
@@ -334,7 +336,7 @@ async fn write(
                 .and_then(Value::as_i64),
             _ => None,
         };
-        let consent_reference = t.consent.as_ref().map(|c| c.reference.clone());
+        let consent_reference = consent_of.get(&i).cloned();
         let binding = envelope::Binding {
             version: envelope::BODY_AAD_VERSION,
             transfer_id: id,
@@ -534,42 +536,91 @@ pub(crate) async fn resolve_subject_keys(
 
 /// Checks every consent the fresh transfers rely on; refuses with 409 naming
 /// each consent that is missing, not active, or does not cover the transfer.
+/// A number assignment that names no consent relies on its customer
+/// tenant's authorization of the carrier: the first of the tenant's
+/// customer-operator consents (by reference) that covers it, or 409 saying
+/// why none does. Returns, by item, the reference each relies on.
 async fn check_consents(
     tx: &mut Tx,
     items: &[NewTransfer],
     fresh: &[usize],
     slot_index: &[Vec<SlotIndex>],
     batch: bool,
-) -> Result<()> {
+) -> Result<HashMap<usize, String>> {
+    let mut consent_of = HashMap::new();
+    let mut problems = Vec::new();
     let mut refs: Vec<&str> = fresh
         .iter()
         .filter_map(|&i| items[i].consent.as_ref().map(|c| c.reference.as_str()))
         .collect();
-    if refs.is_empty() {
-        return Ok(());
-    }
     refs.sort_unstable();
     refs.dedup();
-    let rows: HashMap<(String, String), ConsentRow> = crate::storage::consents::get_many(tx, &refs)
-        .await?
-        .into_iter()
-        .map(|r| ((r.carrier_id.clone(), r.reference.clone()), r))
-        .collect();
-    let mut problems = Vec::new();
+    let rows: HashMap<(String, String), ConsentRow> = if refs.is_empty() {
+        HashMap::new()
+    } else {
+        crate::storage::consents::get_many(tx, &refs)
+            .await?
+            .into_iter()
+            .map(|r| ((r.carrier_id.clone(), r.reference.clone()), r))
+            .collect()
+    };
+    let mut of_tenant: HashMap<(String, String), Vec<ConsentRow>> = HashMap::new();
     for &i in fresh {
         let t = &items[i];
-        let Some(c) = &t.consent else { continue };
-        let row = rows.get(&(t.carrier_id.to_string(), c.reference.clone()));
-        if let Err(m) = consent_covers(t, row, &slot_index[i]) {
-            problems.push(format!(
-                "{}consent {:?} {m}",
-                prefix(batch.then_some(i)),
-                c.reference
-            ));
+        let at = prefix(batch.then_some(i));
+        if let Some(c) = &t.consent {
+            let row = rows.get(&(t.carrier_id.to_string(), c.reference.clone()));
+            match consent_covers(t, row, &slot_index[i]) {
+                Ok(()) => {
+                    consent_of.insert(i, c.reference.clone());
+                }
+                Err(m) => problems.push(format!("{at}consent {:?} {m}", c.reference)),
+            }
+            continue;
         }
+        if t.category != Category::NumberAssignment {
+            continue;
+        }
+        let tenant = t
+            .payload
+            .body
+            .get("customer_tenant_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let key = (t.carrier_id.to_string(), tenant.to_string());
+        if !of_tenant.contains_key(&key) {
+            let found = crate::storage::consents::of_tenant(tx, &key.0, &key.1).await?;
+            of_tenant.insert(key.clone(), found);
+        }
+        let candidates = &of_tenant[&key];
+        let mut why = Vec::new();
+        for row in candidates {
+            match consent_covers(t, Some(row), &slot_index[i]) {
+                Ok(()) => {
+                    consent_of.insert(i, row.reference.clone());
+                    break;
+                }
+                Err(m) => why.push(format!("consent {:?} {m}", row.reference)),
+            }
+        }
+        if consent_of.contains_key(&i) {
+            continue;
+        }
+        problems.push(if candidates.is_empty() {
+            format!(
+                "{at}customer tenant {tenant:?} has no customer_operator consent for carrier {}; register one, or name one in consent.reference",
+                t.carrier_id
+            )
+        } else {
+            format!(
+                "{at}no consent of customer tenant {tenant:?} for carrier {} covers this transfer: {}",
+                t.carrier_id,
+                why.join(", ")
+            )
+        });
     }
     if problems.is_empty() {
-        Ok(())
+        Ok(consent_of)
     } else {
         Err(AppError::Conflict(problems.join("; ")))
     }

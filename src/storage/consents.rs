@@ -92,6 +92,24 @@ pub async fn get_many(tx: &mut Tx, references: &[&str]) -> sqlx::Result<Vec<Cons
     Ok(out)
 }
 
+/// The customer-operator consents of a customer tenant for a carrier, by
+/// reference; locked against status changes on PostgreSQL, as
+/// [`get_many`]'s are.
+pub async fn of_tenant(tx: &mut Tx, carrier: &str, tenant: &str) -> sqlx::Result<Vec<ConsentRow>> {
+    on_tx!(tx, c, DB => {
+        let lock = if <DB as sqlx::Database>::NAME == "PostgreSQL" { " FOR SHARE" } else { "" };
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM consents
+             WHERE carrier_id = $1 AND kind = 'customer_operator' AND customer_tenant_id = $2
+             ORDER BY reference{lock}"
+        ))
+        .bind(carrier)
+        .bind(tenant)
+        .fetch_all(c)
+        .await
+    })
+}
+
 /// Moves a consent from `from` to `to`; false if its status changed meanwhile.
 pub async fn set_status(
     tx: &mut Tx,

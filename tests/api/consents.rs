@@ -24,15 +24,45 @@ async fn number_assignments_need_an_active_covering_consent(app: TestApp) {
         .await
         .expect(201);
 
-    // Without a consent reference: the field is named.
-    let mut t = na("oc-1", "tenant-1");
-    t.as_object_mut().unwrap().remove("consent");
-    assert_eq!(
-        app.post("/v1/transfers", &platform, &t)
-            .await
-            .expect(422)
-            .bad_fields(),
-        ["consent"]
+    // Naming no consent, it relies on its customer tenant's for the
+    // carrier, and the record names that one.
+    let unnamed = |tenant: &str| {
+        let mut t = na("oc-1", tenant);
+        t.as_object_mut().unwrap().remove("consent");
+        t
+    };
+    let r = app
+        .post("/v1/transfers", &platform, &unnamed("tenant-1"))
+        .await
+        .expect(201);
+    let id = r.body["id"].as_str().unwrap();
+    let shown = app
+        .get(
+            "/v1/transfers?carrier_id=carrier-a&category=number_assignment",
+            &app.officer(),
+        )
+        .await
+        .expect(200);
+    let item = shown.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == id)
+        .unwrap()
+        .clone();
+    assert_eq!(item["consent_reference"], "oc-1");
+    // A tenant with none: 409 naming the tenant.
+    let r = app
+        .post("/v1/transfers", &platform, &unnamed("tenant-9"))
+        .await
+        .expect(409);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("\"tenant-9\" has no customer_operator consent"),
+        "{}",
+        r.text
     );
 
     // Unknown consent, another tenant's, or a jurisdiction not covered: 409 naming the consent.
@@ -74,6 +104,19 @@ async fn number_assignments_need_an_active_covering_consent(app: TestApp) {
         .await
         .expect(409);
     assert!(r.body["detail"].as_str().unwrap().contains("suspended"));
+    // Also when it is not named: why the tenant's consent does not cover it.
+    let r = app
+        .post("/v1/transfers", &platform, &unnamed("tenant-1"))
+        .await
+        .expect(409);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("consent \"oc-1\" is suspended"),
+        "{}",
+        r.text
+    );
     app.post("/v1/consents/oc-1/status", &platform, &status("active"))
         .await
         .expect(200);
@@ -96,7 +139,7 @@ async fn number_assignments_need_an_active_covering_consent(app: TestApp) {
         .await
         .expect(422);
 
-    assert_eq!(app.count("transfers").await, 2);
+    assert_eq!(app.count("transfers").await, 3);
     let shown = app
         .get("/v1/consents/oc-1", &app.officer())
         .await

@@ -254,7 +254,7 @@ async fn batches_are_all_or_nothing(app: TestApp) {
         "+14255550100",
         "sip:+14255550100@sbc.example",
     ));
-    items[5].as_object_mut().unwrap().remove("consent");
+    items[5]["legal_basis"] = json!("consent");
     let r = app
         .post(
             "/v1/transfers/batch",
@@ -273,7 +273,7 @@ async fn batches_are_all_or_nothing(app: TestApp) {
             "3:category",
             "4:payload.callee",
             "4:retention_days",
-            "5:consent"
+            "5:legal_basis"
         ]
     );
     assert_eq!(app.count("transfers").await, 50);

@@ -351,18 +351,23 @@ async fn redo_one(
         store::pending_key_set_aside(&mut tx, request).await?;
     }
     let still_held = erase::held_records(&mut tx, carrier, index, scope).await?;
+    let after = progress.deleted.values().sum::<i64>();
+    if after > before {
+        // Exports prepared since the completion (an access request while
+        // these records were held) hold copies of what was just erased.
+        erase::discard_exports(&mut tx, carrier, index).await?;
+    }
     let mut destroyed = Vec::new();
     if still_held.is_empty() {
         // The keys its records were sealed under (set aside at completion);
-        // the consents and exports were cleared then, and those made since
-        // are not this erasure's.
+        // the consents were cleared then, and those made since are not
+        // this erasure's.
         destroyed = erase::shred_subject_keys(&mut tx, carrier, index).await?;
         store::remove_pending_erasure(&mut tx, request).await?;
     } else {
         // Still held: free for whichever instance polls next.
         store::renew_pending_erasure(&mut tx, request, claim.held(), None).await?;
     }
-    let after = progress.deleted.values().sum::<i64>();
     if after > before || !destroyed.is_empty() {
         let target = json!({"request_id": request, "records": after - before, "keys_destroyed": destroyed.len(), "finished": still_held.is_empty()});
         super::append_system(

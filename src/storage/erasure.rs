@@ -264,8 +264,19 @@ pub async fn forget_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::R
         .bind(index)
         .bind(now)
         .execute(&mut *c)
-        .await?;
-        // Exports prepared earlier for this subject in this scope go too.
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    discard_exports(tx, carrier, index).await?;
+    shred_subject_keys(tx, carrier, index).await
+}
+
+/// Deletes the exports prepared for the subject in the carrier, and the
+/// identifiers their requests kept for them: copies of what an erasure
+/// deletes. (The caller holds `TxLock::Exports`, so no export completes
+/// meanwhile.)
+pub async fn discard_exports(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::Result<()> {
+    on_tx!(tx, c => {
         for sql in [
             "DELETE FROM subject_export_chunks WHERE request_id IN
                (SELECT id FROM subject_requests WHERE carrier_id = $1 AND subject_index = $2 AND kind = 'access')",
@@ -277,8 +288,7 @@ pub async fn forget_subject(tx: &mut Tx, carrier: &str, index: &[u8]) -> sqlx::R
             sqlx::query(sql).bind(carrier).bind(index).execute(&mut *c).await?;
         }
         sqlx::Result::<()>::Ok(())
-    })?;
-    shred_subject_keys(tx, carrier, index).await
+    })
 }
 
 /// Destroys the subject's keys in the carrier that no record or consent

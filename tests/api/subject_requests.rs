@@ -1664,3 +1664,62 @@ async fn erasing_both_parties_at_once_leaves_none_of_their_calls(app: TestApp) {
     app.assert_audit_valid().await;
 }
 both!(erasing_both_parties_at_once_leaves_none_of_their_calls);
+
+/// An export prepared while a hold kept some of an erased subject's records
+/// holds copies of them: once the hold is released and they are erased, the
+/// export goes too (its download answers 410).
+async fn an_export_of_held_records_goes_with_them(app: TestApp) {
+    seed(&app).await;
+    let officer = app.officer();
+    let hold = app
+        .post(
+            "/v1/holds",
+            &officer,
+            &json!({"carrier_id": "carrier-a", "reason": "dispute"}),
+        )
+        .await
+        .expect(201);
+    let done = app.erase(X).await;
+    assert_ne!(done["receipt"]["held"], json!({}), "{done}");
+    let access = app
+        .request(
+            &officer,
+            "access",
+            "carrier-a",
+            json!({"phone_number": X}),
+            None,
+        )
+        .await;
+    let access = access["id"].as_str().unwrap();
+    app.completed(&officer, access).await;
+    let (_, body) = app.export(&officer, access).await;
+    let export: Value = serde_json::from_slice(&body).unwrap();
+    assert!(!export["records"].as_array().unwrap().is_empty());
+
+    let release = app
+        .client
+        .delete(format!(
+            "{}/v1/holds/{}",
+            app.addr,
+            hold.body["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&officer);
+    app.raw(release).await.expect(200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while app.count("erasures_pending").await > 0 {
+        assert!(std::time::Instant::now() < deadline, "never redone");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = app
+        .raw(
+            app.client
+                .get(format!("{}/v1/subject-requests/{access}/export", app.addr))
+                .bearer_auth(&officer)
+                .header("X-Access-Reason", "DSAR"),
+        )
+        .await
+        .expect(410);
+    assert!(r.text.contains("erasure"), "{}", r.text);
+    assert_eq!(app.count("subject_export_chunks").await, 0);
+}
+both!(an_export_of_held_records_goes_with_them);

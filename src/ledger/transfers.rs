@@ -30,6 +30,15 @@ pub fn call_key(state: &AppState, carrier: &str, call_id: &str) -> Vec<u8> {
         .of_str("call", &format!("{carrier}\u{0}{call_id}"))
 }
 
+/// The keyed hash an erased record's idempotency key is kept as (migration
+/// 0020): the key is the carrier's own text, which may say anything.
+pub fn erased_key_hash(state: &AppState, carrier: &str, key: &str) -> Vec<u8> {
+    state
+        .keys
+        .blind()
+        .of_str("idempotency", &format!("{carrier}\u{0}{key}"))
+}
+
 /// Blind indexes of one slot: the key's, and every identifier's.
 struct SlotIndex {
     key: Vec<u8>,
@@ -206,6 +215,31 @@ async fn write(
     for (carrier, keys) in &by_carrier {
         for row in store::by_idempotency_keys(tx, carrier, keys).await? {
             existing.insert((carrier.to_string(), row.idempotency_key.clone()), row);
+        }
+        // Keys of records erased since: their retry is answered as the
+        // first request was, and the erased data is not stored again.
+        let mut erased: HashMap<Vec<u8>, &str> = keys
+            .iter()
+            .filter(|k| !existing.contains_key(&(carrier.to_string(), k.to_string())))
+            .map(|k| (erased_key_hash(state, carrier, k), *k))
+            .collect();
+        if erased.is_empty() {
+            continue;
+        }
+        let hashes: Vec<Vec<u8>> = erased.keys().cloned().collect();
+        for row in store::erased_keys(tx, carrier, &hashes).await? {
+            if let Some(k) = erased.remove(&row.key_hash) {
+                existing.insert(
+                    (carrier.to_string(), k.to_string()),
+                    store::IdempotentRow {
+                        id: row.transfer_id,
+                        idempotency_key: k.to_string(),
+                        request_hash: row.request_hash,
+                        recorded_at: row.recorded_at,
+                        retain_until: row.retain_until,
+                    },
+                );
+            }
         }
     }
     let mut first_in_batch: HashMap<(String, String), usize> = HashMap::new();

@@ -15,8 +15,10 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::audit::Event;
 use crate::error::{AppError, Result};
+use crate::ledger::transfers::erased_key_hash;
 use crate::storage::erasure::{self as erase, Scope};
 use crate::storage::requests::{self as store, RequestRow};
+use crate::storage::transfers::ErasedKey;
 use crate::storage::{from_micros, micros, Tx, TxLock};
 
 /// Records handled per transaction.
@@ -262,7 +264,23 @@ async fn erase_batches(
             return Ok(());
         }
         let ids: Vec<Uuid> = records.iter().map(|(id, _)| *id).collect();
-        let removed = erase::remove_subject(&mut tx, carrier, &records, index).await?;
+        let gone = erase::remove_subject(&mut tx, carrier, &records, index).await?;
+        let removed = gone.len();
+        // A retry of an erased transfer is answered, not stored again.
+        let keys: Vec<ErasedKey> = gone
+            .into_iter()
+            .filter_map(|d| {
+                Some(ErasedKey {
+                    carrier_id: carrier.to_string(),
+                    key_hash: erased_key_hash(state, carrier, d.idempotency_key.as_deref()?),
+                    transfer_id: d.id,
+                    request_hash: d.request_hash,
+                    recorded_at: d.recorded_at,
+                    retain_until: d.retain_until,
+                })
+            })
+            .collect();
+        crate::storage::transfers::insert_erased_keys(&mut tx, &keys).await?;
         let mut batch: BTreeMap<String, i64> = BTreeMap::new();
         for (_, category) in &records {
             *batch.entry(category.clone()).or_default() += 1;

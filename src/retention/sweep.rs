@@ -197,6 +197,11 @@ async fn sweep_batches(
             }
         }
         keys_checked = shred_keys(state, who, row, candidates, batch).await?;
+        // The idempotency keys of erased records, kept as long as those
+        // records would have been (migration 0020).
+        let mut tx = db.begin().await?;
+        crate::storage::transfers::forget_erased_keys(&mut tx, row.cutoff).await?;
+        tx.commit().await?;
         // Held as the walk left them: a hold placed during the sweep
         // counts the records it kept.
         let mut tx = db.begin_probes().await?;

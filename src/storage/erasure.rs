@@ -156,20 +156,31 @@ async fn subject_key_ids(
     })
 }
 
+/// A record an erasure deleted, with what a retry of its transfer is
+/// answered by (see `transfers::ErasedKey`).
+#[derive(Debug, sqlx::FromRow)]
+pub struct Deleted {
+    pub id: Uuid,
+    pub idempotency_key: Option<String>,
+    pub request_hash: Option<Vec<u8>>,
+    pub recorded_at: i64,
+    pub retain_until: i64,
+}
+
 /// Removes the subject's slots and lookup rows from these records (id and
 /// category, as [`unheld_records`] returns them), and the records left with
-/// no subject at all. Returns how many records went.
+/// no subject at all. Returns the records that went.
 pub async fn remove_subject(
     tx: &mut Tx,
     carrier: &str,
     records: &[(Uuid, String)],
     index: &[u8],
-) -> sqlx::Result<u64> {
+) -> sqlx::Result<Vec<Deleted>> {
     // Every generation of the subject's keys (see `keys::generations`).
     let (lo, hi) = super::keys::generations(index);
     let mut records = records.to_vec();
     records.sort_unstable();
-    let mut deleted = 0;
+    let mut deleted = Vec::new();
     for chunk in records.chunks(MAX_BINDS / 2) {
         // Two erasures of a call's two parties, each deleting its own
         // subject's slots, would each still see the other's (deleted but
@@ -230,20 +241,24 @@ pub async fn remove_subject(
         // its remaining lookup rows go right after it, in this transaction,
         // so on PostgreSQL the delete trigger stands aside for it.
         children_deleted(tx, true).await?;
-        let gone: Vec<Uuid> = on_tx!(tx, c, DB => {
+        let gone: Vec<Deleted> = on_tx!(tx, c, DB => {
             let mut qb = QueryBuilder::<DB>::new("DELETE FROM transfers WHERE id IN (");
             push_list(&mut qb, ids.clone());
-            qb.push(") AND NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.transfer_id = transfers.id) RETURNING id");
-            qb.build_query_scalar().fetch_all(&mut *c).await
+            qb.push(
+                ") AND NOT EXISTS (SELECT 1 FROM transfer_slots s WHERE s.transfer_id = transfers.id) \
+                 RETURNING id, idempotency_key, request_hash, recorded_at, retain_until",
+            );
+            qb.build_query_as().fetch_all(&mut *c).await
         })?;
         children_deleted(tx, false).await?;
         if let (Tx::Postgres(t), false) = (&mut *tx, gone.is_empty()) {
+            let ids: Vec<Uuid> = gone.iter().map(|d| d.id).collect();
             sqlx::query("DELETE FROM subject_lookup WHERE transfer_id = ANY($1)")
-                .bind(&gone)
+                .bind(&ids)
                 .execute(&mut **t)
                 .await?;
         }
-        deleted += gone.len() as u64;
+        deleted.extend(gone);
     }
     Ok(deleted)
 }

@@ -178,6 +178,80 @@ pub async fn by_idempotency_keys(
     Ok(out)
 }
 
+/// What is kept of an erased record's idempotency key (migration 0020):
+/// enough to answer a retry as the first request was answered.
+#[derive(Debug, Clone, FromRow)]
+pub struct ErasedKey {
+    pub carrier_id: String,
+    /// Keyed hash of the key (`ledger::transfers::erased_key_hash`).
+    pub key_hash: Vec<u8>,
+    pub transfer_id: Uuid,
+    pub request_hash: Option<Vec<u8>>,
+    pub recorded_at: i64,
+    pub retain_until: i64,
+}
+
+pub async fn insert_erased_keys(tx: &mut Tx, rows: &[ErasedKey]) -> sqlx::Result<()> {
+    for chunk in rows.chunks(MAX_BINDS / 6) {
+        on_tx!(tx, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new(
+                "INSERT INTO erased_idempotency_keys (carrier_id, key_hash, transfer_id, request_hash, recorded_at, retain_until) ",
+            );
+            qb.push_values(chunk, |mut b, r| {
+                b.push_bind(r.carrier_id.as_str())
+                    .push_bind(r.key_hash.as_slice())
+                    .push_bind(r.transfer_id)
+                    .push_bind(r.request_hash.as_deref())
+                    .push_bind(r.recorded_at)
+                    .push_bind(r.retain_until);
+            });
+            // A key erased twice (a record re-sent after its tombstone was
+            // swept, then erased again): the later answer stands.
+            qb.push(
+                " ON CONFLICT (carrier_id, key_hash) DO UPDATE SET transfer_id = excluded.transfer_id, \
+                 request_hash = excluded.request_hash, recorded_at = excluded.recorded_at, \
+                 retain_until = excluded.retain_until",
+            );
+            qb.build().execute(&mut *c).await.map(|r| r.rows_affected())
+        })?;
+    }
+    Ok(())
+}
+
+/// The erased records of `carrier` whose idempotency keys hash to these.
+pub async fn erased_keys(
+    tx: &mut Tx,
+    carrier: &str,
+    hashes: &[Vec<u8>],
+) -> sqlx::Result<Vec<ErasedKey>> {
+    let mut out = Vec::new();
+    for chunk in hashes.chunks(MAX_BINDS / 2) {
+        let rows: Vec<ErasedKey> = on_tx!(tx, c, DB => {
+            let mut qb = QueryBuilder::<DB>::new(
+                "SELECT carrier_id, key_hash, transfer_id, request_hash, recorded_at, retain_until \
+                 FROM erased_idempotency_keys WHERE carrier_id = ",
+            );
+            qb.push_bind(carrier).push(" AND key_hash IN (");
+            push_list(&mut qb, chunk.iter().map(Vec::as_slice));
+            qb.push(")");
+            qb.build_query_as().fetch_all(&mut *c).await
+        })?;
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+/// Forgets the erased keys whose records' retention has ended by `cutoff`.
+pub async fn forget_erased_keys(tx: &mut Tx, cutoff: i64) -> sqlx::Result<u64> {
+    on_tx!(tx, c => {
+        sqlx::query("DELETE FROM erased_idempotency_keys WHERE retain_until < $1")
+            .bind(cutoff)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })
+}
+
 /// One record's metadata, if it exists within `scope` (a carrier, or all).
 pub async fn get(db: &Db, id: Uuid, scope: Option<&str>) -> sqlx::Result<Option<TransferRow>> {
     on_db!(db, c => {

@@ -1723,3 +1723,65 @@ async fn an_export_of_held_records_goes_with_them(app: TestApp) {
     assert_eq!(app.count("subject_export_chunks").await, 0);
 }
 both!(an_export_of_held_records_goes_with_them);
+
+/// A carrier's retry of a transfer whose record went with its erased subject
+/// is answered as the first request was, and the erased data is not stored
+/// again; the key with other content is still a conflict. The key is kept
+/// (as a keyed hash) until the record's retention would have ended.
+async fn a_retry_of_an_erased_transfer_stores_nothing(app: TestApp) {
+    app.consent("oc-1", "carrier-a", "tenant-1", &["FR"]).await;
+    let platform = app.platform();
+    let mut t = assignment(
+        "carrier-a",
+        "oc-1",
+        "tenant-1",
+        X,
+        "sip:+14255550100@sbc.example",
+    );
+    t["idempotency_key"] = json!("na-1");
+    let first = app.post("/v1/transfers", &platform, &t).await.expect(201);
+    app.erase(X).await;
+    assert_eq!(app.count("transfers").await, 0);
+
+    let again = app.post("/v1/transfers", &platform, &t).await.expect(201);
+    assert_eq!(again.body, first.body);
+    let batch = app
+        .post(
+            "/v1/transfers/batch",
+            &platform,
+            &json!({"transfers": [t.clone()]}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(batch.body["ids"], json!([first.body["id"]]));
+    assert_eq!(app.count("transfers").await, 0, "erased data stored again");
+    let mut other = t.clone();
+    other["payload"]["action"] = json!("unassigned");
+    app.post("/v1/transfers", &platform, &other)
+        .await
+        .expect(409);
+    let kept = app
+        .scalar("SELECT COUNT(*) FROM erased_idempotency_keys")
+        .await;
+    assert_eq!(kept, 1);
+
+    // As if its retention had ended: a sweep forgets it.
+    app.exec(
+        "UPDATE erased_idempotency_keys SET retain_until = 0",
+        None,
+        None,
+    )
+    .await;
+    app.post(
+        "/v1/retention/sweeps",
+        &app.token(Role::RetentionSweeper, None),
+        &json!({}),
+    )
+    .await
+    .expect(201);
+    let kept = app
+        .scalar("SELECT COUNT(*) FROM erased_idempotency_keys")
+        .await;
+    assert_eq!(kept, 0);
+}
+both!(a_retry_of_an_erased_transfer_stores_nothing);

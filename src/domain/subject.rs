@@ -59,7 +59,9 @@ impl PhoneNumber {
         }
         let outcome = match phonenumber::parse(None, &s) {
             Err(_) => Err("is not a phone number"),
-            Ok(n) if !possible(&n) => Err("has a length no phone number of its country code has"),
+            Ok(n) if !phonenumber::is_valid(&n) && !possible(&n) => {
+                Err("has a length no phone number of its country code has")
+            }
             Ok(n) => Ok(n.format().mode(phonenumber::Mode::E164).to_string()),
         };
         parsed_numbers().insert(s, outcome.clone());
@@ -71,12 +73,13 @@ impl PhoneNumber {
     }
 }
 
-/// Whether some country of `n`'s calling code has numbers of its length.
-/// Deliberately not whether the numbering plan has assigned its range
-/// (`phonenumber::is_valid`): the plans compiled into the binary lag the
-/// regulators', and a transfer of a number from a range opened since would
-/// otherwise go unrecorded. Ranges set aside for fiction and tests
-/// (+1 555 …) pass for the same reason.
+/// Whether some country of `n`'s calling code has subscriber numbers of its
+/// length. A number the plan knows (`phonenumber::is_valid`: service
+/// numbers such as Turkey's seven-digit 444 numbers too) passes anyway;
+/// this lets through numbers of ranges the plan has not assigned: the plans
+/// compiled into the binary lag the regulators', and a transfer of a number
+/// from a range opened since would otherwise go unrecorded. Ranges set
+/// aside for fiction and tests (+1 555 …) pass for the same reason.
 fn possible(n: &phonenumber::PhoneNumber) -> bool {
     use phonenumber::Type;
     // The numbers of subscribers (not short codes, emergency or service
@@ -439,6 +442,11 @@ mod tests {
         assert_eq!(
             PhoneNumber::parse("+1 555 555 0100").unwrap().as_str(),
             "+15555550100"
+        );
+        // Service numbers the plan knows pass as before.
+        assert_eq!(
+            PhoneNumber::parse("+90 444 1444").unwrap().as_str(),
+            "+904441444"
         );
         // A local number (seven digits) is not an international one.
         for input in ["+1 555 1234", "+1 555 123 45678", "+33 6 12 34 56"] {

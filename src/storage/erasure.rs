@@ -182,20 +182,6 @@ pub async fn remove_subject(
     records.sort_unstable();
     let mut deleted = Vec::new();
     for chunk in records.chunks(MAX_BINDS / 2) {
-        // Two erasures of a call's two parties, each deleting its own
-        // subject's slots, would each still see the other's (deleted but
-        // not yet committed) and both keep the record, left with no
-        // subject at all. Locked here, the record's second erasure waits
-        // for the first to commit and then sees it has no slot left. In
-        // id order, across chunks too, so that two erasures cannot
-        // deadlock. (SQLite's write transactions are one at a time.)
-        if let Tx::Postgres(t) = &mut *tx {
-            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-            sqlx::query("SELECT id FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-                .bind(&ids)
-                .execute(&mut **t)
-                .await?;
-        }
         // A number assignment has one slot, the subject's, whichever of its
         // identifiers found it: all of its slots go. Other records lose the
         // slots sealed under the subject's keys. (The category is known
@@ -237,6 +223,23 @@ pub async fn remove_subject(
             qb.push(")");
             qb.build().execute(&mut *c).await.map(|_| ())
         })?;
+        // Two erasures of a call's two parties, each deleting its own
+        // subject's slots, would each still see the other's (deleted but
+        // not yet committed) and both keep the record, left with no
+        // subject at all. Locked here, the record's second erasure waits
+        // for the first to commit, and its delete below, a statement that
+        // starts after the wait, sees no slot left. In id order, across
+        // chunks too, so that two erasures cannot deadlock; after the
+        // slots, as the sweep deletes a record's slots before the record,
+        // so that an erasure and a sweep cannot either. (SQLite's write
+        // transactions are one at a time.)
+        if let Tx::Postgres(t) = &mut *tx {
+            let ids: Vec<Uuid> = ids.clone().collect();
+            sqlx::query("SELECT id FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(&ids)
+                .execute(&mut **t)
+                .await?;
+        }
         // A record left with no slot at all goes. Its slots are gone and
         // its remaining lookup rows go right after it, in this transaction,
         // so on PostgreSQL the delete trigger stands aside for it.

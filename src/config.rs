@@ -499,7 +499,10 @@ impl Config {
 
 fn check_jwt_secret(s: &SecretString, source: &str) -> anyhow::Result<()> {
     if s.expose_secret().len() < 32 {
-        bail!("{source}: the JWT secret must be at least 32 bytes long");
+        bail!(
+            "{source}: the JWT secret must be at least 32 bytes long (RFC 7518 3.2: an HS256 key \
+             of fewer than 256 bits can be guessed from any token it signed); `openssl rand -base64 32` makes one"
+        );
     }
     Ok(())
 }

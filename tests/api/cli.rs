@@ -49,6 +49,8 @@ async fn first_start_with_no_configuration_then_sigterm() {
     let port = free_port();
     let mut server = ledger(dir.path())
         .env("LEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        // Every request's span in the log, to show what it carries.
+        .env("RUST_LOG", "info,tower_http=debug")
         .arg("serve")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -95,6 +97,17 @@ async fn first_start_with_no_configuration_then_sigterm() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+    // Paths a client filled with a phone number: a consent reference, a
+    // record id that is none.
+    for path in ["/v1/consents/+14255550100", "/v1/transfers/+14255550100"] {
+        let r = client
+            .get(format!("{url}{path}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{path}: {}", r.status());
+    }
 
     // SIGTERM: graceful exit, with the warning about generated secrets in the log.
     let pid = server.id().to_string();
@@ -109,6 +122,7 @@ async fn first_start_with_no_configuration_then_sigterm() {
     std::io::Read::read_to_string(server.stderr.as_mut().unwrap(), &mut log).unwrap();
     assert!(log.contains("production must supply its own"), "{log}");
     assert!(!log.contains("14255550100"), "no personal data in logs");
+    assert!(log.contains("route=/v1/consents/{reference}"), "{log}");
 }
 
 #[tokio::test]

@@ -51,19 +51,20 @@ async fn number_assignments_need_an_active_covering_consent(app: TestApp) {
         .unwrap()
         .clone();
     assert_eq!(item["consent_reference"], "oc-1");
+    // Refused with 409, the detail saying why.
+    let refused = |tenant: &'static str, why: &'static str| {
+        let (app, platform, t) = (&app, &platform, unnamed(tenant));
+        async move {
+            let r = app.post("/v1/transfers", platform, &t).await.expect(409);
+            assert!(
+                r.body["detail"].as_str().unwrap().contains(why),
+                "{}",
+                r.text
+            );
+        }
+    };
     // A tenant with none: 409 naming the tenant.
-    let r = app
-        .post("/v1/transfers", &platform, &unnamed("tenant-9"))
-        .await
-        .expect(409);
-    assert!(
-        r.body["detail"]
-            .as_str()
-            .unwrap()
-            .contains("\"tenant-9\" has no customer_operator consent"),
-        "{}",
-        r.text
-    );
+    refused("tenant-9", "\"tenant-9\" has no customer_operator consent").await;
 
     // Unknown consent, another tenant's, or a jurisdiction not covered: 409 naming the consent.
     let r = app
@@ -105,18 +106,7 @@ async fn number_assignments_need_an_active_covering_consent(app: TestApp) {
         .expect(409);
     assert!(r.body["detail"].as_str().unwrap().contains("suspended"));
     // Also when it is not named: why the tenant's consent does not cover it.
-    let r = app
-        .post("/v1/transfers", &platform, &unnamed("tenant-1"))
-        .await
-        .expect(409);
-    assert!(
-        r.body["detail"]
-            .as_str()
-            .unwrap()
-            .contains("consent \"oc-1\" is suspended"),
-        "{}",
-        r.text
-    );
+    refused("tenant-1", "consent \"oc-1\" is suspended").await;
     app.post("/v1/consents/oc-1/status", &platform, &status("active"))
         .await
         .expect(200);

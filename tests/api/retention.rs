@@ -73,7 +73,7 @@ impl TestApp {
     }
 
     /// Places a legal hold as a privacy officer; the hold as answered.
-    async fn hold(&self, hold: Value) -> Value {
+    pub(crate) async fn hold(&self, hold: Value) -> Value {
         self.post("/v1/holds", &self.officer(), &hold)
             .await
             .expect(201)

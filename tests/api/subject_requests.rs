@@ -49,6 +49,21 @@ impl TestApp {
         self.completed(&officer, req["id"].as_str().unwrap()).await
     }
 
+    /// Releases a hold as a privacy officer and waits, up to `within`,
+    /// until no erasure is pending any more (the redo is done).
+    pub(crate) async fn release_and_await_redo(&self, hold: &str, within: Duration) {
+        let release = self
+            .client
+            .delete(format!("{}/v1/holds/{hold}", self.addr))
+            .bearer_auth(self.officer());
+        self.raw(release).await.expect(200);
+        let deadline = std::time::Instant::now() + within;
+        while self.count("erasures_pending").await > 0 {
+            assert!(std::time::Instant::now() < deadline, "never redone");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits for a request to complete, the way clients should: one GET
     /// with `Prefer: wait`.
     pub(crate) async fn completed(&self, token: &str, id: &str) -> Value {
@@ -1373,15 +1388,9 @@ fn batch_ids(entries: &[Value]) -> Vec<String> {
 /// redid it at once, and the trail listed the records twice.
 async fn a_pending_erasure_is_redone_by_one_instance_at_a_time(app: TestApp) {
     seed(&app).await;
-    let officer = app.officer();
     let hold = app
-        .post(
-            "/v1/holds",
-            &officer,
-            &json!({"carrier_id": "carrier-a", "reason": "dispute"}),
-        )
-        .await
-        .expect(201);
+        .hold(json!({"carrier_id": "carrier-a", "reason": "dispute"}))
+        .await;
     let done = app.erase(X).await;
     let request = done["id"].as_str().unwrap().to_string();
     let held: i64 = done["receipt"]["held"]
@@ -1408,20 +1417,8 @@ async fn a_pending_erasure_is_redone_by_one_instance_at_a_time(app: TestApp) {
         )
         .await;
     }
-    let release = app
-        .client
-        .delete(format!(
-            "{}/v1/holds/{}",
-            app.addr,
-            hold.body["id"].as_str().unwrap()
-        ))
-        .bearer_auth(&officer);
-    app.raw(release).await.expect(200);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while app.count("erasures_pending").await > 0 {
-        assert!(std::time::Instant::now() < deadline, "never redone");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    app.release_and_await_redo(hold["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
     // Long enough for a second instance that began redoing it meanwhile
     // (within 5 s of the release) to finish its own batch, which waits for
     // the first one's row locks and then stalls too (12 s, as measured
@@ -1673,13 +1670,8 @@ async fn an_export_of_held_records_goes_with_them(app: TestApp) {
     seed(&app).await;
     let officer = app.officer();
     let hold = app
-        .post(
-            "/v1/holds",
-            &officer,
-            &json!({"carrier_id": "carrier-a", "reason": "dispute"}),
-        )
-        .await
-        .expect(201);
+        .hold(json!({"carrier_id": "carrier-a", "reason": "dispute"}))
+        .await;
     let done = app.erase(X).await;
     assert_ne!(done["receipt"]["held"], json!({}), "{done}");
     let access = app
@@ -1697,20 +1689,8 @@ async fn an_export_of_held_records_goes_with_them(app: TestApp) {
     let export: Value = serde_json::from_slice(&body).unwrap();
     assert!(!export["records"].as_array().unwrap().is_empty());
 
-    let release = app
-        .client
-        .delete(format!(
-            "{}/v1/holds/{}",
-            app.addr,
-            hold.body["id"].as_str().unwrap()
-        ))
-        .bearer_auth(&officer);
-    app.raw(release).await.expect(200);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while app.count("erasures_pending").await > 0 {
-        assert!(std::time::Instant::now() < deadline, "never redone");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    app.release_and_await_redo(hold["id"].as_str().unwrap(), Duration::from_secs(30))
+        .await;
     let r = app
         .raw(
             app.client

@@ -22,6 +22,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// How many anonymous refusals this instance audits one by one.
     pub denials: Arc<crate::audit::denials::DenialBudget>,
+    /// Where this process last saw the audit chain end.
+    pub audit_head: Arc<crate::audit::HeadGuess>,
     pub catalogs: Arc<crate::i18n::Catalogs>,
     /// Wakes the subject-request processor.
     pub requests_ready: Arc<tokio::sync::Notify>,
@@ -196,6 +198,7 @@ impl AppState {
             config: Arc::new(config),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             denials: Arc::new(denials),
+            audit_head: Arc::default(),
             catalogs: Arc::new(crate::i18n::Catalogs::load()?),
             requests_ready: Arc::new(tokio::sync::Notify::new()),
             requests_done: Arc::new(tokio::sync::Notify::new()),

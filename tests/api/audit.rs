@@ -37,10 +37,20 @@ impl TestApp {
                 for s in [
                     "DROP TRIGGER IF EXISTS audit_log_no_update",
                     "DROP TRIGGER IF EXISTS audit_log_no_delete",
+                    "DROP TRIGGER IF EXISTS audit_log_follows_head",
+                    "DROP TRIGGER IF EXISTS audit_log_moves_head",
                     sql,
                 ] {
                     sqlx::query(s).execute(write).await.unwrap();
                 }
+                // The triggers that keep the chain come back, as PostgreSQL's
+                // are enabled again: later appends move the cursor.
+                sqlx::raw_sql(include_str!(
+                    "../../migrations/sqlite/0022_audit_chain_trigger.sql"
+                ))
+                .execute(write)
+                .await
+                .unwrap();
             }
             Db::Postgres(p) => {
                 let mut tx = p.begin().await.unwrap();
@@ -317,6 +327,123 @@ async fn the_log_refuses_updates_and_deletes(app: TestApp) {
     }
 }
 both!(the_log_refuses_updates_and_deletes);
+
+/// The database itself keeps the chain: an entry that does not follow the
+/// append cursor is refused, whoever writes it, and the cursor stays.
+async fn the_log_refuses_entries_that_do_not_follow_its_end(app: TestApp) {
+    for _ in 0..3 {
+        app.get("/v1/transfers", &app.officer()).await.expect(200);
+    }
+    let head: (i64, Vec<u8>) = match app.db() {
+        Db::Sqlite { read, .. } => sqlx::query_as("SELECT seq, hash FROM audit_head")
+            .fetch_one(read)
+            .await
+            .unwrap(),
+        Db::Postgres(p) => sqlx::query_as("SELECT seq, hash FROM audit_head")
+            .fetch_one(p)
+            .await
+            .unwrap(),
+    };
+    assert_eq!(head.0, 3);
+    // Well-formed entries, each wrong in one way: a stale prev_hash, a gap,
+    // a fork of an earlier entry.
+    for (seq, prev) in [(4, vec![7u8; 32]), (5, head.1.clone()), (3, head.1.clone())] {
+        let entry = format!(
+            r#"{{"v":1,"seq":{seq},"prev":"{}","at":"2026-01-01T00:00:00.000000Z","actor":{{"sub":"x","role":"auditor"}},"action":"audit.read","outcome":"success","target":{{}}}}"#,
+            hex::encode(&prev)
+        );
+        let hash = {
+            use sha2::Digest;
+            sha2::Sha256::digest(entry.as_bytes()).to_vec()
+        };
+        let sql = "INSERT INTO audit_log (seq, at, actor, action, outcome, entry, prev_hash, hash)
+                   VALUES ($1, 1767225600000000, 'x', 'audit.read', 'success', $2, $3, $4)";
+        let refused = match app.db() {
+            Db::Sqlite { write, .. } => sqlx::query(sql)
+                .bind(seq)
+                .bind(&entry)
+                .bind(&prev)
+                .bind(&hash)
+                .execute(write)
+                .await
+                .unwrap_err(),
+            Db::Postgres(p) => sqlx::query(sql)
+                .bind(seq)
+                .bind(&entry)
+                .bind(&prev)
+                .bind(&hash)
+                .execute(p)
+                .await
+                .unwrap_err(),
+        };
+        assert!(
+            refused
+                .to_string()
+                .contains("does not follow the end of the chain"),
+            "seq {seq}: {refused}"
+        );
+    }
+    assert_eq!(app.count("audit_log").await, 3);
+    assert_eq!(app.scalar("SELECT seq FROM audit_head").await, 3);
+    let v = app.verify().await;
+    assert_eq!(
+        (v["valid"].clone(), v["entries"].clone()),
+        (json!(true), json!(3)),
+        "{v}"
+    );
+}
+both!(the_log_refuses_entries_that_do_not_follow_its_end);
+
+/// Two instances on one database, each appending after the other: every
+/// audited read of one finds the chain moved on by the other since its
+/// last append, and is appended after the real end, none lost or forked.
+async fn instances_appending_in_turn_keep_one_chain(app: TestApp) {
+    let other = app.another_instance(&[]).await;
+    let officer = app.officer();
+    let read = |base: String| {
+        let (client, officer) = (app.client.clone(), officer.clone());
+        async move {
+            client
+                .get(format!("{base}/v1/transfers"))
+                .bearer_auth(officer)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let bases = [app.addr.clone(), other.url.clone()];
+    for i in 0..20 {
+        assert_eq!(read(bases[i % 2].clone()).await, 200);
+        // And some in turn with the same instance, after its own appends.
+        if i % 5 == 0 {
+            assert_eq!(read(bases[i % 2].clone()).await, 200);
+        }
+    }
+    // And at once, from both.
+    let reads: Vec<_> = (0..40)
+        .map(|i| tokio::spawn(read(bases[i % 2].clone())))
+        .collect();
+    for r in reads {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    let v = app.verify().await;
+    assert_eq!(
+        (v["valid"].clone(), v["entries"].clone()),
+        (json!(true), json!(64)),
+        "{v}"
+    );
+    let entries = app.audit_entries().await;
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e["action"] == "transfer.list")
+            .count(),
+        64
+    );
+}
+both!(instances_appending_in_turn_keep_one_chain);
 
 async fn tampering_is_found_at_the_right_entry(app: TestApp) {
     let officer = app.officer();

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub audit_append: prometheus::Histogram,
     /// Anonymous refusals counted rather than audited one by one.
     pub denials_coalesced: prometheus::IntCounter,
+    /// Standalone audit appends (reads, denials), by how they were made.
+    pub audit_appends: IntCounterVec,
 }
 
 impl Metrics {
@@ -78,9 +80,27 @@ impl Metrics {
         registry
             .register(Box::new(denials_coalesced.clone()))
             .expect("register");
+        let audit_appends = IntCounterVec::new(
+            Opts::new(
+                "audit_standalone_appends_total",
+                "Audit entries appended on their own (reads, denials): `guessed` in one \
+                 statement after where this instance last saw the chain end, `locked` under \
+                 the append cursor's lock when that guess was missing or wrong",
+            ),
+            &["path"],
+        )
+        .expect("metric");
         // Shown at 0 from the start, so an alert on it has a series to watch.
         integrity_failures.with_label_values(&["transfer"]);
-        for c in [&requests, &transfers_recorded, &integrity_failures] {
+        for path in ["guessed", "locked"] {
+            audit_appends.with_label_values(&[path]);
+        }
+        for c in [
+            &requests,
+            &transfers_recorded,
+            &integrity_failures,
+            &audit_appends,
+        ] {
             registry.register(Box::new(c.clone())).expect("register");
         }
         registry
@@ -94,6 +114,7 @@ impl Metrics {
             integrity_failures,
             audit_append,
             denials_coalesced,
+            audit_appends,
         }
     }
 

@@ -10,7 +10,11 @@ WHEN NOT EXISTS (
     SELECT 1 FROM audit_head WHERE id = 1 AND seq = NEW.seq - 1 AND hash = NEW.prev_hash
 )
 BEGIN
-    SELECT RAISE(ABORT, 'audit_head moved: the entry does not follow the end of the chain');
+    SELECT CASE
+        WHEN EXISTS (SELECT 1 FROM audit_head WHERE id = 1)
+        THEN RAISE(ABORT, 'audit_head moved: the entry does not follow the end of the chain')
+        ELSE RAISE(ABORT, 'audit_head is missing: the append cursor row was deleted')
+    END;
 END;
 
 CREATE TRIGGER audit_log_moves_head AFTER INSERT ON audit_log

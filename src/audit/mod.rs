@@ -2,9 +2,12 @@
 //!
 //! Every entry is canonical JSON holding its sequence number and the hash of
 //! the previous entry; the stored hash is SHA-256 of exactly those bytes.
-//! Appends take the one-row append cursor under lock in the same
-//! transaction as the change they record, so the chain never forks and an
-//! entry exists if and only if its change committed. Entries hold actors,
+//! The database stores an entry only if it follows the one-row append
+//! cursor, and moves the cursor with it (migration 0022), so the chain never
+//! forks. Appends that record a change take the cursor under lock in the
+//! same transaction as the change, so an entry exists if and only if its
+//! change committed; standalone appends (reads) guess where the chain ends
+//! and are refused, then appended under the lock, when the guess is wrong. Entries hold actors,
 //! actions, record ids and blind-index values, never plaintext personal data.
 
 pub mod denials;
@@ -189,50 +192,50 @@ fn entry_row(
     (row, Appended { seq, hash })
 }
 
-/// Where this process last saw the chain end. Only a guess: any instance,
-/// the CLI or a transaction of this process may have appended since, and
-/// the database refuses an entry that does not follow the real end.
+/// Where this process last saw the chain end. Only a guess: another
+/// instance, the CLI or a write transaction of this process may have
+/// appended since, and the database refuses an entry that does not follow
+/// the real end. Standalone appends of this process take turns on it, so
+/// that they do not all guess the same end.
 #[derive(Debug, Default)]
-pub struct HeadGuess(std::sync::Mutex<Option<Appended>>);
+pub struct HeadGuess(tokio::sync::Mutex<Option<Appended>>);
 
-impl HeadGuess {
-    fn get(&self) -> Option<Appended> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn set(&self, head: Appended) {
-        let mut guess = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if guess.is_none_or(|g| g.seq < head.seq) {
-            *guess = Some(head);
-        }
-    }
-
-    fn forget(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-}
-
-/// Appends `event` on its own (reads, denials). First in one statement
-/// after where this process last saw the chain end; if the database
-/// refuses it (the chain has moved on), in a transaction that locks the
-/// append cursor. A standalone append costs one round trip while this
-/// process's appends follow one another, five when another got in between.
+/// Appends `event` on its own (reads, denials). First in one statement,
+/// after where this process last saw the chain end; if the database refuses
+/// it (the chain has moved on), in a transaction that locks the append
+/// cursor. One round trip while this process's standalone appends follow
+/// one another, five when something else appended in between.
 pub async fn record(state: &AppState, who: Option<&Principal>, event: Event) -> Result<Appended> {
-    if let Some(head) = state.audit_head.get() {
+    let path = state.metrics.audit_appends.with_label_values(&["guessed"]);
+    let mut guess = state.audit_head.0.lock().await;
+    if let Some(head) = *guess {
         let (row, appended) = entry_row(head.seq, &head.hash, who, &event);
         match store::append_guessed(&state.db, &row).await {
             Ok(()) => {
-                state.audit_head.set(appended);
+                *guess = Some(appended);
+                path.inc();
                 return Ok(appended);
             }
-            Err(e) if store::is_moved_head(&e) => state.audit_head.forget(),
+            Err(e) if store::is_moved_head(&e) => {}
             Err(e) => return Err(e.into()),
         }
     }
+    // Not held across the locked append: a concurrent standalone append
+    // then finds no guess and queues on the cursor's lock instead.
+    *guess = None;
+    drop(guess);
     let mut tx = state.db.begin().await?;
     let appended = append(&mut tx, who, &event).await?;
     tx.commit().await?;
-    state.audit_head.set(appended);
+    state
+        .metrics
+        .audit_appends
+        .with_label_values(&["locked"])
+        .inc();
+    let mut guess = state.audit_head.0.lock().await;
+    if guess.is_none_or(|g| g.seq < appended.seq) {
+        *guess = Some(appended);
+    }
     Ok(appended)
 }
 

@@ -421,6 +421,10 @@ async fn run_on(args: &BenchArgs, dbs: &Databases) -> anyhow::Result<Report> {
         lookups.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let lookups = timed_sorted(lookups);
+    let (guessed, locked) = standalone_appends(&client, &server.url, &metrics).await?;
+    eprintln!(
+        "the lookups' audit entries: {guessed} appended in one statement, {locked} under the cursor's lock"
+    );
 
     // 4. A filtered page of 100 deep into the log.
     let service_db = Db::connect(&dbs.service_url, 2).await?;
@@ -826,6 +830,32 @@ async fn copy_records(dbs: &Databases) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Standalone audit appends since `before` (the server's metrics text):
+/// `(guessed, locked)`.
+async fn standalone_appends(
+    client: &reqwest::Client,
+    url: &str,
+    before: &str,
+) -> anyhow::Result<(u64, u64)> {
+    let now = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let count = |text: &str, path: &str| -> u64 {
+        let series = format!("ledger_audit_standalone_appends_total{{path=\"{path}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((
+        count(&now, "guessed") - count(before, "guessed"),
+        count(&now, "locked") - count(before, "locked"),
+    ))
 }
 
 /// Issue 4's baseline: the expired records, their slots and their lookup

@@ -7,6 +7,21 @@ use crate::both;
 use crate::helpers::*;
 
 impl TestApp {
+    /// Standalone audit appends so far: `(guessed, locked)`.
+    async fn standalone_appends(&self) -> (u64, u64) {
+        let metrics = self.get("/metrics", "").await.expect(200).text;
+        let count = |path: &str| {
+            let series = format!("ledger_audit_standalone_appends_total{{path=\"{path}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .expect("the metric is exported")
+                .parse()
+                .unwrap()
+        };
+        (count("guessed"), count("locked"))
+    }
+
     pub(crate) async fn audit_entries(&self) -> Vec<Value> {
         let auditor = self.token(transfer_ledger::auth::Role::Auditor, None);
         let mut out: Vec<Value> = self
@@ -277,7 +292,11 @@ async fn entries_commit_with_their_change_or_not_at_all(app: TestApp) {
     .await
     .expect(500);
     assert_eq!(app.count("transfers").await, 0);
-    // No unaudited read either: the read fails rather than return data.
+    // No unaudited read either: the read fails rather than return data,
+    // appended after the chain's end as this instance last saw it (the
+    // reads above) or under the cursor's lock.
+    app.get("/v1/transfers", &app.officer()).await.expect(500);
+    app.get("/v1/transfers", &app.officer()).await.expect(500);
     match app.db() {
         Db::Sqlite { write, .. } => {
             sqlx::query("DROP TRIGGER fail_audit")
@@ -334,6 +353,8 @@ async fn the_log_refuses_entries_that_do_not_follow_its_end(app: TestApp) {
     for _ in 0..3 {
         app.get("/v1/transfers", &app.officer()).await.expect(200);
     }
+    // The first under the cursor's lock, the next after it in one statement.
+    assert_eq!(app.standalone_appends().await, (2, 1));
     let head: (i64, Vec<u8>) = match app.db() {
         Db::Sqlite { read, .. } => sqlx::query_as("SELECT seq, hash FROM audit_head")
             .fetch_one(read)
@@ -421,6 +442,10 @@ async fn instances_appending_in_turn_keep_one_chain(app: TestApp) {
             assert_eq!(read(bases[i % 2].clone()).await, 200);
         }
     }
+    // This instance appended 12 entries: the 10 after one of the other's
+    // under the cursor's lock (its guess was wrong, or it had none), the 2
+    // right after its own in one statement.
+    assert_eq!(app.standalone_appends().await, (2, 10));
     // And at once, from both.
     let reads: Vec<_> = (0..40)
         .map(|i| tokio::spawn(read(bases[i % 2].clone())))

@@ -317,14 +317,23 @@ pub async fn list(db: &Db, f: &LogFilter) -> sqlx::Result<Vec<TransferRow>> {
         // statistics say about the carrier's share of the log. (SQLite
         // plans them so already; no transaction needed there.)
         let mut tx = db.begin_read_probes().await?;
-        let rows = on_tx!(&mut tx, c, DB => list_query::<DB>(f).build_query_as().fetch_all(&mut *c).await)?;
+        let rows = on_tx!(&mut tx, c, DB => list_query::<DB>("", f).build_query_as().fetch_all(&mut *c).await)?;
         tx.commit().await?;
         return Ok(rows);
     }
-    on_db!(db, c, DB => list_query::<DB>(f).build_query_as().fetch_all(c).await)
+    on_db!(db, c, DB => list_query::<DB>("", f).build_query_as().fetch_all(c).await)
 }
 
-fn list_query<'a, DB: sqlx::Database>(f: &'a LogFilter) -> QueryBuilder<'a, DB>
+/// PostgreSQL's plan of a page of one subject's records, as [`list`] runs
+/// it: a line per plan node. For tests that the page is planned as probes.
+pub async fn plan_of_subject_page(db: &Db, f: &LogFilter) -> sqlx::Result<Vec<String>> {
+    let mut tx = db.begin_read_probes().await?;
+    let plan = on_tx!(&mut tx, c, DB => list_query::<DB>("EXPLAIN ", f).build_query_scalar().fetch_all(&mut *c).await)?;
+    tx.commit().await?;
+    Ok(plan)
+}
+
+fn list_query<'a, DB: sqlx::Database>(prefix: &str, f: &'a LogFilter) -> QueryBuilder<'a, DB>
 where
     &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -332,7 +341,7 @@ where
     Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     {
-        let mut qb = QueryBuilder::<DB>::new(format!("SELECT {TRANSFER_COLUMNS} FROM "));
+        let mut qb = QueryBuilder::<DB>::new(format!("{prefix}SELECT {TRANSFER_COLUMNS} FROM "));
         let time_col = if let Some(bi) = &f.subject_index {
             qb.push(
                 // From the subject's lookup rows to the records, in that

@@ -16,7 +16,8 @@ pub struct Metrics {
     pub audit_append: prometheus::Histogram,
     /// Anonymous refusals counted rather than audited one by one.
     pub denials_coalesced: prometheus::IntCounter,
-    /// Standalone audit appends (reads, denials), by how they were made.
+    /// Standalone audit appends (reads, authenticated denials), by how they
+    /// were made.
     pub audit_appends: IntCounterVec,
 }
 
@@ -83,7 +84,7 @@ impl Metrics {
         let audit_appends = IntCounterVec::new(
             Opts::new(
                 "audit_standalone_appends_total",
-                "Audit entries appended on their own (reads, denials): `guessed` in one \
+                "Audit entries appended on their own (reads, authenticated denials): `guessed` in one \
                  statement after where this instance last saw the chain end, `locked` under \
                  the append cursor's lock when that guess was missing or wrong",
             ),

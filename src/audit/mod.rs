@@ -200,7 +200,8 @@ fn entry_row(
 #[derive(Debug, Default)]
 pub struct HeadGuess(tokio::sync::Mutex<Option<Appended>>);
 
-/// Appends `event` on its own (reads, denials). First in one statement,
+/// Appends `event` on its own (reads, authenticated denials; anonymous
+/// ones go through [`record_anonymous_denial`]). First in one statement,
 /// after where this process last saw the chain end; if the database refuses
 /// it (the chain has moved on), in a transaction that locks the append
 /// cursor. One round trip while this process's standalone appends follow

@@ -466,7 +466,8 @@ impl Db {
 /// carrier's records that rescanned a materialized copy of the subject's
 /// lookup rows for each (measured: 2 s a page of 500, an export of 10,000
 /// records 41 s, on a 40,000-record ledger); without `Materialize` the
-/// inner side of a nested loop is an index probe. SQLite plans these as
+/// inner side of a nested loop is rescanned for each outer row, an index
+/// probe wherever a key index serves the join. SQLite plans these as
 /// probes already. Sent with `BEGIN`, in its round trip. (Parallel plans
 /// are off for every connection, see [`Db::connect`].)
 const PROBES_ONLY: &str = "SET LOCAL jit = off; SET LOCAL enable_seqscan = off; \

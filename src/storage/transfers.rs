@@ -325,8 +325,15 @@ pub async fn list(db: &Db, f: &LogFilter) -> sqlx::Result<Vec<TransferRow>> {
 }
 
 /// PostgreSQL's plan of a page of one subject's records, as [`list`] runs
-/// it: a line per plan node. For tests that the page is planned as probes.
+/// it: a line per plan node. PostgreSQL only, with a subject: for tests
+/// that the page is planned as probes.
+#[doc(hidden)]
 pub async fn plan_of_subject_page(db: &Db, f: &LogFilter) -> sqlx::Result<Vec<String>> {
+    if !matches!(db, Db::Postgres(_)) || f.subject_index.is_none() {
+        return Err(sqlx::Error::Protocol(
+            "plan_of_subject_page: PostgreSQL and a subject only".into(),
+        ));
+    }
     let mut tx = db.begin_read_probes().await?;
     let plan = on_tx!(&mut tx, c, DB => list_query::<DB>("EXPLAIN ", f).build_query_scalar().fetch_all(&mut *c).await)?;
     tx.commit().await?;

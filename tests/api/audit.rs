@@ -49,23 +49,26 @@ impl TestApp {
     async fn superuser(&self, sql: &str) {
         match self.db() {
             Db::Sqlite { write, .. } => {
-                for s in [
-                    "DROP TRIGGER IF EXISTS audit_log_no_update",
-                    "DROP TRIGGER IF EXISTS audit_log_no_delete",
-                    "DROP TRIGGER IF EXISTS audit_log_follows_head",
-                    "DROP TRIGGER IF EXISTS audit_log_moves_head",
-                    sql,
-                ] {
-                    sqlx::query(s).execute(write).await.unwrap();
-                }
-                // The triggers that keep the chain come back, as PostgreSQL's
-                // are enabled again: later appends move the cursor.
-                sqlx::raw_sql(include_str!(
-                    "../../migrations/sqlite/0022_audit_chain_trigger.sql"
-                ))
-                .execute(write)
+                // Every trigger of the log out of the way and back, in one
+                // transaction, as PostgreSQL's are disabled and enabled.
+                let mut tx = write.begin().await.unwrap();
+                let triggers: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_log'",
+                )
+                .fetch_all(&mut *tx)
                 .await
                 .unwrap();
+                for (name, _) in &triggers {
+                    sqlx::query(&format!("DROP TRIGGER {name}"))
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                }
+                sqlx::query(sql).execute(&mut *tx).await.unwrap();
+                for (_, create) in &triggers {
+                    sqlx::query(create).execute(&mut *tx).await.unwrap();
+                }
+                tx.commit().await.unwrap();
             }
             Db::Postgres(p) => {
                 let mut tx = p.begin().await.unwrap();

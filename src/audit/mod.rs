@@ -207,14 +207,14 @@ pub struct HeadGuess(tokio::sync::Mutex<Option<Appended>>);
 /// cursor. One round trip while this process's standalone appends follow
 /// one another, five when something else appended in between.
 pub async fn record(state: &AppState, who: Option<&Principal>, event: Event) -> Result<Appended> {
-    let path = state.metrics.audit_appends.with_label_values(&["guessed"]);
+    let count = |path: &str| state.metrics.audit_appends.with_label_values(&[path]).inc();
     let mut guess = state.audit_head.0.lock().await;
     if let Some(head) = *guess {
         let (row, appended) = entry_row(head.seq, &head.hash, who, &event);
         match store::append_guessed(&state.db, &row).await {
             Ok(()) => {
                 *guess = Some(appended);
-                path.inc();
+                count("guessed");
                 return Ok(appended);
             }
             Err(e) if store::is_moved_head(&e) => {}
@@ -228,11 +228,7 @@ pub async fn record(state: &AppState, who: Option<&Principal>, event: Event) -> 
     let mut tx = state.db.begin().await?;
     let appended = append(&mut tx, who, &event).await?;
     tx.commit().await?;
-    state
-        .metrics
-        .audit_appends
-        .with_label_values(&["locked"])
-        .inc();
+    count("locked");
     let mut guess = state.audit_head.0.lock().await;
     if guess.is_none_or(|g| g.seq < appended.seq) {
         *guess = Some(appended);

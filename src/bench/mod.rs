@@ -377,11 +377,7 @@ async fn run_on(args: &BenchArgs, dbs: &Databases) -> anyhow::Result<Report> {
         .await?
         .text()
         .await?;
-    let audit_secs: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("ledger_audit_append_seconds_sum "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(f64::NAN);
+    let audit_secs = metric(&metrics, "ledger_audit_append_seconds_sum").unwrap_or(f64::NAN);
     eprintln!(
         "audit appends took {:.3} s of {:.1} s of ingest ({:.2}% of wall time)",
         audit_secs,
@@ -845,17 +841,21 @@ async fn standalone_appends(
         .await?
         .text()
         .await?;
-    let count = |text: &str, path: &str| -> u64 {
-        let series = format!("ledger_audit_standalone_appends_total{{path=\"{path}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(series.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+    let count = |text: &str, path: &str| {
+        let series = format!("ledger_audit_standalone_appends_total{{path=\"{path}\"}}");
+        metric(text, &series).unwrap_or(0.0) as u64
     };
     Ok((
         count(&now, "guessed") - count(before, "guessed"),
         count(&now, "locked") - count(before, "locked"),
     ))
+}
+
+/// The value of one series (name and labels, as exported) in a metrics text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Issue 4's baseline: the expired records, their slots and their lookup

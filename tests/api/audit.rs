@@ -7,19 +7,25 @@ use crate::both;
 use crate::helpers::*;
 
 impl TestApp {
+    /// The value of one exported series (name and labels).
+    async fn metric(&self, series: &str) -> u64 {
+        let metrics = self.get("/metrics", "").await.expect(200).text;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{series} is exported"))
+            .parse()
+            .unwrap()
+    }
+
     /// Standalone audit appends so far: `(guessed, locked)`.
     async fn standalone_appends(&self) -> (u64, u64) {
-        let metrics = self.get("/metrics", "").await.expect(200).text;
-        let count = |path: &str| {
-            let series = format!("ledger_audit_standalone_appends_total{{path=\"{path}\"}} ");
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(series.as_str()))
-                .expect("the metric is exported")
-                .parse()
-                .unwrap()
-        };
-        (count("guessed"), count("locked"))
+        let series =
+            |path: &str| format!("ledger_audit_standalone_appends_total{{path=\"{path}\"}}");
+        (
+            self.metric(&series("guessed")).await,
+            self.metric(&series("locked")).await,
+        )
     }
 
     pub(crate) async fn audit_entries(&self) -> Vec<Value> {
@@ -796,21 +802,7 @@ async fn anonymous_refusals_beyond_the_budget_are_counted(app: TestApp) {
     // A budget of 1 a second holds 10: 40 at once overflow it.
     hammer(app.addr.clone(), 40).await;
     app.get("/v1/audit", &app.platform()).await.expect(403);
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let coalesced: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("ledger_denials_coalesced_total "))
-        .expect("the metric is exported")
-        .parse()
-        .unwrap();
+    let coalesced = app.metric("ledger_denials_coalesced_total").await;
     assert!(coalesced >= 20, "{coalesced}");
     // The next refusal within the budget brings the count with it.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;

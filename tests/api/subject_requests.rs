@@ -49,6 +49,24 @@ impl TestApp {
         self.completed(&officer, req["id"].as_str().unwrap()).await
     }
 
+    /// Requests access to a phone number's records at carrier-a, waits for
+    /// it to complete and downloads its export: the export document.
+    pub(crate) async fn access_export(&self, token: &str, phone: &str) -> Value {
+        let req = self
+            .request(
+                token,
+                "access",
+                "carrier-a",
+                json!({"phone_number": phone}),
+                None,
+            )
+            .await;
+        let id = req["id"].as_str().unwrap();
+        self.completed(token, id).await;
+        let (_, body) = self.export(token, id).await;
+        serde_json::from_slice(&body).unwrap()
+    }
+
     /// Releases a hold as a privacy officer and waits, up to `within`,
     /// until no erasure is pending any more (the redo is done).
     pub(crate) async fn release_and_await_redo(&self, hold: &str, within: Duration) {
@@ -688,22 +706,7 @@ async fn erasure_removes_the_subject_in_scope_and_keeps_what_is_held(app: TestAp
         "the subject's carrier-a key is destroyed"
     );
     // The export of the erased subject in scope is empty.
-    let req = app
-        .request(
-            &carrier,
-            "access",
-            "carrier-a",
-            json!({"phone_number": X}),
-            None,
-        )
-        .await;
-    let rid = req["id"].as_str().unwrap();
-    app.completed(&carrier, rid).await;
-    let (_, body) = app.export(&carrier, rid).await;
-    assert_eq!(
-        serde_json::from_slice::<Value>(&body).unwrap()["record_count"],
-        0
-    );
+    assert_eq!(app.access_export(&carrier, X).await["record_count"], 0);
     // The number assignment went whole: its SIP URI's lookup row too.
     app.assert_no_orphans().await;
     app.assert_audit_valid().await;
@@ -1674,20 +1677,9 @@ async fn an_export_of_held_records_goes_with_them(app: TestApp) {
         .await;
     let done = app.erase(X).await;
     assert_ne!(done["receipt"]["held"], json!({}), "{done}");
-    let access = app
-        .request(
-            &officer,
-            "access",
-            "carrier-a",
-            json!({"phone_number": X}),
-            None,
-        )
-        .await;
-    let access = access["id"].as_str().unwrap();
-    app.completed(&officer, access).await;
-    let (_, body) = app.export(&officer, access).await;
-    let export: Value = serde_json::from_slice(&body).unwrap();
+    let export = app.access_export(&officer, X).await;
     assert!(!export["records"].as_array().unwrap().is_empty());
+    let access = export["request_id"].as_str().unwrap();
 
     app.release_and_await_redo(hold["id"].as_str().unwrap(), Duration::from_secs(30))
         .await;
